@@ -207,6 +207,8 @@ Tensor log_softmax(const Tensor& x) {
 }
 
 namespace {
+// The stride of a size-1 last dim never matters.
+bool has_unit_inner_stride(const Tensor& t) { return t.size(-1) == 1 || t.stride(-1) == 1; }
 struct GemmDims {
   int64_t batch, m, n, k;
 };
@@ -218,8 +220,8 @@ GemmDims check_gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b
              a.str(), b.str());
   DSV4_CHECK(a.dtype() == b.dtype(), "gemm: dtypes differ ({} and {})", a.str(), b.str());
   check_float("gemm", a);
-  DSV4_CHECK(a.stride(-1) == 1 && b.stride(-1) == 1, "gemm: operands need unit stride in the last dim ({}, {})",
-             a.str(), b.str());
+  DSV4_CHECK(has_unit_inner_stride(a) && has_unit_inner_stride(b),
+             "gemm: operands need unit stride in the last dim ({}, {})", a.str(), b.str());
   const int r = a.ndim() - 2;
   const int64_t m = trans_a ? a.size(r + 1) : a.size(r), ka = trans_a ? a.size(r) : a.size(r + 1);
   const int64_t kb = trans_b ? b.size(r + 1) : b.size(r), n = trans_b ? b.size(r) : b.size(r + 1);
@@ -241,7 +243,7 @@ void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float al
   check_float("gemm", c);
   const Shape expected = a.ndim() == 2 ? Shape{d.m, d.n} : Shape{d.batch, d.m, d.n};
   DSV4_CHECK(c.shape() == expected, "gemm: c is {} but op(a) @ op(b) is {}", c.str(), expected.str());
-  DSV4_CHECK(c.stride(-1) == 1, "gemm: c needs unit stride in the last dim");
+  DSV4_CHECK(has_unit_inner_stride(c), "gemm: c needs unit stride in the last dim");
   DSV4_DISPATCH(a.device(), gemm, a, trans_a, b, trans_b, alpha, beta, c);
 }
 
@@ -315,6 +317,7 @@ void scatter_add_last(Tensor& out, const Tensor& index, const Tensor& src) {
   check_defined(src, "scatter_add_last", "src");
   check_float("scatter_add_last", out);
   DSV4_CHECK(out.dtype() == src.dtype(), "scatter_add_last: dtypes differ ({} and {})", out.str(), src.str());
+  check_same_device("scatter_add_last", out, src);
   check_last_dim_index("scatter_add_last", out, index);
   DSV4_CHECK(src.shape() == index.shape(), "scatter_add_last: src {} must have index {}'s shape", src.str(),
              index.str());

@@ -48,7 +48,13 @@ Shape contiguous_strides(const Shape& shape) {
 Storage::Storage(size_t nbytes, Device device) : nbytes_(nbytes), device_(device) {
   data_ = allocator_for(device).allocate(nbytes);
 }
-Storage::~Storage() { allocator_for(device_).deallocate(data_, nbytes_); }
+Storage::Storage(void* data, size_t nbytes, Device device, std::shared_ptr<const void> owner)
+    : data_(data), nbytes_(nbytes), device_(device), owner_(std::move(owner)) {
+  DSV4_CHECK(owner_ != nullptr, "wrapped storage needs an owner that keeps the memory alive");
+}
+Storage::~Storage() {
+  if (!owner_) allocator_for(device_).deallocate(data_, nbytes_);
+}
 
 // ---- Tensor ------------------------------------------------------------------------------------------
 Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
@@ -86,6 +92,18 @@ template Tensor Tensor::from_vector<int64_t>(const Shape&, const std::vector<int
 Tensor Tensor::from_floats(const Shape& shape, const std::vector<float>& values, DType dtype) {
   Tensor f = from_vector<float>(shape, values);
   return dtype == DType::F32 ? f : f.to(dtype);
+}
+
+Tensor Tensor::from_blob(void* data, const Shape& shape, DType dtype, Device device, std::shared_ptr<const void> owner) {
+  if (dtype == DType::F4_E2M1 && shape.ndim() > 0)
+    DSV4_CHECK(shape[shape.ndim() - 1] % 2 == 0, "packed FP4 tensors need an even last dim, got {}", shape.str());
+  Tensor t;
+  t.storage_ = std::make_shared<Storage>(data, static_cast<size_t>(dtype_nbytes(dtype, shape.numel())), device,
+                                         std::move(owner));
+  t.shape_ = shape;
+  t.strides_ = contiguous_strides(shape);
+  t.dtype_ = dtype;
+  return t;
 }
 
 int Tensor::normalize_dim(int dim) const {

@@ -44,7 +44,9 @@ Shape contiguous_strides(const Shape& shape);
 
 class Storage {
  public:
-  Storage(size_t nbytes, Device device);
+  Storage(size_t nbytes, Device device);  // allocates from the device's allocator
+  // Wraps memory owned elsewhere (e.g. a memory-mapped file); `owner` is kept alive with the storage.
+  Storage(void* data, size_t nbytes, Device device, std::shared_ptr<const void> owner);
   ~Storage();
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
@@ -56,6 +58,7 @@ class Storage {
   void* data_ = nullptr;
   size_t nbytes_ = 0;
   Device device_;
+  std::shared_ptr<const void> owner_;  // set for wrapped memory, which is not freed here
 };
 
 class Tensor {
@@ -69,6 +72,10 @@ class Tensor {
   static Tensor from_vector(const Shape& shape, const std::vector<T>& values);
   // CPU F32 tensor holding the values, stored in `dtype` (rounded with the exact conversions).
   static Tensor from_floats(const Shape& shape, const std::vector<float>& values, DType dtype = DType::F32);
+  // Contiguous tensor over memory owned by `owner` (no copy). Writes through it are the caller's business
+  // (read-only mappings must not be written).
+  static Tensor from_blob(void* data, const Shape& shape, DType dtype, Device device,
+                          std::shared_ptr<const void> owner);
 
   bool defined() const { return storage_ != nullptr; }
   const Shape& shape() const { return shape_; }
