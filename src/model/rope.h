@@ -1,0 +1,47 @@
+// Rotary position embedding as DeepSeek-V4 uses it: interleaved pairs (2i, 2i+1) of the LAST rot_dim
+// channels of each row, rotated by angle pos * inv_freq[i]:
+//   out[2i] = x[2i] cos - x[2i+1] sin ;  out[2i+1] = x[2i+1] cos + x[2i] sin
+// Two frequency tables per model: "main" (rope_theta, plain) for sliding-window layers, and "compress"
+// (compress_rope_theta with YaRN) for CSA/HCA layers, their compressors and indexers. No YaRN mscale.
+// The inverse rotation (sin -> -sin) de-rotates attention outputs; it is also the backward of the rotation.
+// Angles are formed in FP32 as float(pos) * inv_freq, like the reference implementations.
+#pragma once
+
+#include <cmath>
+#include <vector>
+
+#include "model/config.h"
+
+namespace dsv4 {
+
+struct RopeTable {
+  int64_t rot_dim = 0;
+  std::vector<float> inv_freq;  // rot_dim / 2 entries
+
+  static RopeTable plain(int64_t rot_dim, double theta);
+  static RopeTable yarn(int64_t rot_dim, double theta, const YarnConfig& yarn);
+  // The table a layer with compress ratio `ratio` uses (0 -> main, else compress).
+  static RopeTable for_ratio(const ModelConfig& c, int64_t ratio);
+};
+
+// Rotates (or, with inverse, de-rotates) the last table.rot_dim channels of `rows` rows of length `dim`
+// in place; row r sits at x + r * row_stride and has position pos[r].
+template <typename T>
+void rope_rows(T* x, int64_t rows, int64_t dim, int64_t row_stride, const int64_t* pos, const RopeTable& table,
+               bool inverse) {
+  const int64_t half = table.rot_dim / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* v = x + r * row_stride + (dim - table.rot_dim);
+    const float p = static_cast<float>(pos[r]);
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = p * table.inv_freq[static_cast<size_t>(i)];
+      const T c = static_cast<T>(std::cos(angle));
+      const T s = inverse ? -static_cast<T>(std::sin(angle)) : static_cast<T>(std::sin(angle));
+      const T a = v[2 * i], b = v[2 * i + 1];
+      v[2 * i] = a * c - b * s;
+      v[2 * i + 1] = b * c + a * s;
+    }
+  }
+}
+
+}  // namespace dsv4
