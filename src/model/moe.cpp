@@ -1,0 +1,348 @@
+// DeepSeekMoE block: FP32 CPU reference forward/backward (see moe.h for the math).
+//
+// Where the Hugging Face port (our FP32 oracle) and the official inference code differ:
+//  * Normalisation: official `w / w.sum()`, HF `w / (w.sum() + 1e-20)`. We add 1e-20 (HF). In FP32 the two are
+//    bit-identical whenever the sum exceeds ~2e-13 (1e-20 is below half an ulp), i.e. unless every selected
+//    logit is below about -57; there HF stays finite where the official code would divide 0 by 0.
+//  * Routing weight: official multiplies h = silu(g)*u by w BEFORE w2, HF multiplies the w2 output after. The
+//    same math (w2 is linear); FP32 rounding differs in the last bits. We follow the official order.
+//  * Top-k order: official sorted (descending aff+bias), HF sorted=False. Only the order of the K-term sum of
+//    the normaliser depends on it. We use sorted order (ties to the lower expert id, as ops::topk).
+//  * Accumulation: both add routed outputs per expert in ascending expert id, then the shared expert. Same here.
+//    With duplicate experts in a tid2eid row (HF's zero init), HF's index_add_ adds both slots while the
+//    official `y[idx] += ...` keeps one; we add both (HF), and load counts count both.
+//  * Router logits: official FP32 `linear(x.float(), W.float())`, HF in the model dtype: identical in FP32.
+//  * Shared expert clamp: present in the newest HF and in the later official code (§2.9 item 1); we clamp it.
+#include "model/moe.h"
+
+#include "runtime/cpu_blas.h"
+
+namespace dsv4 {
+
+namespace {
+
+void check_rows(const char* what, const Tensor& x, int64_t dim) {
+  DSV4_CHECK(x.dtype() == DType::F32 && x.ndim() == 2 && x.size(1) == dim && x.is_contiguous() && x.device().is_cpu(),
+             "{}: expected a contiguous CPU F32 [T, {}] tensor, got {}", what, dim, x.str());
+}
+
+void check_weight(const Param& p, const Shape& shape) {
+  DSV4_CHECK(
+      p.value.dtype() == DType::F32 && p.value.shape() == shape && p.value.is_contiguous() && p.value.device().is_cpu(),
+      "MoE: parameter {} must be a contiguous CPU F32 {} tensor, got {}", p.name, shape.str(), p.value.str());
+}
+
+// rows of src [*, D] picked by `rows` -> dst [n, D]
+void gather_rows(const float* src, int64_t D, const int64_t* rows, int64_t n, float* dst) {
+  for (int64_t r = 0; r < n; ++r) std::copy(src + rows[r] * D, src + (rows[r] + 1) * D, dst + r * D);
+}
+
+// dst[rows[r]] += src[r]
+void scatter_add_rows(const float* src, int64_t D, const int64_t* rows, int64_t n, float* dst) {
+  for (int64_t r = 0; r < n; ++r) {
+    float* d = dst + rows[r] * D;
+    const float* s = src + r * D;
+    for (int64_t i = 0; i < D; ++i) d[i] += s[i];
+  }
+}
+
+ExpertWeights make_expert(const std::string& base, int64_t D, int64_t I) {
+  ExpertWeights w;
+  w.w1 = Param(base + "w1.weight", Shape{I, D});
+  w.w2 = Param(base + "w2.weight", Shape{D, I});
+  w.w3 = Param(base + "w3.weight", Shape{I, D});
+  return w;
+}
+
+// Forward of one clamped SwiGLU expert on n gathered rows X [n, D]. Writes G, U [n, I] (pre-clamp), H [n, I]
+// (weighted activations) and Y [n, D].
+void expert_forward(const ExpertWeights& ew, const float* X, const float* w, int64_t n, int64_t D, int64_t I,
+                    double limit, float* G, float* U, float* H, float* Y) {
+  cpu_gemm(false, true, n, I, D, 1.0f, X, D, ew.w1.value.data<float>(), D, 0.0f, G, I);
+  cpu_gemm(false, true, n, I, D, 1.0f, X, D, ew.w3.value.data<float>(), D, 0.0f, U, I);
+  swiglu_clamp_rows<float>(G, U, w, H, n, I, limit);
+  cpu_gemm(false, true, n, D, I, 1.0f, H, I, ew.w2.value.data<float>(), I, 0.0f, Y, D);
+}
+
+// Backward of one expert: dY [n, D] -> dX [n, D] (written), dw [n] (written when w), weight grads accumulated.
+// Scratch: H, dH, dG, dU [n, I].
+void expert_backward(ExpertWeights& ew, const float* X, const float* G, const float* U, const float* w, const float* dY,
+                     int64_t n, int64_t D, int64_t I, double limit, float* H, float* dH, float* dG, float* dU,
+                     float* dw, float* dX) {
+  const float* W1 = ew.w1.value.data<float>();
+  const float* W2 = ew.w2.value.data<float>();
+  const float* W3 = ew.w3.value.data<float>();
+  // dH = dY W2 (gradient of the weighted activations w * silu(gc) * uc)
+  cpu_gemm(false, false, n, I, D, 1.0f, dY, D, W2, I, 0.0f, dH, I);
+  if (ew.w2.trainable) {
+    swiglu_clamp_rows<float>(G, U, w, H, n, I, limit);
+    cpu_gemm(true, false, D, I, n, 1.0f, dY, D, H, I, 1.0f, ew.w2.grad_buffer().data<float>(), I);
+  }
+  swiglu_clamp_backward_rows<float>(G, U, w, dH, dG, dU, dw, n, I, limit);
+  if (ew.w1.trainable) cpu_gemm(true, false, I, D, n, 1.0f, dG, I, X, D, 1.0f, ew.w1.grad_buffer().data<float>(), D);
+  if (ew.w3.trainable) cpu_gemm(true, false, I, D, n, 1.0f, dU, I, X, D, 1.0f, ew.w3.grad_buffer().data<float>(), D);
+  cpu_gemm(false, false, n, D, I, 1.0f, dG, I, W1, D, 0.0f, dX, D);
+  cpu_gemm(false, false, n, D, I, 1.0f, dU, I, W3, D, 1.0f, dX, D);
+}
+
+}  // namespace
+
+MoE::MoE(std::string prefix, const ModelConfig& cfg, bool hash_routed)
+    : prefix_(std::move(prefix)),
+      dim_(cfg.dim),
+      n_experts_(cfg.n_routed_experts),
+      top_k_(cfg.n_activated_experts),
+      inter_(cfg.moe_inter_dim),
+      vocab_(cfg.vocab_size),
+      route_scale_(cfg.route_scale),
+      limit_(cfg.swiglu_limit),
+      hash_(hash_routed),
+      has_shared_(cfg.n_shared_experts == 1) {
+  DSV4_CHECK(cfg.score_func == ScoreFunc::SqrtSoftplus, "MoE {}: only score_func sqrtsoftplus is implemented", prefix_);
+  DSV4_CHECK(cfg.n_shared_experts == 0 || cfg.n_shared_experts == 1,
+             "MoE {}: n_shared_experts must be 0 or 1 (DeepSeek-V4 has 1), got {}", prefix_, cfg.n_shared_experts);
+  DSV4_CHECK(top_k_ >= 1 && top_k_ <= n_experts_, "MoE {}: n_activated_experts {} outside [1, n_routed_experts={}]",
+             prefix_, top_k_, n_experts_);
+  gate_weight = Param(prefix_ + "gate.weight", Shape{n_experts_, dim_});
+  if (hash_) {
+    tid2eid.name = prefix_ + "gate.tid2eid";
+    tid2eid.value = Tensor::zeros({vocab_, top_k_}, DType::I64);
+    tid2eid.trainable = false;
+  } else {
+    gate_bias = Param(prefix_ + "gate.bias", Shape{n_experts_});
+    gate_bias.trainable = false;
+  }
+  experts.reserve(static_cast<size_t>(n_experts_));
+  for (int64_t e = 0; e < n_experts_; ++e)
+    experts.push_back(make_expert(prefix_ + "experts." + std::to_string(e) + ".", dim_, inter_));
+  if (has_shared_) shared = make_expert(prefix_ + "shared_experts.", dim_, inter_);
+}
+
+void MoE::visit(const ParamVisitor& f) {
+  f(gate_weight);
+  if (hash_)
+    f(tid2eid);
+  else
+    f(gate_bias);
+  for (auto& e : experts) e.visit(f);
+  if (has_shared_) shared.visit(f);
+}
+
+Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayout& layout, MoECtx* ctx,
+                    MoEStats* stats) const {
+  check_rows("MoE.forward", x_TD, dim_);
+  const int64_t T = x_TD.size(0), D = dim_, E = n_experts_, K = top_k_, I = inter_;
+  DSV4_CHECK(layout.tokens() == T, "MoE {}: layout {} x {} does not cover the {} input rows", prefix_, layout.batch,
+             layout.seq, T);
+  check_weight(gate_weight, Shape{E, D});
+  for (const auto& ew : experts) {
+    check_weight(ew.w1, Shape{I, D});
+    check_weight(ew.w3, Shape{I, D});
+    check_weight(ew.w2, Shape{D, I});
+  }
+  if (has_shared_) {
+    check_weight(shared.w1, Shape{I, D});
+    check_weight(shared.w3, Shape{I, D});
+    check_weight(shared.w2, Shape{D, I});
+  }
+
+  const float* x = x_TD.data<float>();
+  Tensor s = Tensor::empty({T, E}, DType::F32);
+  Tensor aff = Tensor::empty({T, E}, DType::F32);
+  Tensor idx = Tensor::empty({T, K}, DType::I64);
+  Tensor w = Tensor::empty({T, K}, DType::F32);
+  cpu_gemm(false, true, T, E, D, 1.0f, x, D, gate_weight.value.data<float>(), D, 0.0f, s.data<float>(), E);
+  sqrt_softplus_rows<float>(s.data<float>(), aff.data<float>(), T * E);
+
+  // ---- routing ----
+  std::vector<int64_t> fixed;
+  if (hash_) {
+    DSV4_CHECK(input_ids_T.defined() && input_ids_T.dtype() == DType::I64 && input_ids_T.numel() == T &&
+                   input_ids_T.device().is_cpu(),
+               "MoE {}: hash routing needs CPU I64 input_ids with {} entries, got {}", prefix_, T,
+               input_ids_T.defined() ? input_ids_T.str() : std::string("none"));
+    DSV4_CHECK(tid2eid.value.dtype() == DType::I64 && tid2eid.value.shape() == (Shape{vocab_, K}) &&
+                   tid2eid.value.is_contiguous(),
+               "MoE {}: {} must be a contiguous I64 [{}, {}] tensor, got {}", prefix_, tid2eid.name, vocab_, K,
+               tid2eid.value.str());
+    const Tensor ids = input_ids_T.contiguous();
+    const int64_t* id = ids.data<int64_t>();
+    const int64_t* table = tid2eid.value.data<int64_t>();
+    fixed.resize(static_cast<size_t>(T * K));
+    for (int64_t t = 0; t < T; ++t) {
+      DSV4_CHECK(id[t] >= 0 && id[t] < vocab_, "MoE {}: input id {} at position {} outside [0, {})", prefix_, id[t], t,
+                 vocab_);
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t e = table[id[t] * K + j];
+        DSV4_CHECK(e >= 0 && e < E, "MoE {}: {}[{}, {}] = {} is not an expert id in [0, {})", prefix_, tid2eid.name,
+                   id[t], j, e, E);
+        fixed[static_cast<size_t>(t * K + j)] = e;
+      }
+    }
+  } else {
+    DSV4_CHECK(gate_bias.value.dtype() == DType::F32 && gate_bias.value.shape() == (Shape{E}) &&
+                   gate_bias.value.is_contiguous(),
+               "MoE {}: {} must be a contiguous F32 [{}] tensor, got {}", prefix_, gate_bias.name, E,
+               gate_bias.value.str());
+  }
+  moe_route_rows<float>(aff.data<float>(), hash_ ? nullptr : gate_bias.value.data<float>(),
+                        hash_ ? fixed.data() : nullptr, T, E, K, route_scale_, idx.data<int64_t>(), w.data<float>());
+
+  // ---- stats ----
+  const int64_t* ip = idx.data<int64_t>();
+  MoEStats st;
+  st.load.assign(static_cast<size_t>(E), 0);
+  for (int64_t n = 0; n < T * K; ++n) ++st.load[static_cast<size_t>(ip[n])];
+  st.balance_term = moe_balance_term<float>(aff.data<float>(), ip, layout.batch, layout.seq, E, K);
+
+  // ---- dispatch: counting sort of the N = T*K slots by expert (token-ascending inside an expert) ----
+  const int64_t N = T * K;
+  std::vector<int64_t> offsets(static_cast<size_t>(E + 1), 0);
+  for (int64_t e = 0; e < E; ++e)
+    offsets[static_cast<size_t>(e + 1)] = offsets[static_cast<size_t>(e)] + st.load[static_cast<size_t>(e)];
+  std::vector<int64_t> sorted_slot(static_cast<size_t>(N));
+  {
+    std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+    for (int64_t n = 0; n < N; ++n) sorted_slot[static_cast<size_t>(fill[static_cast<size_t>(ip[n])]++)] = n;
+  }
+  int64_t max_rows = 0;
+  for (int64_t e = 0; e < E; ++e) max_rows = std::max(max_rows, st.load[static_cast<size_t>(e)]);
+
+  Tensor y = Tensor::zeros({T, D}, DType::F32);
+  float* yp = y.data<float>();
+  Tensor g_all, u_all;
+  if (ctx) {
+    g_all = Tensor::empty({N, I}, DType::F32);
+    u_all = Tensor::empty({N, I}, DType::F32);
+  }
+  {
+    std::vector<float> Xe(static_cast<size_t>(max_rows * D)), Ye(static_cast<size_t>(max_rows * D));
+    std::vector<float> He(static_cast<size_t>(max_rows * I)), we(static_cast<size_t>(max_rows));
+    std::vector<float> Gt, Ut;
+    if (!ctx) {
+      Gt.resize(static_cast<size_t>(max_rows * I));
+      Ut.resize(static_cast<size_t>(max_rows * I));
+    }
+    std::vector<int64_t> tok(static_cast<size_t>(max_rows));
+    const float* wp = w.data<float>();
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t o = offsets[static_cast<size_t>(e)], n = offsets[static_cast<size_t>(e + 1)] - o;
+      if (n == 0) continue;
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t slot = sorted_slot[static_cast<size_t>(o + r)];
+        tok[static_cast<size_t>(r)] = slot / K;
+        we[static_cast<size_t>(r)] = wp[slot];
+      }
+      gather_rows(x, D, tok.data(), n, Xe.data());
+      float* G = ctx ? g_all.data<float>() + o * I : Gt.data();
+      float* U = ctx ? u_all.data<float>() + o * I : Ut.data();
+      expert_forward(experts[static_cast<size_t>(e)], Xe.data(), we.data(), n, D, I, limit_, G, U, He.data(),
+                     Ye.data());
+      scatter_add_rows(Ye.data(), D, tok.data(), n, yp);
+    }
+  }
+
+  // ---- shared expert ----
+  Tensor sg, su;
+  if (has_shared_) {
+    sg = Tensor::empty({T, I}, DType::F32);
+    su = Tensor::empty({T, I}, DType::F32);
+    Tensor sh = Tensor::empty({T, I}, DType::F32);
+    Tensor sy = Tensor::empty({T, D}, DType::F32);
+    expert_forward(shared, x, nullptr, T, D, I, limit_, sg.data<float>(), su.data<float>(), sh.data<float>(),
+                   sy.data<float>());
+    const float* syp = sy.data<float>();
+    for (int64_t i = 0; i < T * D; ++i) yp[i] += syp[i];
+  }
+
+  if (stats) *stats = st;
+  if (ctx) {
+    ctx->x = x_TD;
+    ctx->s = s;
+    ctx->aff = aff;
+    ctx->idx = idx;
+    ctx->w = w;
+    ctx->offsets = std::move(offsets);
+    ctx->sorted_slot = std::move(sorted_slot);
+    ctx->g = g_all;
+    ctx->u = u_all;
+    ctx->shared_g = sg;
+    ctx->shared_u = su;
+    ctx->batch = layout.batch;
+    ctx->seq = layout.seq;
+    ctx->stats = std::move(st);
+  }
+  return y;
+}
+
+Tensor MoE::backward(const Tensor& dy_TD, const MoECtx& ctx, double balance_alpha) {
+  check_rows("MoE.backward", dy_TD, dim_);
+  const int64_t T = dy_TD.size(0), D = dim_, E = n_experts_, K = top_k_, I = inter_;
+  DSV4_CHECK(
+      ctx.x.defined() && ctx.x.size(0) == T && ctx.idx.defined() && static_cast<int64_t>(ctx.offsets.size()) == E + 1,
+      "MoE {}: backward dy {} does not match the forward context (x {})", prefix_, dy_TD.str(),
+      ctx.x.defined() ? ctx.x.str() : std::string("none"));
+  const float* x = ctx.x.data<float>();
+  const float* dy = dy_TD.data<float>();
+  const float* wp = ctx.w.data<float>();
+  const int64_t* ip = ctx.idx.data<int64_t>();
+  const int64_t N = T * K;
+
+  Tensor dx = Tensor::zeros({T, D}, DType::F32);
+  float* dxp = dx.data<float>();
+  std::vector<float> dw(static_cast<size_t>(N), 0.0f);  // d loss / d w, slot order t*K+j
+
+  // ---- routed experts ----
+  int64_t max_rows = 0;
+  for (int64_t e = 0; e < E; ++e)
+    max_rows = std::max(max_rows, ctx.offsets[static_cast<size_t>(e + 1)] - ctx.offsets[static_cast<size_t>(e)]);
+  {
+    std::vector<float> Xe(static_cast<size_t>(max_rows * D)), dYe(static_cast<size_t>(max_rows * D)),
+        dXe(static_cast<size_t>(max_rows * D));
+    std::vector<float> H(static_cast<size_t>(max_rows * I)), dH(static_cast<size_t>(max_rows * I)),
+        dG(static_cast<size_t>(max_rows * I)), dU(static_cast<size_t>(max_rows * I));
+    std::vector<float> we(static_cast<size_t>(max_rows)), dwe(static_cast<size_t>(max_rows));
+    std::vector<int64_t> tok(static_cast<size_t>(max_rows));
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t o = ctx.offsets[static_cast<size_t>(e)], n = ctx.offsets[static_cast<size_t>(e + 1)] - o;
+      if (n == 0) continue;
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t slot = ctx.sorted_slot[static_cast<size_t>(o + r)];
+        tok[static_cast<size_t>(r)] = slot / K;
+        we[static_cast<size_t>(r)] = wp[slot];
+      }
+      gather_rows(x, D, tok.data(), n, Xe.data());
+      gather_rows(dy, D, tok.data(), n, dYe.data());
+      expert_backward(experts[static_cast<size_t>(e)], Xe.data(), ctx.g.data<float>() + o * I,
+                      ctx.u.data<float>() + o * I, we.data(), dYe.data(), n, D, I, limit_, H.data(), dH.data(),
+                      dG.data(), dU.data(), dwe.data(), dXe.data());
+      scatter_add_rows(dXe.data(), D, tok.data(), n, dxp);
+      for (int64_t r = 0; r < n; ++r)
+        dw[static_cast<size_t>(ctx.sorted_slot[static_cast<size_t>(o + r)])] = dwe[static_cast<size_t>(r)];
+    }
+  }
+
+  // ---- shared expert ----
+  if (has_shared_) {
+    std::vector<float> H(static_cast<size_t>(T * I)), dH(static_cast<size_t>(T * I)), dG(static_cast<size_t>(T * I)),
+        dU(static_cast<size_t>(T * I)), dXs(static_cast<size_t>(T * D));
+    expert_backward(shared, x, ctx.shared_g.data<float>(), ctx.shared_u.data<float>(), nullptr, dy, T, D, I, limit_,
+                    H.data(), dH.data(), dG.data(), dU.data(), nullptr, dXs.data());
+    for (int64_t i = 0; i < T * D; ++i) dxp[i] += dXs[static_cast<size_t>(i)];
+  }
+
+  // ---- router: w -> aff (+ balance loss) -> s -> (gate.weight, x) ----
+  Tensor daff = Tensor::zeros({T, E}, DType::F32);
+  moe_route_backward_rows<float>(ctx.aff.data<float>(), ip, dw.data(), T, E, K, route_scale_, daff.data<float>());
+  if (balance_alpha != 0.0)
+    moe_balance_backward<float>(ctx.aff.data<float>(), ip, ctx.batch, ctx.seq, E, K, balance_alpha, daff.data<float>());
+  Tensor ds = Tensor::empty({T, E}, DType::F32);
+  sqrt_softplus_backward_rows<float>(ctx.s.data<float>(), ctx.aff.data<float>(), daff.data<float>(), ds.data<float>(),
+                                     T * E);
+  if (gate_weight.trainable)
+    cpu_gemm(true, false, E, D, T, 1.0f, ds.data<float>(), E, x, D, 1.0f, gate_weight.grad_buffer().data<float>(), D);
+  cpu_gemm(false, false, T, D, E, 1.0f, ds.data<float>(), E, gate_weight.value.data<float>(), D, 1.0f, dxp, D);
+  return dx;
+}
+
+}  // namespace dsv4

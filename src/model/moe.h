@@ -1,0 +1,314 @@
+// DeepSeekMoE feed-forward block (`layers.{i}.ffn.` / `mtp.0.ffn.`): a router, K of E routed SwiGLU experts per
+// token (dropless) and one shared expert, all FP32 (reference: dsv4-architecture.md §2.4, §2.5, §2.9 item 1).
+//
+//   s      = x W_gate^T                                   [T, E]   (FP32 GEMM)
+//   aff    = sqrt(softplus(s))                            softplus linear above 20, like torch (threshold 20)
+//   idx    = topk(aff + bias, K)   (learned layers)       bias [E] only selects; sorted descending, ties -> lower id
+//          = tid2eid[input_id]     (hash layers)          no bias there
+//   w      = aff[idx] / (sum_j aff[idx_j] + 1e-20) * route_scale
+//   Expert_e(x, w) = W2_e ( w * silu(min(W1_e x, L)) * clamp(W3_e x, -L, L) )    L = swiglu_limit (0: no clamp)
+//   y      = sum_{e in idx, ascending e} Expert_e(x, w_e)  +  Shared(x)          Shared = Expert without w
+//
+// Backward: the selection (idx) is constant; gradients reach gate.weight and x through w (normalisation and
+// sqrt-softplus) and, when balance_alpha > 0, through the sequence-wise balance loss. Clamp gradients follow
+// torch.clamp: the gradient passes where min <= v <= max (equality passes), zero where the value was clamped.
+//
+// Sequence-wise balance loss (DeepSeek-V3 form, one "sequence" = one row b of the SeqLayout, S = layout.seq; packed
+// documents inside a row are not split):
+//   p_{t,i} = aff_{t,i} / sum_j aff_{t,j}               (all E experts, raw aff without bias)
+//   f_{b,i} = E / (K S) * #{(t, j) : t in row b, idx_{t,j} = i}      (actual selection: top-k incl. bias, or hash)
+//   P_{b,i} = (1/S) sum_{t in row b} p_{t,i}
+//   term    = (1/B) sum_b sum_i f_{b,i} P_{b,i}          (MoEStats::balance_term; = 1 for perfectly uniform routing)
+//   loss    = alpha * term                               (f is a constant; the gradient flows through P only)
+//
+// Legend: T tokens (= B*S), D dim, E routed experts, K activated experts per token, I expert inter dim,
+// N = T*K routed slots. Raw-pointer cores are templates so tests can run them in double.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+#include "model/param.h"
+#include "model/seq_layout.h"
+
+namespace dsv4 {
+
+inline constexpr double kSoftplusThreshold = 20.0;  // torch.nn.functional.softplus default (beta = 1)
+inline constexpr double kRouteNormEps = 1e-20;      // HF router denominator (see moe.cpp notes)
+
+// ---- router cores ------------------------------------------------------------------------------------------
+
+// aff = sqrt(softplus(s)) elementwise.
+template <typename T>
+void sqrt_softplus_rows(const T* s, T* aff, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T sp = s[i] > T(kSoftplusThreshold) ? s[i] : static_cast<T>(std::log1p(std::exp(s[i])));
+    aff[i] = std::sqrt(sp);
+  }
+}
+
+// ds = daff * d aff / ds (written, not accumulated), in torch's order: (daff / (2 aff)) * z / (z + 1), z = exp(s).
+// Where softplus underflowed to 0 (s < about -104 in FP32) the derivative is taken as its limit 0 (torch: NaN).
+template <typename T>
+void sqrt_softplus_backward_rows(const T* s, const T* aff, const T* daff, T* ds, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (aff[i] == T(0)) {
+      ds[i] = T(0);
+      continue;
+    }
+    const T g = daff[i] / (T(2) * aff[i]);
+    if (s[i] > T(kSoftplusThreshold)) {
+      ds[i] = g;
+    } else {
+      const T z = std::exp(s[i]);
+      ds[i] = g * z / (z + T(1));
+    }
+  }
+}
+
+// Routing for `rows` tokens from their affinities aff [rows, E]. fixed_idx [rows, K] (hash routing) or, when null,
+// top-K of aff + bias (bias may be null). Writes idx [rows, K] and w [rows, K].
+template <typename T>
+void moe_route_rows(const T* aff, const T* bias, const int64_t* fixed_idx, int64_t rows, int64_t E, int64_t K,
+                    double route_scale, int64_t* idx, T* w) {
+  std::vector<int64_t> order(static_cast<size_t>(E));
+  std::vector<T> sel(static_cast<size_t>(E));
+  for (int64_t t = 0; t < rows; ++t) {
+    const T* a = aff + t * E;
+    int64_t* it = idx + t * K;
+    if (fixed_idx) {
+      std::copy(fixed_idx + t * K, fixed_idx + (t + 1) * K, it);
+    } else {
+      for (int64_t e = 0; e < E; ++e) sel[static_cast<size_t>(e)] = bias ? a[e] + bias[e] : a[e];
+      // Same strict weak order as ops::topk: NaN first, then larger value, then lower index.
+      auto before = [&](int64_t i, int64_t j) {
+        const T vi = sel[static_cast<size_t>(i)], vj = sel[static_cast<size_t>(j)];
+        const bool ni = std::isnan(vi), nj = std::isnan(vj);
+        if (ni != nj) return ni;
+        if (!ni && vi != vj) return vi > vj;
+        return i < j;
+      };
+      std::iota(order.begin(), order.end(), int64_t{0});
+      std::partial_sort(order.begin(), order.begin() + K, order.end(), before);
+      std::copy(order.begin(), order.begin() + K, it);
+    }
+    T sum = T(0);
+    for (int64_t j = 0; j < K; ++j) sum += a[it[j]];
+    const T denom = sum + static_cast<T>(kRouteNormEps);
+    for (int64_t j = 0; j < K; ++j) {
+      T q = a[it[j]] / denom;
+      q *= static_cast<T>(route_scale);
+      w[t * K + j] = q;
+    }
+  }
+}
+
+// Gradient of w w.r.t. aff (accumulated into daff [rows, E]) given dw [rows, K]:
+//   q_j = a_j / (S + eps), w_j = rs q_j  =>  da_{idx_j} += (rs dw_j - sum_l rs dw_l q_l) / (S + eps).
+template <typename T>
+void moe_route_backward_rows(const T* aff, const int64_t* idx, const T* dw, int64_t rows, int64_t E, int64_t K,
+                             double route_scale, T* daff) {
+  for (int64_t t = 0; t < rows; ++t) {
+    const T* a = aff + t * E;
+    const int64_t* it = idx + t * K;
+    T sum = T(0);
+    for (int64_t j = 0; j < K; ++j) sum += a[it[j]];
+    const T denom = sum + static_cast<T>(kRouteNormEps);
+    double dot = 0;
+    for (int64_t j = 0; j < K; ++j)
+      dot += static_cast<double>(dw[t * K + j]) * route_scale * static_cast<double>(a[it[j]] / denom);
+    for (int64_t j = 0; j < K; ++j) {
+      const double gq = static_cast<double>(dw[t * K + j]) * route_scale;
+      daff[t * E + it[j]] += static_cast<T>((gq - dot) / static_cast<double>(denom));
+    }
+  }
+}
+
+// Expert load of each sequence row: counts[b * E + e] = slots of row b routed to e.
+inline void moe_row_counts(const int64_t* idx, int64_t batch, int64_t seq, int64_t E, int64_t K,
+                           std::vector<double>& counts) {
+  counts.assign(static_cast<size_t>(batch * E), 0.0);
+  for (int64_t t = 0; t < batch * seq; ++t)
+    for (int64_t j = 0; j < K; ++j) counts[static_cast<size_t>((t / seq) * E + idx[t * K + j])] += 1.0;
+}
+
+// Unscaled sequence-wise balance term (see the header comment), accumulated in double.
+template <typename T>
+double moe_balance_term(const T* aff, const int64_t* idx, int64_t batch, int64_t seq, int64_t E, int64_t K) {
+  if (batch <= 0 || seq <= 0) return 0.0;
+  std::vector<double> counts;
+  moe_row_counts(idx, batch, seq, E, K, counts);
+  std::vector<double> P(static_cast<size_t>(E));
+  double total = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    std::fill(P.begin(), P.end(), 0.0);
+    for (int64_t s = 0; s < seq; ++s) {
+      const T* a = aff + (b * seq + s) * E;
+      double Z = 0;
+      for (int64_t e = 0; e < E; ++e) Z += static_cast<double>(a[e]);
+      if (Z == 0) continue;
+      for (int64_t e = 0; e < E; ++e) P[static_cast<size_t>(e)] += static_cast<double>(a[e]) / Z;
+    }
+    double term = 0;
+    for (int64_t e = 0; e < E; ++e)
+      term += static_cast<double>(E) / static_cast<double>(K * seq) * counts[static_cast<size_t>(b * E + e)] *
+              (P[static_cast<size_t>(e)] / static_cast<double>(seq));
+    total += term;
+  }
+  return total / static_cast<double>(batch);
+}
+
+// d(alpha * term)/d aff accumulated into daff [T, E]:
+//   c_{b,i} = alpha / B * f_{b,i} / S;  daff_{t,i} += (c_{b,i} - sum_j c_{b,j} p_{t,j}) / Z_t.
+template <typename T>
+void moe_balance_backward(const T* aff, const int64_t* idx, int64_t batch, int64_t seq, int64_t E, int64_t K,
+                          double alpha, T* daff) {
+  if (batch <= 0 || seq <= 0 || alpha == 0) return;
+  std::vector<double> counts;
+  moe_row_counts(idx, batch, seq, E, K, counts);
+  std::vector<double> c(static_cast<size_t>(E));
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t e = 0; e < E; ++e)
+      c[static_cast<size_t>(e)] = alpha / static_cast<double>(batch) * static_cast<double>(E) /
+                                  static_cast<double>(K * seq) * counts[static_cast<size_t>(b * E + e)] /
+                                  static_cast<double>(seq);
+    for (int64_t s = 0; s < seq; ++s) {
+      const int64_t t = b * seq + s;
+      const T* a = aff + t * E;
+      double Z = 0, cp = 0;
+      for (int64_t e = 0; e < E; ++e) Z += static_cast<double>(a[e]);
+      if (Z == 0) continue;
+      for (int64_t e = 0; e < E; ++e) cp += c[static_cast<size_t>(e)] * static_cast<double>(a[e]) / Z;
+      for (int64_t e = 0; e < E; ++e) daff[t * E + e] += static_cast<T>((c[static_cast<size_t>(e)] - cp) / Z);
+    }
+  }
+}
+
+// ---- clamped SwiGLU core ---------------------------------------------------------------------------------------
+// h[r, i] = w[r] * (silu(min(g, L)) * clamp(u, -L, L)) over rows of width I; w may be null (shared expert),
+// limit <= 0 disables the clamp. silu(x) = x / (1 + exp(-x)) as torch computes it.
+template <typename T>
+void swiglu_clamp_rows(const T* g, const T* u, const T* w, T* h, int64_t rows, int64_t I, double limit) {
+  const bool clamp = limit > 0;
+  const T L = static_cast<T>(limit);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < I; ++i) {
+      T gv = g[r * I + i], uv = u[r * I + i];
+      if (clamp) {
+        uv = std::min(std::max(uv, -L), L);
+        gv = std::min(gv, L);
+      }
+      T v = gv / (T(1) + std::exp(-gv)) * uv;
+      if (w) v = w[r] * v;
+      h[r * I + i] = v;
+    }
+  }
+}
+
+// Backward of swiglu_clamp_rows given dh (the gradient of h = w * silu(gc) * uc): writes dg, du and, when w is
+// non-null, dw[r] = sum_i dh * silu(gc) * uc (written, not accumulated).
+template <typename T>
+void swiglu_clamp_backward_rows(const T* g, const T* u, const T* w, const T* dh, T* dg, T* du, T* dw, int64_t rows,
+                                int64_t I, double limit) {
+  const bool clamp = limit > 0;
+  const T L = static_cast<T>(limit);
+  for (int64_t r = 0; r < rows; ++r) {
+    double dwr = 0;
+    const T wr = w ? w[r] : T(1);
+    for (int64_t i = 0; i < I; ++i) {
+      const T g0 = g[r * I + i], u0 = u[r * I + i];
+      T gv = g0, uv = u0;
+      bool g_pass = true, u_pass = true;
+      if (clamp) {
+        g_pass = g0 <= L;
+        u_pass = u0 >= -L && u0 <= L;
+        uv = std::min(std::max(u0, -L), L);
+        gv = std::min(g0, L);
+      }
+      const T sig = T(1) / (T(1) + std::exp(-gv));
+      const T silu = gv * sig;
+      const T d = dh[r * I + i];
+      if (w) dwr += static_cast<double>(d) * static_cast<double>(silu * uv);
+      const T dv = wr * d;  // gradient of silu(gc) * uc
+      dg[r * I + i] = g_pass ? dv * uv * (sig * (T(1) + gv * (T(1) - sig))) : T(0);
+      du[r * I + i] = u_pass ? dv * silu : T(0);
+    }
+    if (w) dw[r] = static_cast<T>(dwr);
+  }
+}
+
+// ---- module ---------------------------------------------------------------------------------------------------
+
+// One SwiGLU expert's weights: w1, w3 [I, D]; w2 [D, I] (checkpoint layout, y = x W^T).
+struct ExpertWeights {
+  Param w1, w2, w3;
+  void visit(const ParamVisitor& f) {
+    f(w1);
+    f(w2);
+    f(w3);
+  }
+};
+
+struct MoEStats {
+  std::vector<int64_t> load;  // [E] routed slots per expert in this call (sums to T*K): the aux-loss-free signal
+  double balance_term = 0;    // unscaled sequence-wise balance term; the loss is alpha * balance_term
+  double balance_loss(double alpha) const { return alpha * balance_term; }
+};
+
+struct MoECtx {
+  Tensor x;                          // [T, D] input
+  Tensor s, aff;                     // [T, E] gate logits and sqrt-softplus affinities
+  Tensor idx;                        // I64 [T, K] selected experts (learned: descending by aff+bias)
+  Tensor w;                          // [T, K] routing weights (normalised, times route_scale)
+  std::vector<int64_t> offsets;      // [E+1] expert segments of the expert-sorted slot order
+  std::vector<int64_t> sorted_slot;  // [N] slot t*K+j at each sorted position (token-ascending within an expert)
+  Tensor g, u;                       // [N, I] routed w1/w3 pre-activations (before the clamp), sorted order
+  Tensor shared_g, shared_u;         // [T, I] shared expert pre-activations
+  int64_t batch = 0, seq = 0;        // the layout's rows, for the balance loss
+  MoEStats stats;
+};
+
+class MoE {
+ public:
+  MoE() = default;
+  // prefix: "layers.{i}.ffn." or "mtp.0.ffn.". All parameters start at zero (the loader or an init fills them).
+  // Hash layers own gate.tid2eid (an I64 [vocab, K] value in a Param with trainable = false, so loaders find it by
+  // name; it never gets a gradient); learned layers own gate.bias (F32 [E], trainable = false: it is moved by the
+  // aux-loss-free rule, not by gradients).
+  MoE(std::string prefix, const ModelConfig& cfg, bool hash_routed);
+
+  // x_TD: CPU F32 [T, D]; input_ids_T: I64 [T] (needed by hash layers, may be undefined for learned ones);
+  // layout.tokens() == T. ctx may be null when no backward follows. Stats are written to ctx->stats and *stats.
+  Tensor forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayout& layout, MoECtx* ctx,
+                 MoEStats* stats = nullptr) const;
+  // Returns dx [T, D] for the loss  <dy, y> + balance_alpha * balance_term; accumulates the gradients of
+  // gate.weight and every expert/shared weight (those with trainable = true).
+  Tensor backward(const Tensor& dy_TD, const MoECtx& ctx, double balance_alpha = 0.0);
+  void visit(const ParamVisitor& f);
+
+  bool hash_routed() const { return hash_; }
+  int64_t n_experts() const { return n_experts_; }
+  int64_t top_k() const { return top_k_; }
+  int64_t dim() const { return dim_; }
+  int64_t inter_dim() const { return inter_; }
+  bool has_shared() const { return has_shared_; }
+
+  Param gate_weight;                   // prefix + "gate.weight"  [E, D]
+  Param gate_bias;                     // prefix + "gate.bias"    [E] F32 (learned layers only)
+  Param tid2eid;                       // prefix + "gate.tid2eid" I64 [vocab, K] (hash layers only)
+  std::vector<ExpertWeights> experts;  // prefix + "experts.{e}.w{1,2,3}.weight"
+  ExpertWeights shared;                // prefix + "shared_experts.w{1,2,3}.weight" (when n_shared_experts == 1)
+
+ private:
+  std::string prefix_;
+  int64_t dim_ = 0, n_experts_ = 0, top_k_ = 0, inter_ = 0, vocab_ = 0;
+  double route_scale_ = 1.0, limit_ = 0.0;
+  bool hash_ = false, has_shared_ = true;
+};
+
+}  // namespace dsv4
