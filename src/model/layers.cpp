@@ -34,7 +34,7 @@ Tensor RMSNorm::backward(const Tensor& dy_TD, const RMSNormCtx& ctx) {
   Tensor dx = Tensor::empty(dy_TD.shape(), DType::F32);
   rmsnorm_backward_rows<float>(dy_TD.data<float>(), ctx.x.data<float>(),
                                weighted_ ? weight.value.data<float>() : nullptr, ctx.rstd.data<float>(),
-                               dx.data<float>(), weighted_ ? weight.grad_buffer().data<float>() : nullptr,
+                               dx.data<float>(), weighted_ && weight.trainable ? weight.grad_buffer().data<float>() : nullptr,
                                dy_TD.size(0), dim_);
   return dx;
 }

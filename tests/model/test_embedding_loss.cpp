@@ -101,3 +101,34 @@ TEST(HfNames, StackedExpertsSplitAndRestack) {
 
 }  // namespace
 }  // namespace dsv4
+
+#include "model/flops.h"
+
+namespace dsv4 {
+namespace {
+
+TEST(Flops, CountsMatmulsAndVisibleKeys) {
+  // A hand-checkable config: 1 SWA layer, no MTP, seq 4 with window 2 -> keys per position 1, 2, 2, 2.
+  ModelConfig c = model_preset("tiny");
+  c.n_layers = 1;
+  c.n_mtp_layers = 0;
+  c.n_hash_layers = 0;
+  c.compress_ratios = {0};
+  c.window_size = 2;
+  const FlopsPerToken f = model_flops_per_token(c, 4);
+  const double D = 64, n = 4, H = 4, hd = 32, I = 32, k = 2, E = 8, V = 2048;
+  const double params = 2 * n * D * (2 + n) * n + D * 32 + 32 * H * hd + D * hd + H * hd * 16 + 2 * 16 * D + D * E +
+                        D * 3 * I + k * D * 3 * I + n * D * n + D * V;
+  EXPECT_DOUBLE_EQ(f.active_params, params);
+  EXPECT_DOUBLE_EQ(f.mean_visible_keys, 7.0 / 4.0);
+  EXPECT_DOUBLE_EQ(f.attention, 2 * 2 * H * hd * 7.0 / 4.0);
+  EXPECT_DOUBLE_EQ(f.forward, 2 * params + f.attention);
+  EXPECT_DOUBLE_EQ(f.training(), 3 * f.forward);
+  // Flash at 4K: about 13B active parameters per token (the release number, embedding excluded) plus MTP.
+  const FlopsPerToken flash = model_flops_per_token(model_preset("flash"), 4096);
+  EXPECT_GT(flash.active_params, 12e9);
+  EXPECT_LT(flash.active_params, 15e9);
+}
+
+}  // namespace
+}  // namespace dsv4

@@ -1,0 +1,224 @@
+// DeepSeek-V4 attention, forward and backward (see attention.h for the math).
+//
+// Official inference code (model.py / kernel.py of the release) vs the Hugging Face port, and what we do:
+//  * KV FP8 fake-quant of the non-rope dims (raw and compressed KV), indexer Hadamard + FP4 fake-quant and
+//    BF16 index scores: official only (and the release kernel's FP8 cast was a no-op, fixed later).
+//    Behind AttentionOptions::simulate_release_quant, OFF by default (HF = our FP32 oracle has none).
+//  * Index score: HF relu(q.k) * cI^-0.5 then * (weights_proj(x) * nI^-0.5), summed over heads; official
+//    folds cI^-0.5 into the weights. Same value up to rounding; we follow HF's order.
+//  * Softmax with sink: HF concatenates the sink logit and subtracts the max over [logits, sink]; the official
+//    kernel keeps a running max over the logits only and adds exp(sink - max) at the end. Same math.
+//  * Compressed entry position: both use i * m (the block's first token), RoPE after the entry's RMSNorm.
+//  * Top-k ties: torch.topk leaves them unspecified; we take the lower entry id.
+//  * Everything else (per-head unweighted q norm, K = V, inverse RoPE of o at the query position, grouped
+//    wo_a, window i - w < j <= i, entry visibility e < (t+1) // m, overlap layout of ratio 4) is identical.
+// Packed documents (not modelled by either): positions restart at each document, windows and compressed
+// blocks never cross a document boundary, and each document is compressed on its own.
+#include "model/attention.h"
+
+#include <cmath>
+
+#include "model/quant_sim.h"
+#include "runtime/cpu_blas.h"
+
+namespace dsv4 {
+
+namespace {
+std::vector<int64_t> per_head(const std::vector<int64_t>& pos, int64_t H) {
+  std::vector<int64_t> out(pos.size() * static_cast<size_t>(H));
+  for (size_t t = 0; t < pos.size(); ++t)
+    for (int64_t h = 0; h < H; ++h) out[t * static_cast<size_t>(H) + static_cast<size_t>(h)] = pos[t];
+  return out;
+}
+
+void add_into(Tensor& acc, const Tensor& x) {
+  float* a = acc.data<float>();
+  const float* b = x.data<float>();
+  for (int64_t i = 0; i < acc.numel(); ++i) a[i] += b[i];
+}
+}  // namespace
+
+Attention::Attention(std::string prefix, const ModelConfig& cfg, int64_t layer, AttentionOptions opts)
+    : prefix_(std::move(prefix)), kind_(cfg.attn_kind(layer)), ratio_(cfg.compress_ratio(layer)), dim_(cfg.dim),
+      heads_(cfg.n_heads), head_dim_(cfg.head_dim), rope_dim_(cfg.rope_head_dim), groups_(cfg.o_groups),
+      o_lora_(cfg.o_lora_rank), window_(cfg.window_size), index_topk_(cfg.index_topk), eps_(cfg.norm_eps),
+      ue8m0_(cfg.scale_fmt == "ue8m0"), opts_(opts), rope_(RopeTable::for_ratio(cfg, ratio_)) {
+  DSV4_CHECK(heads_ > 0 && groups_ > 0 && heads_ % groups_ == 0, "Attention {}: n_heads {} not divisible by o_groups {}",
+             prefix_, heads_, groups_);
+  DSV4_CHECK(rope_dim_ > 0 && rope_dim_ % 2 == 0 && rope_dim_ <= head_dim_,
+             "Attention {}: rope dim {} must be even and <= head_dim {}", prefix_, rope_dim_, head_dim_);
+  DSV4_CHECK(window_ > 0, "Attention {}: window_size {} must be positive", prefix_, window_);
+  const int64_t HC = heads_ * head_dim_;
+  wq_a = Linear(prefix_ + "wq_a.weight", dim_, cfg.q_lora_rank);
+  q_norm = RMSNorm(prefix_ + "q_norm.weight", cfg.q_lora_rank, eps_);
+  wq_b = Linear(prefix_ + "wq_b.weight", cfg.q_lora_rank, HC);
+  wkv = Linear(prefix_ + "wkv.weight", dim_, head_dim_);
+  kv_norm = RMSNorm(prefix_ + "kv_norm.weight", head_dim_, eps_);
+  wo_a = Param(prefix_ + "wo_a.weight", Shape{groups_ * o_lora_, HC / groups_});
+  wo_b = Linear(prefix_ + "wo_b.weight", groups_ * o_lora_, dim_);
+  attn_sink = Param(prefix_ + "attn_sink", Shape{heads_});
+  if (ratio_ > 0)
+    compressor = Compressor(prefix_ + "compressor.", cfg, ratio_, head_dim_, /*rotate=*/false,
+                            opts_.simulate_release_quant);
+  if (ratio_ == 4) {
+    DSV4_CHECK(cfg.index_head_dim >= rope_dim_ && cfg.index_n_heads > 0 && cfg.index_topk > 0,
+               "Attention {}: bad indexer shape (heads {}, head dim {}, topk {})", prefix_, cfg.index_n_heads,
+               cfg.index_head_dim, cfg.index_topk);
+    indexer = Indexer(prefix_ + "indexer.", cfg, opts_.simulate_release_quant);
+  }
+}
+
+void Attention::visit(const ParamVisitor& f) {
+  wq_a.visit(f);
+  q_norm.visit(f);
+  wq_b.visit(f);
+  wkv.visit(f);
+  kv_norm.visit(f);
+  f(wo_a);
+  wo_b.visit(f);
+  f(attn_sink);
+  if (ratio_ > 0) compressor.visit(f);
+  if (ratio_ == 4) indexer.visit(f);
+}
+
+SparseAttnIndex Attention::build_index(const Tensor& x_TD, const Tensor& qr_TQ, const SeqLayout& layout,
+                                       const std::vector<int64_t>& pos, const CompressPlan& plan) const {
+  const int64_t T = layout.tokens();
+  SparseAttnIndex idx;
+  idx.win_begin.resize(static_cast<size_t>(T));
+  idx.win_end.resize(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t doc0 = t - pos[static_cast<size_t>(t)];  // global index of t's document start
+    idx.win_begin[static_cast<size_t>(t)] = std::max(t - window_ + 1, doc0);
+    idx.win_end[static_cast<size_t>(t)] = t + 1;
+  }
+  if (ratio_ == 4) {
+    const IndexScores s = indexer.scores(x_TD, qr_TQ, pos, plan, rope_);
+    Indexer::select_topk(s, plan, index_topk_, idx.comp_offsets, idx.comp_ids);
+  } else {
+    idx.comp_offsets.assign(static_cast<size_t>(T + 1), 0);
+    for (int64_t t = 0; t < T; ++t) {
+      if (ratio_ > 0) {
+        const int64_t fe = plan.first_entry[static_cast<size_t>(t)];
+        for (int64_t e = 0; e < plan.n_visible[static_cast<size_t>(t)]; ++e) idx.comp_ids.push_back(fe + e);
+      }
+      idx.comp_offsets[static_cast<size_t>(t + 1)] = static_cast<int64_t>(idx.comp_ids.size());
+    }
+  }
+  return idx;
+}
+
+Tensor Attention::forward(const Tensor& x_TD, const SeqLayout& layout, AttentionCtx* ctx) const {
+  layout.validate("Attention.forward");
+  const int64_t T = layout.tokens(), H = heads_, C = head_dim_, HC = H * C, G = groups_, R = o_lora_;
+  DSV4_CHECK(x_TD.dtype() == DType::F32 && x_TD.ndim() == 2 && x_TD.size(0) == T && x_TD.size(1) == dim_ &&
+                 x_TD.is_contiguous() && x_TD.device().is_cpu(),
+             "Attention {}: input {} does not match [{} tokens, {}] (contiguous CPU F32)", prefix_, x_TD.str(), T, dim_);
+  AttentionCtx local;
+  AttentionCtx& c = ctx ? *ctx : local;
+  c.pos.resize(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) c.pos[static_cast<size_t>(t)] = layout.position(t);
+  const std::vector<int64_t> head_pos = per_head(c.pos, H);
+
+  // Queries: low-rank, per-head unweighted RMSNorm, RoPE on the last rope dims.
+  const Tensor qr = q_norm.forward(wq_a.forward(x_TD, &c.wq_a), &c.q_norm);
+  c.q_raw = wq_b.forward(qr, &c.wq_b);
+  c.q = Tensor::empty({T, H, C}, DType::F32);
+  c.q_rstd = Tensor::empty({T * H}, DType::F32);
+  rmsnorm_forward_rows<float>(c.q_raw.data<float>(), nullptr, c.q.data<float>(), c.q_rstd.data<float>(), T * H, C, eps_);
+  rope_rows<float>(c.q.data<float>(), T * H, C, C, head_pos.data(), rope_, false);
+
+  // Shared K = V head.
+  c.kv = kv_norm.forward(wkv.forward(x_TD, &c.wkv), &c.kv_norm);
+  rope_rows<float>(c.kv.data<float>(), T, C, C, c.pos.data(), rope_, false);
+  if (opts_.simulate_release_quant) fp8_block_fake_quant_rows(c.kv.data<float>(), T, C - rope_dim_, C, 64, ue8m0_);
+
+  // Compressed entries and the candidate lists.
+  if (ratio_ > 0) {
+    c.plan = CompressPlan::build(layout, ratio_);
+    c.ckv = compressor.forward(x_TD, c.plan, rope_, ctx ? &c.compressor : nullptr);
+  } else {
+    c.plan = CompressPlan{};
+    c.ckv = Tensor();
+  }
+  c.index = build_index(x_TD, qr, layout, c.pos, c.plan);
+  const int64_t E = ratio_ > 0 ? c.plan.entries() : 0;
+  c.index.validate(T, E);
+
+  // Core attention with sink, then the inverse RoPE at the query position.
+  c.o = Tensor::empty({T, H, C}, DType::F32);
+  c.lse = Tensor::empty({T, H}, DType::F32);
+  const float scale = static_cast<float>(std::pow(static_cast<double>(C), -0.5));
+  sparse_attn_forward<float>(c.index, c.q.data<float>(), c.kv.data<float>(), E ? c.ckv.data<float>() : nullptr,
+                             attn_sink.value.data<float>(), H, C, scale, c.o.data<float>(), c.lse.data<float>());
+  c.o_rot = c.o.clone().view({T, HC});
+  rope_rows<float>(c.o_rot.data<float>(), T * H, C, C, head_pos.data(), rope_, true);
+
+  // Grouped low-rank output: y[:, g] = o[:, g] @ wo_a_g^T, then wo_b.
+  const int64_t K = HC / G;
+  Tensor y = Tensor::empty({T, G * R}, DType::F32);
+  const float* wa = wo_a.value.data<float>();
+  for (int64_t g = 0; g < G; ++g)
+    cpu_gemm(false, true, T, R, K, 1.0f, c.o_rot.data<float>() + g * K, HC, wa + g * R * K, K, 0.0f,
+             y.data<float>() + g * R, G * R);
+  return wo_b.forward(y, &c.wo_b);
+}
+
+Tensor Attention::backward(const Tensor& dout_TD, const AttentionCtx& c) {
+  DSV4_CHECK(c.q.defined() && c.o_rot.defined(), "Attention {}: backward without a forward context", prefix_);
+  const int64_t T = c.q.size(0), H = heads_, C = head_dim_, HC = H * C, G = groups_, R = o_lora_, K = HC / G;
+  DSV4_CHECK(dout_TD.ndim() == 2 && dout_TD.size(0) == T && dout_TD.size(1) == dim_,
+             "Attention {}: backward gradient {} does not match [{}, {}]", prefix_, dout_TD.str(), T, dim_);
+  const std::vector<int64_t> head_pos = per_head(c.pos, H);
+
+  // Output projections.
+  const Tensor dy = wo_b.backward(dout_TD.contiguous(), c.wo_b);  // [T, G*R]
+  Tensor d_o = Tensor::empty({T, H, C}, DType::F32);
+  const float* wa = wo_a.value.data<float>();
+  for (int64_t g = 0; g < G; ++g) {
+    cpu_gemm(false, false, T, K, R, 1.0f, dy.data<float>() + g * R, G * R, wa + g * R * K, K, 0.0f,
+             d_o.data<float>() + g * K, HC);
+    if (wo_a.trainable)
+      cpu_gemm(true, false, R, K, T, 1.0f, dy.data<float>() + g * R, G * R, c.o_rot.data<float>() + g * K, HC, 1.0f,
+               wo_a.grad_buffer().data<float>() + g * R * K, K);
+  }
+  rope_rows<float>(d_o.data<float>(), T * H, C, C, head_pos.data(), rope_, false);  // backward of the inverse
+
+  // Core attention.
+  const int64_t E = ratio_ > 0 ? c.plan.entries() : 0;
+  Tensor dq = Tensor::empty({T, H, C}, DType::F32);
+  Tensor dkv = Tensor::zeros({T, C}, DType::F32);
+  Tensor dckv = Tensor::zeros({E, C}, DType::F32);
+  std::vector<float> dsink(static_cast<size_t>(H), 0.0f);
+  const float scale = static_cast<float>(std::pow(static_cast<double>(C), -0.5));
+  sparse_attn_backward<float>(c.index, c.q.data<float>(), c.kv.data<float>(), E ? c.ckv.data<float>() : nullptr,
+                              attn_sink.value.data<float>(), c.o.data<float>(), c.lse.data<float>(),
+                              d_o.data<float>(), H, C, scale, dq.data<float>(), dkv.data<float>(),
+                              E ? dckv.data<float>() : nullptr, dsink.data());
+  if (attn_sink.trainable) {
+    float* g = attn_sink.grad_buffer().data<float>();
+    for (int64_t h = 0; h < H; ++h) g[h] += dsink[static_cast<size_t>(h)];
+  }
+
+  // Compressed entries (the indexer contributes nothing: its selection is not differentiable).
+  Tensor dx = E > 0 ? compressor.backward(dckv, c.plan, rope_, c.compressor) : Tensor::zeros({T, dim_}, DType::F32);
+  if (ratio_ > 0 && E == 0)  // no complete block anywhere: the compressor's gradients are zero, but defined
+    compressor.visit([](Param& p) {
+      if (p.trainable) p.grad_buffer();
+    });
+
+  // KV path (straight through the FP8 fake-quant when simulating).
+  rope_rows<float>(dkv.data<float>(), T, C, C, c.pos.data(), rope_, true);
+  add_into(dx, wkv.backward(kv_norm.backward(dkv, c.kv_norm), c.wkv));
+
+  // Query path.
+  rope_rows<float>(dq.data<float>(), T * H, C, C, head_pos.data(), rope_, true);
+  Tensor dq_raw = Tensor::empty({T, HC}, DType::F32);
+  rmsnorm_backward_rows<float>(dq.data<float>(), c.q_raw.data<float>(), nullptr, c.q_rstd.data<float>(),
+                               dq_raw.data<float>(), nullptr, T * H, C);
+  const Tensor dqr = wq_b.backward(dq_raw, c.wq_b);
+  add_into(dx, wq_a.backward(q_norm.backward(dqr, c.q_norm), c.wq_a));
+  return dx;
+}
+
+}  // namespace dsv4

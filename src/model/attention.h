@@ -1,0 +1,98 @@
+// DeepSeek-V4 hybrid attention (`layers.{i}.attn.*`, `mtp.0.attn.*`): one module for the three layer kinds
+// (sliding window SWA m = 0, compressed sparse CSA m = 4, heavily compressed HCA m > 4), with explicit
+// forward and backward. FP32 CPU reference; the math follows the official inference code and, where the two
+// differ, the Hugging Face port (our test oracle) — see attention.cpp for the list.
+//
+// Legend: T tokens (batch * seq), D model dim, Q q_lora_rank, H heads, C head_dim, r rope dims, G output
+// groups, R o_lora_rank, E compressed entries.
+//   qr  = q_norm(wq_a x)                                   [T, Q]
+//   q   = rmsnorm_unweighted_per_head(wq_b qr); RoPE(last r, pos)       [T, H, C]
+//   kv  = RoPE(kv_norm(wkv x), pos)                        [T, C]   (K = V, one head shared by all heads)
+//   ckv = compressor(x) (m > 0)                            [E, C]
+//   candidates of query t: raw keys of the last window_size tokens of t's document up to t; plus
+//     HCA: every entry of t's document whose block is complete at t; CSA: the indexer's top-k of those.
+//   o   = sparse attention with sink (scale C^-0.5); o = RoPE^-1(o, pos)      [T, H, C]
+//   y_g = wo_a_g o_g for each group g of H/G heads                    [T, G*R]
+//   out = wo_b y                                           [T, D]
+// Positions are document-relative (SeqLayout); attention never crosses a document boundary.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/compressor.h"
+#include "model/indexer.h"
+#include "model/sparse_attention.h"
+
+namespace dsv4 {
+
+struct AttentionOptions {
+  // Official release numerics absent from the HF port: FP8 fake-quant (block 64) of the non-rope dims of the
+  // raw and compressed KV; in the indexer, Hadamard rotation + FP4 fake-quant (block 32) of q and keys and
+  // BF16 index scores. Gradients pass straight through the fake quantisers.
+  bool simulate_release_quant = false;
+};
+
+struct AttentionCtx {
+  std::vector<int64_t> pos;  // [T] document-relative positions
+  LinearCtx wq_a, wq_b, wkv, wo_b;
+  RMSNormCtx q_norm, kv_norm;
+  Tensor q_raw;   // [T, H*C] wq_b output (input of the per-head norm)
+  Tensor q_rstd;  // [T*H]
+  Tensor q;       // [T, H, C] core input (normed, RoPE'd)
+  Tensor kv;      // [T, C] core input
+  Tensor ckv;     // [E, C] compressed entries (undefined for SWA)
+  Tensor o;       // [T, H, C] core output (before the inverse RoPE)
+  Tensor lse;     // [T, H]
+  Tensor o_rot;   // [T, H*C] after the inverse RoPE (wo_a input)
+  SparseAttnIndex index;
+  CompressPlan plan;
+  CompressorCtx compressor;
+};
+
+class Attention {
+ public:
+  Attention() = default;
+  // prefix: "layers.{i}.attn." or "mtp.0.attn."; layer indexes cfg.compress_ratios.
+  Attention(std::string prefix, const ModelConfig& cfg, int64_t layer, AttentionOptions opts = {});
+
+  // x_TD: the attn_norm output. ctx may be null when no backward follows.
+  Tensor forward(const Tensor& x_TD, const SeqLayout& layout, AttentionCtx* ctx) const;
+  // Returns dx_TD; accumulates the gradients of every trainable parameter (the indexer's get none).
+  Tensor backward(const Tensor& dout_TD, const AttentionCtx& ctx);
+  void visit(const ParamVisitor& f);
+
+  // The candidate lists the core attention uses (exposed for tests and the CUDA path).
+  SparseAttnIndex build_index(const Tensor& x_TD, const Tensor& qr_TQ, const SeqLayout& layout,
+                              const std::vector<int64_t>& pos, const CompressPlan& plan) const;
+
+  AttnKind kind() const { return kind_; }
+  int64_t ratio() const { return ratio_; }
+  const RopeTable& rope() const { return rope_; }
+  bool has_compressor() const { return ratio_ > 0; }
+  bool has_indexer() const { return ratio_ == 4; }
+
+  Linear wq_a;      // [Q, D]
+  RMSNorm q_norm;   // [Q]
+  Linear wq_b;      // [H*C, Q]
+  Linear wkv;       // [C, D]
+  RMSNorm kv_norm;  // [C]
+  Param wo_a;       // [G*R, H*C/G]
+  Linear wo_b;      // [D, G*R]
+  Param attn_sink;  // [H]
+  Compressor compressor;  // ratio > 0
+  Indexer indexer;        // ratio == 4
+
+ private:
+  std::string prefix_;
+  AttnKind kind_ = AttnKind::SlidingWindow;
+  int64_t ratio_ = 0, dim_ = 0, heads_ = 0, head_dim_ = 0, rope_dim_ = 0, groups_ = 0, o_lora_ = 0, window_ = 0,
+          index_topk_ = 0;
+  double eps_ = 1e-6;
+  bool ue8m0_ = true;
+  AttentionOptions opts_;
+  RopeTable rope_;
+};
+
+}  // namespace dsv4

@@ -1,0 +1,112 @@
+#include "model/indexer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "model/quant_sim.h"
+#include "runtime/cpu_blas.h"
+
+namespace dsv4 {
+
+Indexer::Indexer(const std::string& prefix, const ModelConfig& cfg, bool simulate_release_quant)
+    : wq_b(prefix + "wq_b.weight", cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim),
+      weights_proj(prefix + "weights_proj.weight", cfg.dim, cfg.index_n_heads),
+      compressor(prefix + "compressor.", cfg, 4, cfg.index_head_dim, /*rotate=*/true, simulate_release_quant),
+      n_heads_(cfg.index_n_heads), head_dim_(cfg.index_head_dim), topk_(cfg.index_topk),
+      simulate_(simulate_release_quant) {
+  visit([](Param& p) { p.trainable = false; });  // no gradient reaches them from the LM loss
+}
+
+void Indexer::visit(const ParamVisitor& f) {
+  wq_b.visit(f);
+  weights_proj.visit(f);
+  compressor.visit(f);
+}
+
+IndexScores Indexer::scores(const Tensor& x_TD, const Tensor& qr_TQ, const std::vector<int64_t>& pos,
+                            const CompressPlan& plan, const RopeTable& rope) const {
+  const int64_t T = x_TD.size(0), nI = n_heads_, cI = head_dim_;
+  DSV4_CHECK(static_cast<int64_t>(pos.size()) == T && qr_TQ.size(0) == T &&
+                 static_cast<int64_t>(plan.first_entry.size()) == T,
+             "Indexer: {} tokens, {} positions, qr {}, plan of {} tokens", T, pos.size(), qr_TQ.str(),
+             plan.first_entry.size());
+  // Queries [T, nI, cI]: RoPE per head (rows of cI with stride cI, each head of token t at position pos[t]).
+  Tensor q = wq_b.forward(qr_TQ, nullptr);
+  float* qp = q.data<float>();
+  std::vector<int64_t> head_pos(static_cast<size_t>(T * nI));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < nI; ++h) head_pos[static_cast<size_t>(t * nI + h)] = pos[static_cast<size_t>(t)];
+  rope_rows<float>(qp, T * nI, cI, cI, head_pos.data(), rope, false);
+  if (simulate_) {
+    hadamard_rows<float>(qp, T * nI, cI, cI);
+    fp4_block_fake_quant_rows(qp, T * nI, cI, cI, 32);
+  }
+  const Tensor k = compressor.forward(x_TD, plan, rope, nullptr);  // [E, cI]
+  const Tensor w = weights_proj.forward(x_TD, nullptr);           // [T, nI]
+  const float* kp = k.data<float>();
+  const float* wp = w.data<float>();
+  const float score_scale = static_cast<float>(std::pow(static_cast<double>(cI), -0.5));
+  const float weight_scale = static_cast<float>(std::pow(static_cast<double>(nI), -0.5));
+
+  IndexScores s;
+  s.offsets.assign(static_cast<size_t>(T + 1), 0);
+  for (int64_t t = 0; t < T; ++t)
+    s.offsets[static_cast<size_t>(t + 1)] = s.offsets[static_cast<size_t>(t)] + plan.n_visible[static_cast<size_t>(t)];
+  s.values.assign(static_cast<size_t>(s.offsets.back()), 0.0f);
+
+  // Chunks of queries sharing their document's entries: dots [chunk * nI, nv] = q_chunk @ K_doc^T by GEMM.
+  constexpr int64_t kChunk = 64;
+  std::vector<float> dots;
+  int64_t t0 = 0;
+  while (t0 < T) {
+    const int64_t fe = plan.first_entry[static_cast<size_t>(t0)];
+    int64_t t1 = t0 + 1;
+    while (t1 < T && t1 - t0 < kChunk && plan.first_entry[static_cast<size_t>(t1)] == fe) ++t1;
+    const int64_t nv = plan.n_visible[static_cast<size_t>(t1 - 1)];  // non-decreasing within a document
+    if (nv > 0) {
+      dots.resize(static_cast<size_t>((t1 - t0) * nI * nv));
+      cpu_gemm(false, true, (t1 - t0) * nI, nv, cI, 1.0f, qp + t0 * nI * cI, cI, kp + fe * cI, cI, 0.0f, dots.data(),
+               nv);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n = plan.n_visible[static_cast<size_t>(t)];
+        float* out = s.values.data() + s.offsets[static_cast<size_t>(t)];
+        for (int64_t h = 0; h < nI; ++h) {
+          const float wt = wp[t * nI + h] * weight_scale;
+          const float* d = dots.data() + ((t - t0) * nI + h) * nv;
+          for (int64_t e = 0; e < n; ++e) out[e] += (std::max(d[e], 0.0f) * score_scale) * wt;
+        }
+        if (simulate_)
+          for (int64_t e = 0; e < n; ++e) out[e] = round_bf16(out[e]);
+      }
+    }
+    t0 = t1;
+  }
+  return s;
+}
+
+void Indexer::select_topk(const IndexScores& s, const CompressPlan& plan, int64_t topk, std::vector<int64_t>& offsets,
+                          std::vector<int64_t>& ids) {
+  const int64_t T = static_cast<int64_t>(plan.first_entry.size());
+  offsets.assign(static_cast<size_t>(T + 1), 0);
+  ids.clear();
+  std::vector<int64_t> order;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t n = plan.n_visible[static_cast<size_t>(t)], k = std::min(topk, n);
+    const int64_t fe = plan.first_entry[static_cast<size_t>(t)];
+    const float* v = s.values.data() + s.offsets[static_cast<size_t>(t)];
+    order.resize(static_cast<size_t>(n));
+    std::iota(order.begin(), order.end(), int64_t{0});
+    if (k < n) {
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), [v](int64_t a, int64_t b) {
+        return v[a] > v[b] || (v[a] == v[b] && a < b);
+      });
+      order.resize(static_cast<size_t>(k));
+      std::sort(order.begin(), order.end());
+    }
+    for (int64_t e : order) ids.push_back(fe + e);
+    offsets[static_cast<size_t>(t + 1)] = static_cast<int64_t>(ids.size());
+  }
+}
+
+}  // namespace dsv4

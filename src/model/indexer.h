@@ -1,0 +1,53 @@
+// Lightning indexer of DeepSeek-V4's CSA layers (`attn.indexer.*`): picks, per query, the top-k compressed
+// entries the core attention may use.
+//
+// Legend: T tokens, D model dim, Q q_lora_rank, nI index heads, cI index head dim, E compressed entries.
+//   qI  = wq_b(qr) viewed [T, nI, cI]; RoPE on the last rope dims at the query position
+//   KI  = indexer.compressor(x) [E, cI] (ratio 4, overlapping windows)
+//   w   = weights_proj(x) * nI^-0.5                                   [T, nI]
+//   I[t, e] = sum_h w[t, h] * (ReLU(qI[t, h] . KI[e]) * cI^-0.5)       for the entries e visible to t
+//   selection: the min(index_topk, visible) highest scores; ties go to the lower entry id.
+// (HF computes it in this order; the official code folds cI^-0.5 into w: same value up to rounding.)
+// With simulate_release_quant (official release numerics, not in HF): qI and KI are Hadamard-rotated and
+// FP4 fake-quantised (block 32), and I is rounded to BF16 before the top-k.
+// The selection is integer-valued, so no gradient reaches any indexer parameter (nor qr / x through the
+// indexer) from the LM loss; the parameters are marked trainable = false.
+#pragma once
+
+#include <vector>
+
+#include "model/compressor.h"
+
+namespace dsv4 {
+
+// Scores of each query for the entries it may see: query t's scores are values[offsets[t] .. offsets[t+1])
+// and belong to the entries plan.first_entry[t] + 0, 1, ..., plan.n_visible[t] - 1.
+struct IndexScores {
+  std::vector<int64_t> offsets;  // [T + 1]
+  std::vector<float> values;
+};
+
+class Indexer {
+ public:
+  Indexer() = default;
+  // prefix: "layers.{i}.attn.indexer."
+  Indexer(const std::string& prefix, const ModelConfig& cfg, bool simulate_release_quant);
+
+  // x_TD: the attention input; qr_TQ: q_norm(wq_a(x)); pos: the tokens' (document-relative) positions.
+  IndexScores scores(const Tensor& x_TD, const Tensor& qr_TQ, const std::vector<int64_t>& pos,
+                     const CompressPlan& plan, const RopeTable& rope) const;
+  // Top-k per query as CSR lists of global entry ids (ascending within a query).
+  static void select_topk(const IndexScores& s, const CompressPlan& plan, int64_t topk, std::vector<int64_t>& offsets,
+                          std::vector<int64_t>& ids);
+  void visit(const ParamVisitor& f);
+
+  Linear wq_b;          // [nI*cI, Q]
+  Linear weights_proj;  // [nI, D]
+  Compressor compressor;
+
+ private:
+  int64_t n_heads_ = 0, head_dim_ = 0, topk_ = 0;
+  bool simulate_ = false;
+};
+
+}  // namespace dsv4

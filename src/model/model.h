@@ -1,0 +1,155 @@
+// The DeepSeek-V4 model: embedding, four-stream residual expansion, decoder blocks (mHC around hybrid
+// attention and DeepSeekMoE), the stream-collapsing head, final norm and output head, and the depth-1
+// multi-token-prediction block. Explicit forward (recording contexts) and backward (accumulating parameter
+// gradients). CPU FP32 reference.
+//
+// Shapes: T = batch * seq tokens (SeqLayout), n = hc_mult streams, D = dim, V = vocab.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "model/attention.h"
+#include "model/config.h"
+#include "model/embedding.h"
+#include "model/layers.h"
+#include "model/mhc.h"
+#include "model/moe.h"
+
+namespace dsv4 {
+
+struct ModelOptions {
+  AttentionOptions attention;
+};
+
+struct BlockCtx {
+  HcPreCtx attn_pre;
+  RMSNormCtx attn_norm;
+  AttentionCtx attn;
+  HcPostCtx attn_post;
+  HcPreCtx ffn_pre;
+  RMSNormCtx ffn_norm;
+  MoECtx ffn;
+  HcPostCtx ffn_post;
+};
+
+// One decoder layer: X -> hc_attn(attn(attn_norm(.))) -> hc_ffn(ffn(ffn_norm(.))).
+class Block {
+ public:
+  // prefix: "layers.{i}." or "mtp.{j}."; layer: index into cfg.compress_ratios.
+  Block(const std::string& prefix, const ModelConfig& cfg, int64_t layer, bool hash_routed, const ModelOptions& opts);
+
+  Tensor forward(const Tensor& X_TND, const Tensor& ids_T, const SeqLayout& layout, BlockCtx* ctx,
+                 MoEStats* stats) const;
+  Tensor backward(const Tensor& dX_TND, const BlockCtx& ctx, double balance_alpha);
+  void visit(const ParamVisitor& f);
+
+  HyperConnection hc_attn, hc_ffn;
+  RMSNorm attn_norm, ffn_norm;
+  Attention attn;
+  MoE ffn;
+};
+
+struct MtpCtx {
+  Tensor next_ids_T;
+  RMSNormCtx enorm;
+  RMSNormCtx hnorm;
+  LinearCtx e_proj, h_proj;
+  BlockCtx block;
+  HcHeadCtx head;
+  RMSNormCtx norm;
+  LinearCtx out;
+};
+
+// Depth-1 MTP (DeepSeek-V3 form): position t combines the main model's final streams at t with the
+// embedding of token t+1 and predicts token t+2. Shares the embedding and output head with the main model.
+class Mtp {
+ public:
+  Mtp(const std::string& prefix, const ModelConfig& cfg, int64_t layer, const ModelOptions& opts);
+
+  // X_main: final main streams [T, n, D]. Returns logits [T, V].
+  Tensor forward(const Tensor& X_main_TND, const Tensor& ids_T, const SeqLayout& layout, const Embedding& embed,
+                 const Linear& head, MtpCtx* ctx, MoEStats* stats) const;
+  // Returns d(X_main); accumulates into embed/head gradients too.
+  Tensor backward(const Tensor& dlogits_TV, const MtpCtx& ctx, Embedding& embed, Linear& head, double balance_alpha);
+  void visit(const ParamVisitor& f);
+
+  RMSNorm enorm, hnorm;
+  Linear e_proj, h_proj;
+  Block block;
+  HyperHead hc_head;
+  RMSNorm norm;
+};
+
+struct ModelCtx {
+  Tensor ids_T;
+  SeqLayout layout;
+  std::vector<BlockCtx> blocks;
+  Tensor X_final_TND;
+  HcHeadCtx head;
+  RMSNormCtx norm;
+  LinearCtx out;
+  std::vector<MtpCtx> mtp;
+};
+
+struct ModelOutput {
+  Tensor logits_TV;
+  std::vector<Tensor> mtp_logits_TV;  // one per MTP block
+  std::vector<MoEStats> moe_stats;    // main layers, then MTP blocks
+};
+
+// Loss weights of one training step.
+struct LossWeights {
+  double mtp = 0.3;              // weight of each MTP block's cross-entropy
+  double balance_alpha = 1e-4;   // sequence-wise balance loss weight per MoE layer (0 disables)
+};
+
+struct LossResult {
+  double total = 0;    // lm + mtp * sum(mtp_losses) + balance
+  double lm = 0;
+  std::vector<double> mtp;
+  double balance = 0;  // alpha * sum of per-layer balance terms
+  int64_t tokens = 0;  // tokens counted by the LM loss
+  ModelOutput output;
+};
+
+class Model {
+ public:
+  explicit Model(const ModelConfig& cfg, const ModelOptions& opts = {});
+
+  const ModelConfig& config() const { return cfg_; }
+  ModelOutput forward(const Tensor& ids_T, const SeqLayout& layout, ModelCtx* ctx) const;
+  // dmtp_logits may be empty or hold undefined tensors for blocks without a loss.
+  void backward(const Tensor& dlogits_TV, const std::vector<Tensor>& dmtp_logits_TV, const ModelCtx& ctx,
+                double balance_alpha);
+  // Forward + backward of the training loss on labels [T] (next-token targets are labels shifted by one
+  // within each row, as HF does; MTP block j targets labels shifted by j + 2). Gradients accumulate.
+  LossResult forward_backward(const Tensor& ids_T, const Tensor& labels_T, const SeqLayout& layout,
+                              const LossWeights& weights);
+  // Loss only (no gradients).
+  LossResult evaluate(const Tensor& ids_T, const Tensor& labels_T, const SeqLayout& layout,
+                      const LossWeights& weights) const;
+
+  void visit(const ParamVisitor& f);
+  void zero_grad();
+  int64_t num_params() const;
+  // Random initialisation in the style of the HF port (linear/embedding N(0, initializer std), norms 1,
+  // mHC scale 1 and base 0, sinks/ape/bias 0, hash tables a seeded choice of distinct experts per token).
+  void init_random(uint64_t seed, double stddev = 0.02);
+  // Copies every tensor of a native-name state dict into the parameters. Missing, unexpected, or
+  // mis-shaped tensors are reported together in one error naming them (`source` names the file).
+  void load_state(const std::map<std::string, Tensor>& state, const std::string& source);
+
+  Embedding embed;
+  std::vector<std::unique_ptr<Block>> layers;
+  HyperHead hc_head;
+  RMSNorm norm;
+  Linear head;
+  std::vector<std::unique_ptr<Mtp>> mtp;
+
+ private:
+  ModelConfig cfg_;
+};
+
+}  // namespace dsv4

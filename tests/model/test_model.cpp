@@ -1,0 +1,178 @@
+// Whole-model tests that no external oracle covers: MTP and balance-loss gradients by finite differences,
+// packed documents equal separate sequences, state loading errors, determinism.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <set>
+
+#include "fd_check.h"
+#include "model/model.h"
+
+namespace dsv4 {
+namespace {
+
+Tensor random_ids(int64_t n, int64_t vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int64_t> u(0, vocab - 1);
+  std::vector<int64_t> v(static_cast<size_t>(n));
+  for (auto& x : v) x = u(rng);
+  return Tensor::from_vector<int64_t>({n}, v);
+}
+
+Param& find_param(Model& m, const std::string& name) {
+  Param* found = nullptr;
+  m.visit([&](Param& p) {
+    if (p.name == name) found = &p;
+  });
+  EXPECT_NE(found, nullptr) << name;
+  return *found;
+}
+
+class TinyModel : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    cfg = model_preset("tiny");
+    cfg.vocab_size = 64;
+    model = std::make_unique<Model>(cfg);
+    model->init_random(7, 0.2);  // larger than the default init so every path carries signal
+  }
+  ModelConfig cfg;
+  std::unique_ptr<Model> model;
+};
+
+TEST_F(TinyModel, MtpGradientsMatchFiniteDifferences) {
+  const SeqLayout layout(2, 19);
+  const Tensor ids = random_ids(layout.tokens(), cfg.vocab_size, 1);
+  const LossWeights w{/*mtp=*/0.3, /*balance_alpha=*/0.0};
+  model->zero_grad();
+  const LossResult r = model->forward_backward(ids, ids, layout, w);
+  ASSERT_EQ(r.mtp.size(), 1u);
+  EXPECT_GT(r.mtp[0], 0.0);
+  EXPECT_NEAR(r.total, r.lm + 0.3 * r.mtp[0], 1e-9);
+  auto loss = [&] { return model->evaluate(ids, ids, layout, w).total; };
+  for (const char* name : {"mtp.0.e_proj.weight", "mtp.0.h_proj.weight", "mtp.0.enorm.weight", "mtp.0.hnorm.weight",
+                           "mtp.0.norm.weight", "mtp.0.hc_head_fn", "mtp.0.hc_attn_base", "mtp.0.attn.wkv.weight",
+                           "mtp.0.ffn.shared_experts.w2.weight", "embed.weight", "head.weight", "layers.3.attn.wq_a.weight"}) {
+    Param& p = find_param(*model, name);
+    ASSERT_TRUE(p.grad.defined()) << name;
+    const Tensor analytic = p.grad.clone();
+    testing::fd_check_tensor(name, p.value, analytic, loss, 1e-3, 2e-4, 3e-2, 8);
+  }
+}
+
+TEST_F(TinyModel, BalanceLossGradientMatchesFiniteDifferences) {
+  const SeqLayout layout(2, 16);
+  const Tensor ids = random_ids(layout.tokens(), cfg.vocab_size, 2);
+  // The balance loss alone: labels all ignored, so the LM and MTP losses vanish.
+  const Tensor labels = Tensor::from_vector<int64_t>({layout.tokens()},
+                                                     std::vector<int64_t>(static_cast<size_t>(layout.tokens()), -100));
+  const LossWeights w{/*mtp=*/0.0, /*balance_alpha=*/1.0};
+  model->zero_grad();
+  const LossResult r = model->forward_backward(ids, labels, layout, w);
+  EXPECT_EQ(r.lm, 0.0);
+  EXPECT_GT(r.balance, 0.0);
+  auto loss = [&] { return model->evaluate(ids, labels, layout, w).total; };
+  for (const char* name : {"layers.3.ffn.gate.weight", "mtp.0.ffn.gate.weight", "layers.3.ffn_norm.weight",
+                           "layers.2.attn.wo_b.weight"}) {
+    Param& p = find_param(*model, name);
+    ASSERT_TRUE(p.grad.defined()) << name;
+    const Tensor analytic = p.grad.clone();
+    testing::fd_check_tensor(name, p.value, analytic, loss, 1e-3, 1e-5, 3e-2, 8);
+  }
+  // Hash-routed layers have fixed routing: their balance term does not count.
+  double learned = 0;
+  for (size_t i = 0; i < r.output.moe_stats.size(); ++i)
+    if (i >= static_cast<size_t>(cfg.n_layers) || i >= static_cast<size_t>(cfg.n_hash_layers))
+      learned += r.output.moe_stats[i].balance_loss(1.0);
+  EXPECT_NEAR(r.balance, learned, 1e-12);
+}
+
+TEST_F(TinyModel, PackedDocumentsEqualSeparateSequences) {
+  // One row holding documents of 13 and 11 tokens vs. the two documents as separate rows.
+  const int64_t a = 13, b = 11;
+  const Tensor ids = random_ids(a + b, cfg.vocab_size, 3);
+  SeqLayout packed(1, a + b);
+  for (int64_t t = 0; t < a + b; ++t) packed.doc_start.push_back(t < a ? 0 : a);
+  const auto out = model->forward(ids, packed, nullptr);
+  const auto doc_a = model->forward(ids.slice(0, 0, a).contiguous(), SeqLayout(1, a), nullptr);
+  const auto doc_b = model->forward(ids.slice(0, a, a + b).contiguous(), SeqLayout(1, b), nullptr);
+  const auto lp = out.logits_TV.to_floats(), la = doc_a.logits_TV.to_floats(), lb = doc_b.logits_TV.to_floats();
+  const int64_t V = cfg.vocab_size;
+  double err = 0, scale = 1;
+  for (float v : la) scale = std::max(scale, static_cast<double>(std::abs(v)));
+  for (int64_t i = 0; i < a * V; ++i) err = std::max(err, std::abs(static_cast<double>(lp[i]) - la[i]));
+  for (int64_t i = 0; i < b * V; ++i) err = std::max(err, std::abs(static_cast<double>(lp[a * V + i]) - lb[i]));
+  EXPECT_LE(err, 1e-5 * scale) << "logits scale " << scale;  // FP32 rounding of different GEMM shapes
+}
+
+TEST_F(TinyModel, BackwardIsDeterministicAndAccumulates) {
+  {  // Two fresh backward passes give bit-identical gradients.
+    const SeqLayout l(1, 12);
+    const Tensor x = random_ids(l.tokens(), cfg.vocab_size, 5);
+    model->zero_grad();
+    model->forward_backward(x, x, l, LossWeights{});
+    std::vector<std::vector<float>> g;
+    model->visit([&](Param& p) { g.push_back(p.grad.defined() ? p.grad.to_floats() : std::vector<float>{}); });
+    model->zero_grad();
+    model->forward_backward(x, x, l, LossWeights{});
+    size_t i = 0;
+    model->visit([&](Param& p) {
+      const auto& g1 = g[i++];
+      if (!g1.empty()) ASSERT_EQ(p.grad.to_floats(), g1) << p.name;
+    });
+  }
+  const SeqLayout layout(1, 12);
+  const Tensor ids = random_ids(layout.tokens(), cfg.vocab_size, 4);
+  model->zero_grad();
+  model->forward_backward(ids, ids, layout, LossWeights{});
+  std::vector<std::vector<float>> first;
+  model->visit([&](Param& p) { first.push_back(p.grad.defined() ? p.grad.to_floats() : std::vector<float>{}); });
+  model->forward_backward(ids, ids, layout, LossWeights{});
+  size_t i = 0;
+  model->visit([&](Param& p) {
+    const auto& g1 = first[i++];
+    if (g1.empty()) return;
+    const auto g2 = p.grad.to_floats();
+    // The second pass accumulates into the first (BLAS beta = 1 sums in another order): equal to FP32 rounding.
+    double num = 0, den = 0;
+    for (size_t k = 0; k < g1.size(); ++k) {
+      num += (g2[k] - 2.0 * g1[k]) * (g2[k] - 2.0 * g1[k]);
+      den += 4.0 * g1[k] * g1[k];
+    }
+    EXPECT_LE(std::sqrt(num), 1e-5 * std::sqrt(den) + 1e-12) << p.name;
+  });
+}
+
+TEST_F(TinyModel, LoadStateNamesMissingUnexpectedAndMisshapedTensors) {
+  std::map<std::string, Tensor> state;
+  model->visit([&](Param& p) { state[p.name] = p.value.clone(); });
+  EXPECT_NO_THROW(model->load_state(state, "ok.safetensors"));
+  state.erase("layers.1.attn.wq_a.weight");
+  state["layers.9.attn.bogus"] = Tensor::zeros({1}, DType::F32);
+  state["norm.weight"] = Tensor::zeros({3}, DType::F32);
+  try {
+    model->load_state(state, "bad.safetensors");
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("bad.safetensors"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("missing [layers.1.attn.wq_a.weight]"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("unexpected [layers.9.attn.bogus]"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("norm.weight (expected F32[64], got F32[3] cpu)"), std::string::npos) << msg;
+  }
+}
+
+TEST_F(TinyModel, ParameterNamesFollowTheRelease) {
+  std::set<std::string> names;
+  model->visit([&](Param& p) { EXPECT_TRUE(names.insert(p.name).second) << "duplicate " << p.name; });
+  for (const char* n : {"embed.weight", "head.weight", "norm.weight", "hc_head_fn", "layers.0.hc_attn_fn",
+                        "layers.0.ffn.gate.tid2eid", "layers.3.ffn.gate.bias", "layers.1.attn.indexer.wq_b.weight",
+                        "layers.2.attn.compressor.ape", "mtp.0.e_proj.weight", "mtp.0.hc_head_scale",
+                        "mtp.0.ffn.experts.7.w2.weight"})
+    EXPECT_TRUE(names.count(n)) << n;
+  EXPECT_FALSE(names.count("layers.0.attn.compressor.ape"));  // sliding-window layer
+  EXPECT_GT(model->num_params(), 0);
+}
+
+}  // namespace
+}  // namespace dsv4
