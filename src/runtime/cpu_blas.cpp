@@ -41,4 +41,9 @@ void cpu_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, doubl
   gemm_impl<double>(cblas_dgemm, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+void set_cpu_threads(int n) {
+  if (n > 0) openblas_set_num_threads(n);
+}
+int cpu_threads() { return openblas_get_num_threads(); }
+
 }  // namespace dsv4

@@ -13,4 +13,8 @@ void cpu_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float
 void cpu_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
               const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
 
+// Threads OpenBLAS uses for CPU GEMMs (n <= 0: leave the library default, e.g. OPENBLAS_NUM_THREADS).
+void set_cpu_threads(int n);
+int cpu_threads();
+
 }  // namespace dsv4
