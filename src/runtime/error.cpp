@@ -8,7 +8,7 @@ void throw_error(const char* file, int line, const char* expr, const std::string
   std::string what = fmt::format("{}:{}: ", file, line);
   if (expr) what += fmt::format("check `{}` failed", expr);
   if (!message.empty()) what += (expr ? ": " : "") + message;
-  throw Error(what);
+  throw Error(what, message.empty() ? what : message);
 }
 
 void throw_mpi_error(const char* file, int line, const char* expr, int code) {

@@ -13,9 +13,16 @@
 
 namespace dsv4 {
 
+// what() is "file:line: check `expr` failed: message" (for developers and logs); message() is the message
+// alone, the one line a command-line tool shows its user.
 class Error : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  explicit Error(const std::string& what) : std::runtime_error(what), message_(what) {}
+  Error(const std::string& what, std::string message) : std::runtime_error(what), message_(std::move(message)) {}
+  const std::string& message() const { return message_; }
+
+ private:
+  std::string message_;
 };
 
 [[noreturn]] void throw_error(const char* file, int line, const char* expr, const std::string& message);

@@ -167,3 +167,17 @@ TEST(DType, NamesRoundTrip) {
 
 }  // namespace
 }  // namespace dsv4
+
+namespace dsv4 {
+namespace {
+TEST(Error, MessageAloneForUsers) {
+  try {
+    DSV4_CHECK(1 == 2, "config.yaml: 'optim.lr' must be a number");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.message(), "config.yaml: 'optim.lr' must be a number");
+    EXPECT_NE(std::string(e.what()).find("1 == 2"), std::string::npos);
+  }
+}
+}  // namespace
+}  // namespace dsv4
