@@ -1,0 +1,224 @@
+#include "optim/optimizer.h"
+
+#include <cstring>
+#include <set>
+
+#include "runtime/error.h"
+
+namespace dsv4 {
+
+namespace {
+
+constexpr const char* kStepsKey = "optimizer/steps";
+
+void check_f32_cpu(const Tensor& t, const std::string& what) {
+  DSV4_CHECK(t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous(),
+             "optimizer: {} is {} (needs a contiguous CPU F32 tensor)", what, t.str());
+}
+
+Tensor i64_scalar(int64_t v) { return Tensor::from_vector<int64_t>({1}, {v}); }
+
+std::string join(const std::vector<std::string>& v, size_t max_items = 20) {
+  std::string s;
+  for (size_t i = 0; i < v.size() && i < max_items; ++i) s += (i ? ", " : "") + v[i];
+  if (v.size() > max_items) s += fmt::format(", ... ({} more)", v.size() - max_items);
+  return s;
+}
+
+}  // namespace
+
+OptimizerConfig OptimizerConfig::for_model(const ModelConfig& cfg, OptimizerMode mode) {
+  OptimizerConfig c;
+  c.groups = GroupTable::deepseek_v4(cfg.o_groups);
+  c.groups.mode = mode;
+  return c;
+}
+
+void OptimizerConfig::validate() const {
+  muon.validate();
+  adamw.validate();
+  for (const GroupRule& r : groups.rules) {
+    DSV4_CHECK(!r.pattern.empty(), "optimizer group rule with an empty pattern");
+    DSV4_CHECK(r.row_blocks >= 1 && (r.group == OptGroup::Muon || r.row_blocks == 1),
+               "optimizer group rule '{}': row blocks apply to muon only and must be >= 1", format_group_rule(r));
+  }
+}
+
+std::vector<Param*> model_params(Model& model) {
+  std::vector<Param*> out;
+  model.visit([&](Param& p) { out.push_back(&p); });
+  return out;
+}
+
+Optimizer::Optimizer(std::vector<Param*> params, OptimizerConfig cfg) : cfg_(std::move(cfg)) {
+  cfg_.validate();
+  slots_.reserve(params.size());
+  for (Param* p : params) {
+    DSV4_CHECK(p != nullptr, "optimizer: null parameter");
+    DSV4_CHECK(index_.emplace(p->name, slots_.size()).second, "optimizer: parameter {} given twice", p->name);
+    Slot s;
+    s.p = p;
+    s.group = group_of(*p, cfg_.groups);
+    if (s.group != OptGroup::None) {
+      check_f32_cpu(p->value, p->name);
+      if (s.group == OptGroup::Muon) {
+        s.row_blocks = muon_row_blocks(p->name, cfg_.groups);
+        s.momentum = Tensor::zeros(p->value.shape(), DType::F32);
+      } else {
+        s.exp_avg = Tensor::zeros(p->value.shape(), DType::F32);
+        s.exp_avg_sq = Tensor::zeros(p->value.shape(), DType::F32);
+      }
+    }
+    slots_.push_back(std::move(s));
+  }
+}
+
+OptimizerStepStats Optimizer::step(double lr) {
+  DSV4_CHECK(std::isfinite(lr) && lr >= 0, "optimizer: learning rate {} must be finite and >= 0", lr);
+  OptimizerStepStats st;
+  for (Slot& s : slots_) {
+    if (s.group == OptGroup::None) continue;
+    Param& p = *s.p;
+    if (!p.grad.defined()) {
+      ++st.skipped;
+      continue;
+    }
+    check_f32_cpu(p.value, p.name);
+    check_f32_cpu(p.grad, p.name + " gradient");
+    DSV4_CHECK(p.grad.shape() == p.value.shape(), "optimizer: {} gradient {} does not match the value {}", p.name,
+               p.grad.shape().str(), p.value.shape().str());
+    ++s.step;
+    if (s.group == OptGroup::Muon) {
+      muon_update(p.value.data<float>(), p.grad.data<float>(), s.momentum.data<float>(), p.value.size(0),
+                  p.value.size(1), s.row_blocks, lr, cfg_.muon);
+      ++st.muon;
+    } else {
+      adamw_update(p.value.data<float>(), p.grad.data<float>(), s.exp_avg.data<float>(), s.exp_avg_sq.data<float>(),
+                   p.value.numel(), s.step, lr, cfg_.adamw);
+      ++st.adamw;
+    }
+  }
+  ++steps_;
+  return st;
+}
+
+const Optimizer::Slot& Optimizer::slot(const std::string& name) const {
+  const auto it = index_.find(name);
+  DSV4_CHECK(it != index_.end(), "optimizer: no parameter named {}", name);
+  return slots_[it->second];
+}
+
+OptGroup Optimizer::group(const std::string& name) const { return slot(name).group; }
+int64_t Optimizer::param_step(const std::string& name) const { return slot(name).step; }
+int64_t Optimizer::row_blocks(const std::string& name) const {
+  const Slot& s = slot(name);
+  return s.group == OptGroup::Muon ? s.row_blocks : 0;
+}
+
+int64_t Optimizer::count(OptGroup g) const {
+  int64_t n = 0;
+  for (const Slot& s : slots_) n += s.group == g;
+  return n;
+}
+
+std::vector<std::pair<std::string, OptGroup>> Optimizer::assignment() const {
+  std::vector<std::pair<std::string, OptGroup>> out;
+  out.reserve(slots_.size());
+  for (const Slot& s : slots_) out.emplace_back(s.p->name, s.group);
+  return out;
+}
+
+std::map<std::string, Tensor> Optimizer::state_dict() const {
+  std::map<std::string, Tensor> out;
+  for (const Slot& s : slots_) {
+    const std::string& n = s.p->name;
+    if (s.group == OptGroup::Muon) {
+      out[n + "/momentum"] = s.momentum.clone();
+    } else if (s.group == OptGroup::AdamW) {
+      out[n + "/exp_avg"] = s.exp_avg.clone();
+      out[n + "/exp_avg_sq"] = s.exp_avg_sq.clone();
+    } else {
+      continue;
+    }
+    out[n + "/step"] = i64_scalar(s.step);
+  }
+  out[kStepsKey] = i64_scalar(steps_);
+  return out;
+}
+
+void Optimizer::load_state_dict(const std::map<std::string, Tensor>& state, const std::string& source) {
+  std::vector<std::string> missing, unexpected, wrong_group, bad;
+  std::set<std::string> expected;
+  auto expect = [&](const std::string& key, const Shape& shape, DType dtype) {
+    expected.insert(key);
+    const auto it = state.find(key);
+    if (it == state.end()) {
+      missing.push_back(key);
+      return;
+    }
+    const Tensor& t = it->second;
+    if (!t.defined()) {
+      bad.push_back(key + " (undefined tensor)");
+    } else if (t.dtype() != dtype || !(t.shape() == shape)) {
+      bad.push_back(fmt::format("{} ({}{} expected {}{})", key, dtype_name(t.dtype()), t.shape().str(),
+                                dtype_name(dtype), shape.str()));
+    } else if (dtype == DType::I64 && t.to(Device::cpu()).data<int64_t>()[0] < 0) {
+      bad.push_back(key + " (negative step count)");
+    }
+  };
+  for (const Slot& s : slots_) {
+    const std::string& n = s.p->name;
+    if (s.group == OptGroup::Muon) {
+      expect(n + "/momentum", s.p->value.shape(), DType::F32);
+    } else if (s.group == OptGroup::AdamW) {
+      expect(n + "/exp_avg", s.p->value.shape(), DType::F32);
+      expect(n + "/exp_avg_sq", s.p->value.shape(), DType::F32);
+    } else {
+      continue;
+    }
+    expect(n + "/step", Shape{1}, DType::I64);
+  }
+  expect(kStepsKey, Shape{1}, DType::I64);
+  for (const auto& [key, t] : state) {
+    if (expected.count(key)) continue;
+    const size_t slash = key.rfind('/');
+    const std::string pname = slash == std::string::npos ? key : key.substr(0, slash);
+    const std::string field = slash == std::string::npos ? "" : key.substr(slash + 1);
+    const auto it = index_.find(pname);
+    if (it != index_.end() && (field == "momentum" || field == "exp_avg" || field == "exp_avg_sq" || field == "step")) {
+      const OptGroup here = slots_[it->second].group;
+      const char* there = field == "momentum" ? "muon" : field == "step" ? "another group" : "adamw";
+      wrong_group.push_back(fmt::format("{} ({} state, but the parameter is in group {} here)", key, there,
+                                        group_name(here)));
+    } else {
+      unexpected.push_back(key);
+    }
+  }
+  if (!missing.empty() || !unexpected.empty() || !wrong_group.empty() || !bad.empty()) {
+    std::string msg =
+        fmt::format("{}: optimizer state does not match this optimizer ({} parameters: {} muon, {} adamw)", source,
+                    slots_.size(), count(OptGroup::Muon), count(OptGroup::AdamW));
+    if (!missing.empty()) msg += fmt::format("; {} missing: {}", missing.size(), join(missing));
+    if (!wrong_group.empty()) msg += fmt::format("; {} of another group: {}", wrong_group.size(), join(wrong_group));
+    if (!unexpected.empty()) msg += fmt::format("; {} unexpected: {}", unexpected.size(), join(unexpected));
+    if (!bad.empty()) msg += fmt::format("; {} mis-shaped: {}", bad.size(), join(bad));
+    DSV4_FAIL("{}", msg);
+  }
+  auto load_i64 = [&](const std::string& key) {
+    return state.at(key).to(Device::cpu()).contiguous().data<int64_t>()[0];
+  };
+  for (Slot& s : slots_) {
+    const std::string& n = s.p->name;
+    if (s.group == OptGroup::None) continue;
+    if (s.group == OptGroup::Muon) {
+      s.momentum.copy_from(state.at(n + "/momentum"));
+    } else {
+      s.exp_avg.copy_from(state.at(n + "/exp_avg"));
+      s.exp_avg_sq.copy_from(state.at(n + "/exp_avg_sq"));
+    }
+    s.step = load_i64(n + "/step");
+  }
+  steps_ = load_i64(kStepsKey);
+}
+
+}  // namespace dsv4

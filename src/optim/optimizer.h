@@ -1,0 +1,89 @@
+// Optimizer: Muon for matrices and AdamW for the rest (or AdamW everywhere), over named parameters, with a
+// serialisable state. Groups come from a GroupTable (groups.h); the update rules are in update_rules.h.
+//
+// Every parameter in the Muon or AdamW group gets its state at construction (zeros, step 0): Muon a momentum
+// buffer, AdamW exp_avg and exp_avg_sq, both a per-parameter step count. step(lr) updates each such parameter
+// that has a gradient (grad defined); one without a gradient is left alone and its step count does not move
+// (torch's behaviour for p.grad is None). Parameters and gradients must be contiguous CPU F32; the parameters
+// must outlive the optimizer (it keeps pointers, e.g. into a Model).
+//
+// State dict (a map that checkpoints write as safetensors), keys:
+//   "{param}/momentum"    F32, param shape   (Muon)
+//   "{param}/exp_avg"     F32, param shape   (AdamW)
+//   "{param}/exp_avg_sq"  F32, param shape   (AdamW)
+//   "{param}/step"        I64 [1]            (both)
+//   "optimizer/steps"     I64 [1]            number of step() calls
+// load_state_dict() validates everything first (missing, unexpected, mis-shaped, wrong-dtype entries, and state of
+// the other group), reports all problems in one error naming the source, and only then copies: save -> load
+// restores the state bit for bit.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "model/model.h"
+#include "optim/groups.h"
+#include "optim/update_rules.h"
+
+namespace dsv4 {
+
+struct OptimizerConfig {
+  GroupTable groups = GroupTable::deepseek_v4();
+  MuonConfig muon;
+  AdamWConfig adamw;
+
+  // DeepSeek-V4 defaults for a model: attention wo_a split into its o_groups independent Muon matrices.
+  static OptimizerConfig for_model(const ModelConfig& cfg, OptimizerMode mode = OptimizerMode::MuonAdamW);
+  void validate() const;
+};
+
+// Every parameter of a model, in visit order.
+std::vector<Param*> model_params(Model& model);
+
+struct OptimizerStepStats {
+  int64_t muon = 0;     // parameters updated by Muon
+  int64_t adamw = 0;    // parameters updated by AdamW
+  int64_t skipped = 0;  // parameters in a group but without a gradient
+};
+
+class Optimizer {
+ public:
+  Optimizer(std::vector<Param*> params, OptimizerConfig cfg);
+  Optimizer(Model& model, OptimizerConfig cfg) : Optimizer(model_params(model), std::move(cfg)) {}
+
+  // One update of every grouped parameter that has a gradient, with learning rate lr (same for both groups).
+  OptimizerStepStats step(double lr);
+
+  const OptimizerConfig& config() const { return cfg_; }
+  int64_t steps() const { return steps_; }
+  // Group of a parameter by name (throws for an unknown name).
+  OptGroup group(const std::string& name) const;
+  int64_t param_step(const std::string& name) const;
+  // Independent row blocks Muon uses for a parameter (1 unless a rule splits it; 0 for non-Muon parameters).
+  int64_t row_blocks(const std::string& name) const;
+  int64_t count(OptGroup g) const;
+  // (name, group) of every parameter given, in order.
+  std::vector<std::pair<std::string, OptGroup>> assignment() const;
+
+  std::map<std::string, Tensor> state_dict() const;  // deep copies
+  void load_state_dict(const std::map<std::string, Tensor>& state, const std::string& source = "optimizer state");
+
+ private:
+  struct Slot {
+    Param* p = nullptr;
+    OptGroup group = OptGroup::None;
+    int64_t row_blocks = 1;
+    Tensor momentum;             // Muon
+    Tensor exp_avg, exp_avg_sq;  // AdamW
+    int64_t step = 0;
+  };
+  const Slot& slot(const std::string& name) const;
+
+  OptimizerConfig cfg_;
+  std::vector<Slot> slots_;
+  std::map<std::string, size_t> index_;
+  int64_t steps_ = 0;
+};
+
+}  // namespace dsv4
