@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""CPU side-by-side reference for dsv4-bench (shared/design/BENCHMARKS.md "Side by side, CPU"): the same preset in
+Hugging Face transformers DeepseekV4 (FP32, eager), same batch and sequence, forward and forward+backward, median of
+N steps after a warm-up. Prints one line per measurement in the format of `dsv4-bench model`.
+
+  tests/ref/.venv/bin/python tests/ref/bench/hf_cpu_bench.py --preset tiny --batch 2 --seq 128 --threads 1
+  build/bin/dsv4-bench model --preset tiny --batch 2 --seq 128 --threads 1
+
+Presets mirror src/model/config.cpp (model_preset); MTP is not built by transformers, so compare with dsv4's
+forward+backward knowing dsv4 also runs its MTP block (see the FLOP line dsv4-bench prints).
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+CSA, HCA, SWA = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
+
+
+def preset(name):
+    if name == "tiny":
+        return dict(vocab_size=2048, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=32,
+                    qk_rope_head_dim=8, partial_rotary_factor=8 / 32, q_lora_rank=32, o_groups=2, o_lora_rank=16,
+                    sliding_window=8, layer_types=[SWA, CSA, HCA, CSA],
+                    compress_rates={CSA: 4, HCA: 8}, n_routed_experts=8, num_experts_per_tok=2,
+                    moe_intermediate_size=32, index_n_heads=2, index_head_dim=16, index_topk=2,
+                    mlp_layer_types=["hash_moe"] * 3 + ["moe"],
+                    rope_parameters={"main": {"rope_type": "default", "rope_theta": 10000.0},
+                                     "compress": {"rope_type": "yarn", "rope_theta": 160000.0, "factor": 4.0,
+                                                  "original_max_position_embeddings": 64, "beta_fast": 32.0,
+                                                  "beta_slow": 1.0, "attention_factor": 1.0}})
+    if name == "small":
+        layers = [SWA, SWA, CSA, HCA, CSA, HCA]
+        return dict(vocab_size=129280, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, head_dim=512,
+                    qk_rope_head_dim=64, partial_rotary_factor=64 / 512, q_lora_rank=128, o_groups=2, o_lora_rank=64,
+                    sliding_window=128, layer_types=layers, compress_rates={CSA: 4, HCA: 128}, n_routed_experts=16,
+                    num_experts_per_tok=6, moe_intermediate_size=128, index_n_heads=4, index_head_dim=64,
+                    index_topk=16, mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 3,
+                    rope_parameters={"main": {"rope_type": "default", "rope_theta": 10000.0},
+                                     "compress": {"rope_type": "yarn", "rope_theta": 160000.0, "factor": 16.0,
+                                                  "original_max_position_embeddings": 65536, "beta_fast": 32.0,
+                                                  "beta_slow": 1.0, "attention_factor": 1.0}})
+    raise SystemExit(f"unknown preset {name}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args()
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = DeepseekV4Config(**preset(a.preset), num_nextn_predict_layers=0)
+    cfg._attn_implementation = "eager"
+    model = DeepseekV4ForCausalLM(cfg).float().train()
+    ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq))
+    fwd, step = [], []
+    for i in range(a.warmup + a.steps):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids, labels=ids, use_cache=False)
+        f = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        fb = time.perf_counter() - t0
+        if i >= a.warmup:
+            fwd.append(f)
+            step.append(fb)
+    tokens = a.batch * a.seq
+    f, s = statistics.median(fwd), statistics.median(step)
+    print(f"hf-transformers preset={a.preset} batch={a.batch} seq={a.seq} steps={a.steps} (median) "
+          f"threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"  forward          {f * 1e3:9.3f} ms/step {f / tokens * 1e6:9.2f} us/token {tokens / f:10.1f} tokens/s")
+    print(f"  forward+backward {s * 1e3:9.3f} ms/step {s / tokens * 1e6:9.2f} us/token {tokens / s:10.1f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()
