@@ -273,7 +273,11 @@ ModelConfig model_config_from_json_text(const std::string& text, const std::stri
   r.integer({"bos_token_id"}, c.bos_token_id);
   r.integer({"eos_token_id"}, c.eos_token_id);
   r.boolean({"tie_word_embeddings"}, c.tie_word_embeddings);
-  r.string({"dtype"}, c.weight_dtype);
+  // "dtype" is the release's weight format (fp8 / bf16) in native configs but the torch dtype in transformers
+  // configs (float32, bfloat16, ...), which says nothing about the checkpoint format: keep the default then.
+  std::string dtype = c.weight_dtype;
+  r.string({"dtype"}, dtype);
+  if (dtype != "float32" && dtype != "bfloat16" && dtype != "float16" && dtype != "float") c.weight_dtype = dtype;
   r.string({"expert_dtype"}, c.expert_dtype);
   r.string({"scale_fmt"}, c.scale_fmt);
   std::string score = "sqrtsoftplus";

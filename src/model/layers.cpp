@@ -39,21 +39,54 @@ Tensor RMSNorm::backward(const Tensor& dy_TD, const RMSNormCtx& ctx) {
   return dx;
 }
 
-Linear::Linear(std::string name, int64_t in_features, int64_t out_features)
-    : weight(std::move(name), Shape{out_features, in_features}) {}
+namespace {
+thread_local bool g_defer_weights = false;
+}
+
+DeferredWeightStorage::DeferredWeightStorage() : previous_(g_defer_weights) { g_defer_weights = true; }
+DeferredWeightStorage::~DeferredWeightStorage() { g_defer_weights = previous_; }
+bool DeferredWeightStorage::active() { return g_defer_weights; }
+
+Linear::Linear(std::string name, int64_t in_features, int64_t out_features) : in_(in_features), out_(out_features) {
+  if (DeferredWeightStorage::active())
+    weight.name = std::move(name);
+  else
+    weight = Param(std::move(name), Shape{out_features, in_features});
+}
+
+void Linear::set_frozen(QuantizedWeight w) {
+  w.validate(weight.name);
+  DSV4_CHECK(w.rows() == out_ && w.cols() == in_, "Linear {}: frozen weight {} does not match [{}, {}]", weight.name,
+             w.str(), out_, in_);
+  frozen = std::move(w);
+  weight.value = Tensor();
+  weight.grad = Tensor();
+  weight.trainable = false;
+}
+
+void Linear::unfreeze() {
+  if (!frozen.defined()) return;
+  weight.value = frozen.dequantize();
+  weight.grad = Tensor();
+  weight.trainable = true;
+  frozen = QuantizedWeight();
+}
 
 Tensor Linear::forward(const Tensor& x_TI, LinearCtx* ctx) const {
-  DSV4_CHECK(x_TI.ndim() == 2 && x_TI.size(1) == in_features(), "Linear {}: input {} does not match weight {}",
-             weight.name, x_TI.str(), weight.value.str());
-  Tensor y = ops::matmul(x_TI, weight.value, false, true);
+  DSV4_CHECK(x_TI.ndim() == 2 && x_TI.size(1) == in_features(), "Linear {}: input {} does not match weight [{}, {}]",
+             weight.name, x_TI.str(), out_features(), in_features());
+  DSV4_CHECK(frozen.defined() || weight.value.defined(),
+             "Linear {}: the weight has no storage (built under DeferredWeightStorage and never loaded)", weight.name);
+  Tensor y = frozen.defined() ? qmatmul_xwT(x_TI, frozen) : ops::matmul(x_TI, weight.value, false, true);
   if (ctx) ctx->x = x_TI;
   return y;
 }
 
 Tensor Linear::backward(const Tensor& dy_TO, const LinearCtx& ctx) {
   DSV4_CHECK(dy_TO.ndim() == 2 && dy_TO.size(1) == out_features() && ctx.x.defined() && ctx.x.size(0) == dy_TO.size(0),
-             "Linear {}: backward dy {} does not match weight {} / saved input {}", weight.name, dy_TO.str(),
-             weight.value.str(), ctx.x.str());
+             "Linear {}: backward dy {} does not match weight [{}, {}] / saved input {}", weight.name, dy_TO.str(),
+             out_features(), in_features(), ctx.x.str());
+  if (frozen.defined()) return qmatmul_dyW(dy_TO, frozen);
   if (weight.trainable) ops::gemm(dy_TO, true, ctx.x, false, 1.0f, 1.0f, weight.grad_buffer());
   return ops::matmul(dy_TO, weight.value);
 }

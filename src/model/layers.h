@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "model/param.h"
+#include "model/quant.h"
 
 namespace dsv4 {
 
@@ -74,24 +75,60 @@ class RMSNorm {
   bool weighted_ = true;
 };
 
+// While an instance is alive (on this thread), Linear and MoE expert weights are constructed without storage: their
+// Param::value stays undefined until a loader fills it (load_model in checkpoint_io.h does this, so that a model
+// loaded with frozen quantized weights is never first allocated in F32). Everything else is allocated as usual.
+// Such a model must be filled before use.
+class DeferredWeightStorage {
+ public:
+  DeferredWeightStorage();
+  ~DeferredWeightStorage();
+  DeferredWeightStorage(const DeferredWeightStorage&) = delete;
+  DeferredWeightStorage& operator=(const DeferredWeightStorage&) = delete;
+  static bool active();
+
+ private:
+  bool previous_ = false;
+};
+
 struct LinearCtx {
   Tensor x;  // [T, in]
 };
 
 // y = x W^T with W [out, in] (the checkpoint layout).
+//
+// W is either the F32 Param `weight` (trainable unless weight.trainable is cleared) or, after set_frozen(), a
+// frozen QuantizedWeight kept in its storage precision (FP8 + 128x128 scales, packed FP4 + 1x32 scales, BF16 or
+// F32). A frozen Linear multiplies with dequantise-on-the-fly tiles (qgemm_*, CPU, FP32 accumulation), never
+// holds an F32 copy of W, has no weight gradient (backward returns dx = dy W only), and is skipped by visit():
+// it has no Param (`weight` keeps only its name). With a frozen weight that dequantises to the values of an F32
+// weight the outputs agree to FP32 rounding (bit-identical for F32 storage, which is used in place).
 class Linear {
  public:
   Linear() = default;
   Linear(std::string name, int64_t in_features, int64_t out_features);
 
   Tensor forward(const Tensor& x_TI, LinearCtx* ctx) const;
-  // Returns dx [T, in]; accumulates dW += dy^T x.
+  // Returns dx [T, in]; accumulates dW += dy^T x (trainable F32 weight only).
   Tensor backward(const Tensor& dy_TO, const LinearCtx& ctx);
-  void visit(const ParamVisitor& f) { f(weight); }
-  int64_t in_features() const { return weight.value.size(1); }
-  int64_t out_features() const { return weight.value.size(0); }
+  void visit(const ParamVisitor& f) {
+    if (!frozen.defined()) f(weight);
+  }
+  int64_t in_features() const { return in_; }
+  int64_t out_features() const { return out_; }
 
-  Param weight;  // [out, in]
+  // Replaces the F32 parameter by a frozen weight [out, in] (validated; the Param's value and gradient are
+  // released, trainable = false). Throws naming the weight when the shape does not match.
+  void set_frozen(QuantizedWeight w);
+  // Back to an F32 parameter holding the dequantised frozen values (trainable = true).
+  void unfreeze();
+  bool is_frozen() const { return frozen.defined(); }
+
+  Param weight;            // [out, in] F32 (undefined value while frozen)
+  QuantizedWeight frozen;  // defined while frozen
+
+ private:
+  int64_t in_ = 0, out_ = 0;
 };
 
 }  // namespace dsv4

@@ -15,6 +15,7 @@
 //  * Shared expert clamp: present in the newest HF and in the later official code (§2.9 item 1); we clamp it.
 #include "model/moe.h"
 
+#include "model/layers.h"
 #include "runtime/cpu_blas.h"
 
 namespace dsv4 {
@@ -48,44 +49,105 @@ void scatter_add_rows(const float* src, int64_t D, const int64_t* rows, int64_t 
 
 ExpertWeights make_expert(const std::string& base, int64_t D, int64_t I) {
   ExpertWeights w;
+  if (DeferredWeightStorage::active()) {  // names only: a loader fills them (layers.h)
+    w.w1.name = base + "w1.weight";
+    w.w2.name = base + "w2.weight";
+    w.w3.name = base + "w3.weight";
+    return w;
+  }
   w.w1 = Param(base + "w1.weight", Shape{I, D});
   w.w2 = Param(base + "w2.weight", Shape{D, I});
   w.w3 = Param(base + "w3.weight", Shape{I, D});
   return w;
 }
 
+// One expert matrix: the frozen weight when there is one, else the F32 parameter.
+void check_expert_weight(const ExpertWeights& ew, int k, const Shape& shape) {
+  const QuantizedWeight& q = ew.frozen(k);
+  if (q.defined()) {
+    DSV4_CHECK(q.shape() == shape, "MoE: frozen weight {} must be {}, got {}", ew.param(k).name, shape.str(), q.str());
+    return;
+  }
+  check_weight(ew.param(k), shape);
+}
+
+// Y [n, out] = X [n, in] W_k^T + beta Y
+void expert_xwT(const ExpertWeights& ew, int k, int64_t n, const float* X, int64_t ldx, float beta, float* Y,
+                int64_t ldy) {
+  const QuantizedWeight& q = ew.frozen(k);
+  if (q.defined()) {
+    qgemm_xwT(q, n, X, ldx, beta, Y, ldy);
+    return;
+  }
+  const Tensor& w = ew.param(k).value;
+  cpu_gemm(false, true, n, w.size(0), w.size(1), 1.0f, X, ldx, w.data<float>(), w.size(1), beta, Y, ldy);
+}
+
+// dX [n, in] = dY [n, out] W_k + beta dX
+void expert_dyW(const ExpertWeights& ew, int k, int64_t n, const float* dY, int64_t lddy, float beta, float* dX,
+                int64_t lddx) {
+  const QuantizedWeight& q = ew.frozen(k);
+  if (q.defined()) {
+    qgemm_dyW(q, n, dY, lddy, beta, dX, lddx);
+    return;
+  }
+  const Tensor& w = ew.param(k).value;
+  cpu_gemm(false, false, n, w.size(1), w.size(0), 1.0f, dY, lddy, w.data<float>(), w.size(1), beta, dX, lddx);
+}
+
 // Forward of one clamped SwiGLU expert on n gathered rows X [n, D]. Writes G, U [n, I] (pre-clamp), H [n, I]
 // (weighted activations) and Y [n, D].
 void expert_forward(const ExpertWeights& ew, const float* X, const float* w, int64_t n, int64_t D, int64_t I,
                     double limit, float* G, float* U, float* H, float* Y) {
-  cpu_gemm(false, true, n, I, D, 1.0f, X, D, ew.w1.value.data<float>(), D, 0.0f, G, I);
-  cpu_gemm(false, true, n, I, D, 1.0f, X, D, ew.w3.value.data<float>(), D, 0.0f, U, I);
+  expert_xwT(ew, 1, n, X, D, 0.0f, G, I);
+  expert_xwT(ew, 3, n, X, D, 0.0f, U, I);
   swiglu_clamp_rows<float>(G, U, w, H, n, I, limit);
-  cpu_gemm(false, true, n, D, I, 1.0f, H, I, ew.w2.value.data<float>(), I, 0.0f, Y, D);
+  expert_xwT(ew, 2, n, H, I, 0.0f, Y, D);
 }
 
-// Backward of one expert: dY [n, D] -> dX [n, D] (written), dw [n] (written when w), weight grads accumulated.
-// Scratch: H, dH, dG, dU [n, I].
+// Backward of one expert: dY [n, D] -> dX [n, D] (written), dw [n] (written when w), weight grads accumulated
+// (trainable F32 weights only). Scratch: H, dH, dG, dU [n, I].
 void expert_backward(ExpertWeights& ew, const float* X, const float* G, const float* U, const float* w, const float* dY,
                      int64_t n, int64_t D, int64_t I, double limit, float* H, float* dH, float* dG, float* dU,
                      float* dw, float* dX) {
-  const float* W1 = ew.w1.value.data<float>();
-  const float* W2 = ew.w2.value.data<float>();
-  const float* W3 = ew.w3.value.data<float>();
+  const bool train1 = !ew.w1_frozen.defined() && ew.w1.trainable;
+  const bool train2 = !ew.w2_frozen.defined() && ew.w2.trainable;
+  const bool train3 = !ew.w3_frozen.defined() && ew.w3.trainable;
   // dH = dY W2 (gradient of the weighted activations w * silu(gc) * uc)
-  cpu_gemm(false, false, n, I, D, 1.0f, dY, D, W2, I, 0.0f, dH, I);
-  if (ew.w2.trainable) {
+  expert_dyW(ew, 2, n, dY, D, 0.0f, dH, I);
+  if (train2) {
     swiglu_clamp_rows<float>(G, U, w, H, n, I, limit);
     cpu_gemm(true, false, D, I, n, 1.0f, dY, D, H, I, 1.0f, ew.w2.grad_buffer().data<float>(), I);
   }
   swiglu_clamp_backward_rows<float>(G, U, w, dH, dG, dU, dw, n, I, limit);
-  if (ew.w1.trainable) cpu_gemm(true, false, I, D, n, 1.0f, dG, I, X, D, 1.0f, ew.w1.grad_buffer().data<float>(), D);
-  if (ew.w3.trainable) cpu_gemm(true, false, I, D, n, 1.0f, dU, I, X, D, 1.0f, ew.w3.grad_buffer().data<float>(), D);
-  cpu_gemm(false, false, n, D, I, 1.0f, dG, I, W1, D, 0.0f, dX, D);
-  cpu_gemm(false, false, n, D, I, 1.0f, dU, I, W3, D, 1.0f, dX, D);
+  if (train1) cpu_gemm(true, false, I, D, n, 1.0f, dG, I, X, D, 1.0f, ew.w1.grad_buffer().data<float>(), D);
+  if (train3) cpu_gemm(true, false, I, D, n, 1.0f, dU, I, X, D, 1.0f, ew.w3.grad_buffer().data<float>(), D);
+  expert_dyW(ew, 1, n, dG, I, 0.0f, dX, D);
+  expert_dyW(ew, 3, n, dU, I, 1.0f, dX, D);
 }
 
 }  // namespace
+
+void ExpertWeights::set_frozen(int k, QuantizedWeight w, const Shape& expected) {
+  DSV4_CHECK(k >= 1 && k <= 3, "ExpertWeights::set_frozen: k = {} (expected 1, 2 or 3)", k);
+  Param& p = param(k);
+  w.validate(p.name);
+  DSV4_CHECK(w.shape() == expected, "{}: frozen weight {} does not match {}", p.name, w.str(), expected.str());
+  frozen(k) = std::move(w);
+  p.value = Tensor();
+  p.grad = Tensor();
+  p.trainable = false;
+}
+
+void ExpertWeights::unfreeze(int k) {
+  QuantizedWeight& q = frozen(k);
+  if (!q.defined()) return;
+  Param& p = param(k);
+  p.value = q.dequantize();
+  p.grad = Tensor();
+  p.trainable = true;
+  q = QuantizedWeight();
+}
 
 MoE::MoE(std::string prefix, const ModelConfig& cfg, bool hash_routed)
     : prefix_(std::move(prefix)),
@@ -136,14 +198,14 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
              layout.seq, T);
   check_weight(gate_weight, Shape{E, D});
   for (const auto& ew : experts) {
-    check_weight(ew.w1, Shape{I, D});
-    check_weight(ew.w3, Shape{I, D});
-    check_weight(ew.w2, Shape{D, I});
+    check_expert_weight(ew, 1, Shape{I, D});
+    check_expert_weight(ew, 3, Shape{I, D});
+    check_expert_weight(ew, 2, Shape{D, I});
   }
   if (has_shared_) {
-    check_weight(shared.w1, Shape{I, D});
-    check_weight(shared.w3, Shape{I, D});
-    check_weight(shared.w2, Shape{D, I});
+    check_expert_weight(shared, 1, Shape{I, D});
+    check_expert_weight(shared, 3, Shape{I, D});
+    check_expert_weight(shared, 2, Shape{D, I});
   }
 
   const float* x = x_TD.data<float>();

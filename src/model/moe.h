@@ -34,6 +34,7 @@
 
 #include "model/config.h"
 #include "model/param.h"
+#include "model/quant.h"
 #include "model/seq_layout.h"
 
 namespace dsv4 {
@@ -245,12 +246,27 @@ void swiglu_clamp_backward_rows(const T* g, const T* u, const T* w, const T* dh,
 // ---- module ---------------------------------------------------------------------------------------------------
 
 // One SwiGLU expert's weights: w1, w3 [I, D]; w2 [D, I] (checkpoint layout, y = x W^T).
+// Each matrix is either its F32 Param (trainable unless cleared) or, after set_frozen(k, ...), a frozen
+// QuantizedWeight in storage precision (FP4 / FP8 / BF16 / F32) used with dequantise-on-the-fly GEMMs (no weight
+// gradient, skipped by visit(), the Param keeps only its name). See Linear in layers.h.
 struct ExpertWeights {
   Param w1, w2, w3;
+  QuantizedWeight w1_frozen, w2_frozen, w3_frozen;
+
+  // k = 1, 2, 3.
+  Param& param(int k) { return k == 1 ? w1 : k == 2 ? w2 : w3; }
+  const Param& param(int k) const { return k == 1 ? w1 : k == 2 ? w2 : w3; }
+  QuantizedWeight& frozen(int k) { return k == 1 ? w1_frozen : k == 2 ? w2_frozen : w3_frozen; }
+  const QuantizedWeight& frozen(int k) const { return k == 1 ? w1_frozen : k == 2 ? w2_frozen : w3_frozen; }
+  // Replaces parameter k by a frozen weight of shape `expected` (MoE::expert_weight_shape(k)); releases the Param's
+  // value and gradient, trainable = false. Throws naming the weight on a shape or format mismatch.
+  void set_frozen(int k, QuantizedWeight w, const Shape& expected);
+  // Back to an F32 parameter holding the dequantised values (trainable = true).
+  void unfreeze(int k);
   void visit(const ParamVisitor& f) {
-    f(w1);
-    f(w2);
-    f(w3);
+    if (!w1_frozen.defined()) f(w1);
+    if (!w2_frozen.defined()) f(w2);
+    if (!w3_frozen.defined()) f(w3);
   }
 };
 
@@ -297,6 +313,8 @@ class MoE {
   int64_t dim() const { return dim_; }
   int64_t inter_dim() const { return inter_; }
   bool has_shared() const { return has_shared_; }
+  // Shape of expert matrix k (1, 3: [I, D]; 2: [D, I]).
+  Shape expert_weight_shape(int k) const { return k == 2 ? Shape{dim_, inter_} : Shape{inter_, dim_}; }
 
   Param gate_weight;                   // prefix + "gate.weight"  [E, D]
   Param gate_bias;                     // prefix + "gate.bias"    [E] F32 (learned layers only)

@@ -53,7 +53,7 @@ struct LossSection {
 };
 
 struct TrainSection {
-  int64_t steps = 1000;
+  int64_t steps = 10000;
   int64_t log_interval = 10;
   int64_t eval_interval = 0;          // 0: no periodic evaluation
   int64_t eval_batches = 8;

@@ -174,6 +174,14 @@ TEST(ModelConfig, ValidationNamesTheKey) {
             std::string::npos);
 }
 
+TEST(ModelConfig, TransformersTorchDtypeIsNotTheWeightFormat) {
+  json j = flash_release_json();
+  j["dtype"] = "float32";
+  EXPECT_EQ(model_config_from_json_text(j.dump(), "hf.json").weight_dtype, "fp8");
+  j["dtype"] = "bf16";
+  EXPECT_EQ(model_config_from_json_text(j.dump(), "native.json").weight_dtype, "bf16");
+}
+
 TEST(ModelConfig, BaseCheckpointScalesAreFp32) {
   json j = flash_release_json();
   j["quantization_config"]["scale_fmt"] = nullptr;
