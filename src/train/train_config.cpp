@@ -35,7 +35,6 @@ class Schema {
     str("model", "preset", &c.model.preset, {"", "tiny", "small", "proxy-2b", "flash", "pro"});
     str("model", "config", &c.model.config);
     str("model", "checkpoint", &c.model.checkpoint);
-    str("model", "checkpoint_format", &c.model.checkpoint_format, {"auto", "release", "hf", "dsv4"});
     boolean("model", "simulate_release_quant", &c.model.simulate_release_quant);
     // parallel
     integer("parallel", "dp", &c.parallel.dp, 1);

@@ -11,8 +11,7 @@ namespace dsv4 {
 struct ModelSection {
   std::string preset;      // a named preset (tiny, small, proxy-2b, flash, pro) ...
   std::string config;      // ... or a config.json path ...
-  std::string checkpoint;  // ... and/or a checkpoint directory to start from (its config.json if no other)
-  std::string checkpoint_format = "auto";  // auto | release | hf | dsv4
+  std::string checkpoint;  // ... and/or a release- or transformers-layout checkpoint to start from (layout detected)
   bool simulate_release_quant = false;     // FP8/FP4 activation fake-quant of the release (attention)
 };
 

@@ -10,7 +10,7 @@
 #include <sstream>
 
 #include "model/flops.h"
-#include "model/hf_names.h"
+#include "model/checkpoint_io.h"
 #include "optim/clip.h"
 #include "optim/moe_bias.h"
 #include "runtime/cpu_blas.h"
@@ -46,28 +46,14 @@ std::string format_duration(double s) {
   return fmt::format("{}s", t);
 }
 
-// Loads the tensors of a safetensors checkpoint (file or directory) as native-name model state: transformers
-// names are mapped, anything else is taken as native. Quantised release tensors (.scale) are not handled here.
-std::map<std::string, Tensor> load_model_state(const std::string& path) {
-  const SafetensorsCheckpoint ckpt = SafetensorsCheckpoint::open(path);
-  std::map<std::string, Tensor> state;
-  bool hf = false;
-  for (const std::string& name : ckpt.names()) {
-    state[name] = ckpt.load(name);
-    hf |= name.rfind("model.", 0) == 0 || name == "lm_head.weight";
-  }
-  return hf ? hf_state_to_native(state) : state;
-}
-
 }  // namespace
 
 ModelConfig resolve_model_config(const TrainConfig& cfg) {
   if (!cfg.model.preset.empty()) return model_preset(cfg.model.preset);
   if (!cfg.model.config.empty()) return load_model_config(cfg.model.config);
-  const fs::path p = fs::path(cfg.model.checkpoint) / "config.json";
-  DSV4_CHECK(fs::exists(p), "model.checkpoint '{}' has no config.json; set model.preset or model.config",
-             cfg.model.checkpoint);
-  return load_model_config(p.string());
+  DSV4_CHECK(fs::exists(fs::path(cfg.model.checkpoint) / "config.json"),
+             "model.checkpoint '{}' has no config.json; set model.preset or model.config", cfg.model.checkpoint);
+  return load_checkpoint_config(cfg.model.checkpoint);
 }
 
 void Trainer::request_stop() { g_stop = true; }
@@ -87,7 +73,11 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
   opts.attention.simulate_release_quant = cfg_.model.simulate_release_quant;
   model_ = std::make_unique<Model>(model_cfg_, opts);
   model_->init_random(static_cast<uint64_t>(cfg_.train.seed));
-  if (!cfg_.model.checkpoint.empty()) model_->load_state(load_model_state(cfg_.model.checkpoint), cfg_.model.checkpoint);
+  if (!cfg_.model.checkpoint.empty()) {  // release or transformers layout; FP8/FP4 dequantised to trainable F32
+    const LoadReport r = load_checkpoint(*model_, cfg_.model.checkpoint, LoadOptions{LoadMode::TrainableF32, {}, {}});
+    print(fmt::format("loaded {} ({} layout, {} tensors in {} shards)", r.path, checkpoint_layout_name(r.layout),
+                      r.tensors, r.shards));
+  }
 
   OptimizerConfig oc = OptimizerConfig::for_model(
       model_cfg_, cfg_.optim.type == "adamw" ? OptimizerMode::AdamW : OptimizerMode::MuonAdamW);
