@@ -56,4 +56,19 @@ set -e
 [ "$rc" -ne 0 ] || { echo "FAIL: exit code 0 for a bad key"; exit 1; }
 echo "$out" | grep -q "unknown key 'optim.lrr' (did you mean 'optim.lr'?)" || { echo "FAIL: message: $out"; exit 1; }
 grep -qs step_00000050 "$work/killed/checkpoints/latest" || { echo "FAIL: checkpoints touched"; exit 1; }
+echo "== 4. dsv4-eval on the run and on a release-format checkpoint; training starts from that checkpoint"
+json=$("$bin/dsv4-eval" --model "$work/a" --data "$work/text.h5" --max-batches 4 --json)
+echo "$json"
+echo "$json" | grep -Eq '^\{"loss": [0-9.]+, "ppl": [0-9.]+, "tokens": [0-9]+, "batches": 4\}$' || { echo "FAIL: eval JSON"; exit 1; }
+"$bin/dsv4-make-tiny" --preset tiny --seed 3 --format release --out "$work/release" > /dev/null
+base=$("$bin/dsv4-eval" --model "$work/release" --data "$work/text.h5" --max-batches 2 --batch 2 --json)
+echo "release checkpoint: $base"
+"$bin/dsv4-train" configs/tiny-pretrain.yaml "${common[@]}" model.preset= model.checkpoint="$work/release" \
+  train.out_dir="$work/from_release" train.steps=1 optim.warmup_steps=0 data.micro_batch=2 > "$work/fr.log"
+grep -q "loaded $work/release (release layout" "$work/fr.log" || { echo "FAIL: release checkpoint not loaded"; exit 1; }
+first=$(grep -o '^step 1/1 | loss [0-9.]* (lm [0-9.]*' "$work/fr.log" | awk '{print $NF}')
+b=$(echo "$base" | sed -E 's/.*"loss": ([0-9.]+).*/\1/')
+echo "first training step LM loss $first vs checkpoint eval loss $b"
+awk -v a="$first" -v b="$b" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a != "" && d < 0.3) }' ||
+  { echo "FAIL: training from the release checkpoint does not start at its loss"; exit 1; }
 echo "e2e: all checks passed"

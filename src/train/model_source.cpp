@@ -1,0 +1,41 @@
+#include "train/model_source.h"
+
+#include <filesystem>
+
+#include "model/checkpoint_io.h"
+#include "runtime/safetensors.h"
+#include "train/checkpoint_dir.h"
+
+namespace dsv4 {
+
+namespace fs = std::filesystem;
+
+OpenedModel open_model(const std::string& dir_in) {
+  fs::path dir(dir_in);
+  DSV4_CHECK(fs::is_directory(dir), "model directory '{}' does not exist", dir_in);
+  if (fs::is_directory(dir / "checkpoints")) {  // a training run: its latest checkpoint
+    const CheckpointDir c((dir / "checkpoints").string());
+    const auto latest = c.latest();
+    DSV4_CHECK(latest.has_value(), "training run '{}' has no checkpoint yet", dir_in);
+    dir = *latest;
+  }
+  OpenedModel out;
+  if (fs::exists(dir / "trainer.json")) {  // a dsv4 training checkpoint
+    CheckpointDir::verify(dir.string());
+    const ModelConfig cfg = load_model_config((dir / "config.json").string());
+    out.model = std::make_unique<Model>(cfg);
+    const SafetensorsFile f = SafetensorsFile::open((dir / "model.safetensors").string());
+    std::map<std::string, Tensor> state;
+    for (const std::string& n : f.names()) state[n] = f.load(n);
+    out.model->load_state(state, f.path());
+    out.description = fmt::format("{} (dsv4 training checkpoint, {})", dir.string(), cfg.name);
+    return out;
+  }
+  LoadReport report;
+  out.model = load_model(dir.string(), LoadOptions{LoadMode::TrainableF32, {}, {}}, ModelOptions{}, &report);
+  out.description = fmt::format("{} ({} layout, {} tensors in {} shards)", dir.string(),
+                                checkpoint_layout_name(report.layout), report.tensors, report.shards);
+  return out;
+}
+
+}  // namespace dsv4
