@@ -115,3 +115,19 @@ TEST(TrainConfig, ClosestMatch) {
 
 }  // namespace
 }  // namespace dsv4
+
+#include <filesystem>
+
+namespace dsv4 {
+namespace {
+TEST(TrainConfig, EveryShippedConfigParses) {
+  int n = 0;
+  for (const auto& e : std::filesystem::directory_iterator(std::string(DSV4_SOURCE_DIR) + "/configs")) {
+    if (e.path().extension() != ".yaml") continue;
+    EXPECT_NO_THROW(load_train_config(e.path().string())) << e.path();
+    ++n;
+  }
+  EXPECT_GE(n, 3);
+}
+}  // namespace
+}  // namespace dsv4
