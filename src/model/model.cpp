@@ -199,13 +199,27 @@ double balance_total(const Model& m, const ModelOutput& out, double alpha) {
 }
 }  // namespace
 
+TargetCounts count_targets(const Tensor& labels_T, const SeqLayout& layout, int64_t n_mtp) {
+  const Targets t = make_targets(labels_T, layout, static_cast<size_t>(n_mtp));
+  auto count = [](const Tensor& x) {
+    int64_t n = 0;
+    const int64_t* p = x.data<int64_t>();
+    for (int64_t i = 0; i < x.numel(); ++i) n += p[i] != kIgnoreIndex;
+    return n;
+  };
+  TargetCounts c;
+  c.lm = count(t.lm);
+  for (const Tensor& m : t.mtp) c.mtp.push_back(count(m));
+  return c;
+}
+
 LossResult Model::forward_backward(const Tensor& ids_T, const Tensor& labels_T, const SeqLayout& layout,
                                    const LossWeights& weights) {
   ModelCtx ctx;
   LossResult r;
   r.output = forward(ids_T, layout, &ctx);
   const Targets targets = make_targets(labels_T, layout, mtp.size());
-  const CrossEntropyResult lm = cross_entropy(r.output.logits_TV, targets.lm, true);
+  const CrossEntropyResult lm = cross_entropy(r.output.logits_TV, targets.lm, true, weights.lm_normalizer);
   r.lm = lm.loss;
   r.tokens = lm.counted;
   std::vector<Tensor> dmtp;
@@ -213,7 +227,8 @@ LossResult Model::forward_backward(const Tensor& ids_T, const Tensor& labels_T, 
   // The MTP block is back-propagated when its loss counts or when its MoE balance loss does.
   const bool mtp_backward = weights.mtp != 0 || weights.balance_alpha != 0;
   for (size_t j = 0; j < mtp.size(); ++j) {
-    CrossEntropyResult ce = cross_entropy(r.output.mtp_logits_TV[j], targets.mtp[j], mtp_backward);
+    CrossEntropyResult ce =
+        cross_entropy(r.output.mtp_logits_TV[j], targets.mtp[j], mtp_backward, weights.mtp_normalizer);
     r.mtp.push_back(ce.loss);
     mtp_total += ce.loss;
     dmtp.push_back(mtp_backward ? ops::affine(ce.dlogits_TV, weights.mtp, 0.0) : Tensor());

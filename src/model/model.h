@@ -103,6 +103,11 @@ struct ModelOutput {
 struct LossWeights {
   double mtp = 0.3;              // weight of each MTP block's cross-entropy
   double balance_alpha = 1e-4;   // sequence-wise balance loss weight per MoE layer (0 disables)
+  // Divisors of the summed cross-entropies (0: this call's own counted tokens, i.e. the mean). Data parallelism
+  // and gradient accumulation pass the global token counts so that summing every rank's and micro-batch's
+  // gradients gives exactly the gradient of the global mean.
+  double lm_normalizer = 0;
+  double mtp_normalizer = 0;
 };
 
 struct LossResult {
@@ -113,6 +118,13 @@ struct LossResult {
   int64_t tokens = 0;  // tokens counted by the LM loss
   ModelOutput output;
 };
+
+// Next-token (and per-MTP-block) targets that a batch's labels give, without running the model.
+struct TargetCounts {
+  int64_t lm = 0;
+  std::vector<int64_t> mtp;
+};
+TargetCounts count_targets(const Tensor& labels_T, const SeqLayout& layout, int64_t n_mtp);
 
 class Model {
  public:

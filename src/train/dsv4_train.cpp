@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "runtime/build_info.h"
+#include "runtime/comm.h"
 #include "runtime/error.h"
 #include "train/data_source.h"
 #include "train/trainer.h"
@@ -34,22 +35,24 @@ int main(int argc, char** argv) {
   try {
     const std::string path = argv[1];
     std::vector<std::string> overrides(argv + 2, argv + argc);
-    const dsv4::TrainConfig cfg = dsv4::load_train_config(path, overrides);
+    dsv4::TrainConfig cfg = dsv4::load_train_config(path, overrides);
+    if (cfg.parallel.dp == 1 && cfg.parallel.tp == 1 && world > 1) cfg.parallel.dp = world;  // mpirun -np N: data parallel
     const int64_t layout = cfg.parallel.dp * cfg.parallel.tp;
     DSV4_CHECK(layout == world,
                "{}: parallel.dp ({}) x parallel.tp ({}) = {} must equal the number of MPI ranks ({}); parallel.ep ({}) "
                "folds onto the same ranks",
                path, cfg.parallel.dp, cfg.parallel.tp, layout, world, cfg.parallel.ep);
-    DSV4_CHECK(world == 1,
-               "{}: {} ranks requested, but this dsv4-train runs on one rank (data/tensor/expert parallelism is not "
-               "built yet); launch with -np 1",
-               path, world);
+    DSV4_CHECK(cfg.parallel.tp == 1 && cfg.parallel.ep == 1,
+               "{}: parallel.tp = {} and parallel.ep = {}: tensor and expert parallelism are not built yet; data "
+               "parallelism (parallel.dp = ranks) is",
+               path, cfg.parallel.tp, cfg.parallel.ep);
     if (rank == 0) std::printf("%s\nresolved config (%s):\n%s", dsv4::build_info().c_str(), path.c_str(),
                                cfg.to_yaml().c_str());
     const dsv4::ModelConfig model = dsv4::resolve_model_config(cfg);
     dsv4::Trainer::install_signal_handlers();
+    const std::unique_ptr<dsv4::Communicator> dp = dsv4::mpi_world();
     dsv4::Trainer trainer(cfg, dsv4::make_train_source(cfg, model, rank, world),
-                          dsv4::make_val_source(cfg, model, rank, world));
+                          dsv4::make_val_source(cfg, model, rank, world), dp.get());
     trainer.run();
   } catch (const dsv4::Error& e) {
     std::fprintf(stderr, "dsv4-train: error: %s\n", e.message().c_str());

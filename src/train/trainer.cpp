@@ -14,6 +14,7 @@
 #include "optim/clip.h"
 #include "optim/moe_bias.h"
 #include "runtime/cpu_blas.h"
+#include "runtime/crc32c.h"
 #include "runtime/safetensors.h"
 
 namespace dsv4 {
@@ -63,8 +64,9 @@ void Trainer::install_signal_handlers() {
   std::signal(SIGUSR1, on_signal);
 }
 
-Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std::unique_ptr<BatchSource> val)
-    : cfg_(cfg), model_cfg_(resolve_model_config(cfg)), train_(std::move(train)), val_(std::move(val)) {
+Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std::unique_ptr<BatchSource> val,
+                 const Communicator* dp)
+    : cfg_(cfg), dp_(dp), model_cfg_(resolve_model_config(cfg)), train_(std::move(train)), val_(std::move(val)) {
   DSV4_CHECK(train_ != nullptr, "Trainer needs a training batch source");
   g_stop = false;
   g_checkpoint = false;
@@ -112,16 +114,48 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
 
   rng_.seed(static_cast<uint64_t>(cfg_.train.seed));
   flops_per_token_ = model_flops_per_token(model_cfg_, cfg_.data.seq_len).training();
-  checkpoints_ = std::make_unique<CheckpointDir>((fs::path(cfg_.train.out_dir) / "checkpoints").string());
+  // Rank 0 creates the directory (and removes stale temporaries) before the others look at it.
+  const std::string ckpt_root = (fs::path(cfg_.train.out_dir) / "checkpoints").string();
+  if (is_root()) checkpoints_ = std::make_unique<CheckpointDir>(ckpt_root);
+  if (dp_) dp_->barrier();
+  if (!is_root()) checkpoints_ = std::make_unique<CheckpointDir>(ckpt_root);
 
   std::optional<std::string> resume;
   if (cfg_.train.resume == "auto") resume = checkpoints_->latest();
   else if (cfg_.train.resume != "never") resume = cfg_.train.resume;
   if (resume) resume_from(*resume);
-  metrics_ = std::make_unique<MetricsLogger>(cfg_.train.out_dir, cfg_.logging.metrics_jsonl, cfg_.logging.tensorboard);
+  if (is_root())
+    metrics_ = std::make_unique<MetricsLogger>(cfg_.train.out_dir, cfg_.logging.metrics_jsonl, cfg_.logging.tensorboard);
+}
+
+void Trainer::sum_across_ranks(std::vector<double>& v) const {
+  if (!dp_ || dp_->size() == 1 || v.empty()) return;
+  // The communicator reduces F32 (not F64): each double travels as a float plus its float remainder (~48 bits).
+  Tensor hi = Tensor::empty({static_cast<int64_t>(v.size())}, DType::F32);
+  Tensor lo = Tensor::empty({static_cast<int64_t>(v.size())}, DType::F32);
+  for (size_t i = 0; i < v.size(); ++i) {
+    const float h = static_cast<float>(v[i]);
+    hi.data<float>()[i] = h;
+    lo.data<float>()[i] = static_cast<float>(v[i] - static_cast<double>(h));
+  }
+  dp_->all_reduce(hi, CommReduce::Sum);
+  dp_->all_reduce(lo, CommReduce::Sum);
+  for (size_t i = 0; i < v.size(); ++i)
+    v[i] = static_cast<double>(hi.data<float>()[i]) + static_cast<double>(lo.data<float>()[i]);
+}
+
+void Trainer::check_replicas_in_sync() const {
+  if (!dp_ || dp_->size() == 1) return;
+  uint32_t crc = 0;
+  model_->visit([&](Param& p) { crc = crc32c(p.value.raw_data(), static_cast<size_t>(p.value.nbytes()), crc); });
+  Tensor v = Tensor::from_vector<int64_t>({2}, {static_cast<int64_t>(crc), -static_cast<int64_t>(crc)});
+  dp_->all_reduce(v, CommReduce::Max);
+  DSV4_CHECK(v.data<int64_t>()[0] == -v.data<int64_t>()[1],
+             "data-parallel replicas diverged at step {}: parameter checksums differ across ranks", step_);
 }
 
 void Trainer::print(const std::string& line) {
+  if (!is_root()) return;
   log_ += line + "\n";
   std::printf("%s\n", line.c_str());
   std::fflush(stdout);
@@ -130,21 +164,50 @@ void Trainer::print(const std::string& line) {
 StepRecord Trainer::train_step() {
   StepRecord rec;
   rec.lr = lr_.lr_at(step_);
-  const LossWeights weights = loss_weights_at(loss_schedule_, lr_, step_);
+  LossWeights weights = loss_weights_at(loss_schedule_, lr_, step_);
   model_->zero_grad();
-  std::vector<std::vector<int64_t>> loads;
+  // All micro-batches first: the cross-entropies are divided by the global target counts (every micro-batch of
+  // every rank), so summing the gradients gives exactly the gradient of the global mean loss.
   const int64_t accum = cfg_.data.grad_accum;
+  std::vector<TrainBatch> batches;
+  std::vector<double> counts = {0, 0};
   for (int64_t micro = 0; micro < accum; ++micro) {
-    const TrainBatch b = train_->next();
+    batches.push_back(train_->next());
+    const TargetCounts c = count_targets(batches.back().labels_T, batches.back().layout,
+                                         static_cast<int64_t>(model_->mtp.size()));
+    counts[0] += static_cast<double>(c.lm);
+    counts[1] += c.mtp.empty() ? 0.0 : static_cast<double>(c.mtp[0]);
+  }
+  sum_across_ranks(counts);
+  weights.lm_normalizer = std::max(counts[0], 1.0);
+  weights.mtp_normalizer = std::max(counts[1], 1.0);
+  weights.balance_alpha /= static_cast<double>(accum * world());  // the balance term is a mean over sequences
+  std::vector<std::vector<int64_t>> loads;
+  for (const TrainBatch& b : batches) {
     const LossResult r = model_->forward_backward(b.ids_T, b.labels_T, b.layout, weights);
-    rec.loss += r.total / static_cast<double>(accum);
-    rec.lm += r.lm / static_cast<double>(accum);
-    for (double m : r.mtp) rec.mtp += m / static_cast<double>(accum);
-    rec.balance += r.balance / static_cast<double>(accum);
+    rec.loss += r.total;
+    rec.lm += r.lm;
+    for (double m : r.mtp) rec.mtp += m;
+    rec.balance += r.balance;
     rec.tokens += b.layout.tokens();
     accumulate_moe_loads(loads, r.output.moe_stats);
   }
-  if (accum > 1) scale_grads(params_, 1.0 / static_cast<double>(accum));
+  if (world() > 1) {
+    for (Param* p : params_)
+      if (p->grad.defined()) dp_->all_reduce(p->grad, CommReduce::Sum);
+    std::vector<double> stats = {rec.loss, rec.lm, rec.mtp, rec.balance, static_cast<double>(rec.tokens)};
+    sum_across_ranks(stats);
+    rec.loss = stats[0];
+    rec.lm = stats[1];
+    rec.mtp = stats[2];
+    rec.balance = stats[3];
+    rec.tokens = static_cast<int64_t>(std::llround(stats[4]));
+    for (auto& layer : loads) {
+      Tensor t = Tensor::from_vector<int64_t>({static_cast<int64_t>(layer.size())}, layer);
+      dp_->all_reduce(t, CommReduce::Sum);
+      std::copy(t.data<int64_t>(), t.data<int64_t>() + t.numel(), layer.begin());
+    }
+  }
   const ClipResult clip = clip_grad_norm(params_, cfg_.optim.clip_grad_norm);
   rec.grad_norm = clip.norm;
   if (!clip.finite || !std::isfinite(rec.loss)) {
@@ -183,10 +246,17 @@ double Trainer::evaluate() {
     tokens += r.tokens;
   }
   val_->restore(start);  // every evaluation sees the same batches
-  return tokens > 0 ? loss_sum / static_cast<double>(tokens) : std::nan("");
+  std::vector<double> sums = {loss_sum, static_cast<double>(tokens)};
+  sum_across_ranks(sums);
+  return sums[1] > 0 ? sums[0] / sums[1] : std::nan("");
 }
 
 void Trainer::save_checkpoint() {
+  check_replicas_in_sync();
+  if (!is_root()) {  // replicas are identical: rank 0 writes, the others wait for the commit
+    dp_->barrier();
+    return;
+  }
   const std::string path = checkpoints_->save(
       step_,
       [&](const std::string& dir) {
@@ -210,6 +280,7 @@ void Trainer::save_checkpoint() {
       },
       cfg_.checkpoint.keep);
   print(fmt::format("checkpoint step {} -> {}", step_, path));
+  if (dp_) dp_->barrier();
 }
 
 void Trainer::resume_from(const std::string& checkpoint) {
@@ -274,8 +345,14 @@ int64_t Trainer::run() {
       m["val/loss"] = v;
       print(fmt::format("step {}: validation loss {:.4f} (ppl {:.2f})", step_, v, std::exp(v)));
     }
-    metrics_->log(step_, m);
+    if (metrics_) metrics_->log(step_, m);
     if (on_step) on_step(rec);
+    if (world() > 1) {  // every rank must take the same stop / checkpoint decision
+      std::vector<double> flags = {g_stop ? 1.0 : 0.0, g_checkpoint ? 1.0 : 0.0};
+      sum_across_ranks(flags);
+      g_stop = flags[0] > 0;
+      g_checkpoint = flags[1] > 0;
+    }
     const bool periodic = cfg_.checkpoint.interval > 0 && step_ % cfg_.checkpoint.interval == 0;
     if (periodic || g_checkpoint.exchange(false) || g_stop) {
       save_checkpoint();

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "model/model.h"
+#include "runtime/comm.h"
 #include "optim/optimizer.h"
 #include "optim/schedule.h"
 #include "train/checkpoint_dir.h"
@@ -50,7 +51,10 @@ class Trainer {
  public:
   // Builds the model (preset / config.json), optimizer and schedules from the config; `train` and `val`
   // provide batches (val may be null). Resumes from out_dir/checkpoints when train.resume says so.
-  Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std::unique_ptr<BatchSource> val);
+  // `dp` is the data-parallel group (null: one rank). Every rank holds the whole model and its own shard of the
+  // batches; gradients and statistics are summed across ranks, so the run equals one rank with the global batch.
+  Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std::unique_ptr<BatchSource> val,
+          const Communicator* dp = nullptr);
 
   // Runs until train.steps (or a stop request); returns the number of steps run in this call.
   int64_t run();
@@ -74,8 +78,15 @@ class Trainer {
  private:
   void resume_from(const std::string& checkpoint);
   void print(const std::string& line);
+  bool is_root() const { return dp_ == nullptr || dp_->rank() == 0; }
+  int world() const { return dp_ ? dp_->size() : 1; }
+  // Sums doubles across the data-parallel ranks (in place; identity on one rank).
+  void sum_across_ranks(std::vector<double>& v) const;
+  // Fails when the ranks' parameters are not bit-identical (replicas drifted apart).
+  void check_replicas_in_sync() const;
 
   TrainConfig cfg_;
+  const Communicator* dp_ = nullptr;
   ModelConfig model_cfg_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<Optimizer> optimizer_;
