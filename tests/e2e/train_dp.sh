@@ -9,7 +9,7 @@ bin=$1; src=$2; mpiexec=$3
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 cd "$src"
 "$bin/dsv4-prep" --tokenizer data/tokenizer.json --input data/text.jsonl --format text --output "$work/text.h5" > /dev/null
-common=(data.train="[$work/text.h5]" train.threads=1 logging.tensorboard=false train.log_interval=1 train.steps=5
+common=(data.train="[$work/text.h5]" data.val= train.threads=1 logging.tensorboard=false train.log_interval=1 train.steps=5
         optim.warmup_steps=1 checkpoint.interval=0 data.seq_len=64)
 "$bin/dsv4-train" configs/tiny-pretrain.yaml "${common[@]}" data.micro_batch=2 train.out_dir="$work/a" > /dev/null
 "$bin/dsv4-train" configs/tiny-pretrain.yaml "${common[@]}" data.micro_batch=1 data.grad_accum=2 \
