@@ -1,6 +1,10 @@
 #include "train/data_source.h"
 
+#include <filesystem>
+
+#include "data/dataset.h"
 #include "data/loader.h"
+#include "data/sha256.h"
 
 namespace dsv4 {
 
@@ -42,10 +46,15 @@ std::unique_ptr<BatchSource> make_source(const std::vector<std::string>& files, 
   auto src = std::make_unique<LoaderSource>(std::move(o), cfg.data.doc_masking,
                                             fmt::format("[{}] seq {} x {} rows", fmt::join(files, ", "),
                                                         cfg.data.seq_len, cfg.data.micro_batch));
-  const int64_t vocab = src->loader().vocab_size();
-  DSV4_CHECK(vocab <= model.vocab_size,
-             "data '{}': its tokenizer has {} tokens but the model's vocabulary has {} (token ids would be out of range)",
-             fmt::join(files, ", "), vocab, model.vocab_size);
+  // Every file against the model: ids must fit its vocabulary and, when the model directory ships its
+  // tokenizer.json, the data must have been tokenised with exactly that tokenizer.
+  std::string model_tokenizer_sha;
+  if (!cfg.model.checkpoint.empty()) {
+    const std::filesystem::path tok = std::filesystem::path(cfg.model.checkpoint) / "tokenizer.json";
+    if (std::filesystem::exists(tok)) model_tokenizer_sha = data::sha256_file(tok.string());
+  }
+  for (const data::DatasetInfo& info : src->loader().sources())
+    data::check_dataset_compatible(info, model.vocab_size, model_tokenizer_sha);
   return src;
 }
 
