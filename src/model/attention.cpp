@@ -54,7 +54,10 @@ Attention::Attention(std::string prefix, const ModelConfig& cfg, int64_t layer, 
   wq_b = Linear(prefix_ + "wq_b.weight", cfg.q_lora_rank, HC);
   wkv = Linear(prefix_ + "wkv.weight", dim_, head_dim_);
   kv_norm = RMSNorm(prefix_ + "kv_norm.weight", head_dim_, eps_);
-  wo_a = Param(prefix_ + "wo_a.weight", Shape{groups_ * o_lora_, HC / groups_});
+  if (DeferredWeightStorage::active())  // a loader fills it (as a Param or frozen)
+    wo_a.name = prefix_ + "wo_a.weight";
+  else
+    wo_a = Param(prefix_ + "wo_a.weight", Shape{groups_ * o_lora_, HC / groups_});
   wo_b = Linear(prefix_ + "wo_b.weight", groups_ * o_lora_, dim_);
   attn_sink = Param(prefix_ + "attn_sink", Shape{heads_});
   if (ratio_ > 0)
@@ -74,11 +77,40 @@ void Attention::visit(const ParamVisitor& f) {
   wq_b.visit(f);
   wkv.visit(f);
   kv_norm.visit(f);
-  f(wo_a);
+  if (!wo_a_frozen.defined()) f(wo_a);
+  wo_a_lora.visit(f);
   wo_b.visit(f);
   f(attn_sink);
   if (ratio_ > 0) compressor.visit(f);
   if (ratio_ == 4) indexer.visit(f);
+}
+
+void Attention::set_wo_a_frozen(QuantizedWeight w) {
+  w.validate(wo_a.name);
+  DSV4_CHECK(w.rows() == groups_ * o_lora_ && w.cols() == wo_a_in(), "{}: frozen weight {} does not match [{}, {}]",
+             wo_a.name, w.str(), groups_ * o_lora_, wo_a_in());
+  wo_a_frozen = std::move(w);
+  wo_a.value = Tensor();
+  wo_a.grad = Tensor();
+  wo_a.trainable = false;
+}
+
+void Attention::check_wo_a_lora() const {
+  const int64_t G = groups_, R = o_lora_, K = wo_a_in();
+  bool any_group = false;
+  for (const auto& g : wo_a_lora.groups) any_group = any_group || g.has_value();
+  DSV4_CHECK(!(wo_a_lora.shared && any_group), "Attention {}: wo_a has both a shared-A adapter and per-group adapters",
+             prefix_);
+  DSV4_CHECK(wo_a_lora.groups.empty() || wo_a_lora.groups.size() == static_cast<size_t>(G),
+             "Attention {}: {} per-group wo_a adapter slots for {} groups", prefix_, wo_a_lora.groups.size(), G);
+  auto check = [&](const LoraAdapter& ad, int64_t out) {
+    DSV4_CHECK(ad.in_features() == K && ad.out_features() == out,
+               "Attention {}: wo_a adapter {} is A {}, B {}; expected A [r, {}], B [{}, r]", prefix_, ad.unit,
+               ad.A.value.str(), ad.B.value.str(), K, out);
+  };
+  if (wo_a_lora.shared) check(*wo_a_lora.shared, G * R);
+  for (const auto& g : wo_a_lora.groups)
+    if (g) check(*g, R);
 }
 
 SparseAttnIndex Attention::build_index(const Tensor& x_TD, const Tensor& qr_TQ, const SeqLayout& layout,
@@ -157,10 +189,35 @@ Tensor Attention::forward(const Tensor& x_TD, const SeqLayout& layout, Attention
   // Grouped low-rank output: y[:, g] = o[:, g] @ wo_a_g^T, then wo_b.
   const int64_t K = HC / G;
   Tensor y = Tensor::empty({T, G * R}, DType::F32);
-  const float* wa = wo_a.value.data<float>();
-  for (int64_t g = 0; g < G; ++g)
-    cpu_gemm(false, true, T, R, K, 1.0f, c.o_rot.data<float>() + g * K, HC, wa + g * R * K, K, 0.0f,
-             y.data<float>() + g * R, G * R);
+  DSV4_CHECK(wo_a_frozen.defined() || wo_a.value.defined(),
+             "Attention {}: {} has no storage (built under DeferredWeightStorage and never loaded)", prefix_, wo_a.name);
+  for (int64_t g = 0; g < G; ++g) {
+    if (wo_a_frozen.defined())
+      qgemm_xwT(wo_a_frozen, T, c.o_rot.data<float>() + g * K, HC, 0.0f, y.data<float>() + g * R, G * R, g * R,
+                (g + 1) * R);
+    else
+      cpu_gemm(false, true, T, R, K, 1.0f, c.o_rot.data<float>() + g * K, HC, wo_a.value.data<float>() + g * R * K, K,
+               0.0f, y.data<float>() + g * R, G * R);
+  }
+  if (!wo_a_lora.empty()) {
+    // y_g += s B_g (A_g drop(o_g)): per group its own adapter; shared A: one adapter, B's rows [g*R, (g+1)*R).
+    check_wo_a_lora();
+    c.wo_a_lora_z.assign(static_cast<size_t>(G), Tensor());
+    c.wo_a_lora_draws.assign(static_cast<size_t>(G), 0);
+    const uint64_t shared_draw = wo_a_lora.shared ? wo_a_lora.shared->next_draw() : 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const LoraAdapter* ad = wo_a_lora.shared ? &*wo_a_lora.shared : nullptr;
+      if (!ad && wo_a_lora.groups[static_cast<size_t>(g)]) ad = &*wo_a_lora.groups[static_cast<size_t>(g)];
+      if (!ad) continue;
+      const uint64_t draw = wo_a_lora.shared ? shared_draw : ad->next_draw();
+      const uint64_t offset = wo_a_lora.shared ? static_cast<uint64_t>(g * T * K) : 0;
+      Tensor z = Tensor::empty({T, ad->rank()}, DType::F32);
+      lora_down(*ad, T, c.o_rot.data<float>() + g * K, HC, draw, offset, z.data<float>());
+      lora_up(*ad, T, z.data<float>(), wo_a_lora.shared ? g * R : 0, R, y.data<float>() + g * R, G * R);
+      c.wo_a_lora_z[static_cast<size_t>(g)] = z;
+      c.wo_a_lora_draws[static_cast<size_t>(g)] = draw;
+    }
+  }
   return wo_b.forward(y, &c.wo_b);
 }
 
@@ -174,13 +231,37 @@ Tensor Attention::backward(const Tensor& dout_TD, const AttentionCtx& c) {
   // Output projections.
   const Tensor dy = wo_b.backward(dout_TD.contiguous(), c.wo_b);  // [T, G*R]
   Tensor d_o = Tensor::empty({T, H, C}, DType::F32);
-  const float* wa = wo_a.value.data<float>();
   for (int64_t g = 0; g < G; ++g) {
-    cpu_gemm(false, false, T, K, R, 1.0f, dy.data<float>() + g * R, G * R, wa + g * R * K, K, 0.0f,
-             d_o.data<float>() + g * K, HC);
+    if (wo_a_frozen.defined()) {
+      qgemm_dyW(wo_a_frozen, T, dy.data<float>() + g * R, G * R, 0.0f, d_o.data<float>() + g * K, HC, g * R,
+                (g + 1) * R);
+      continue;
+    }
+    cpu_gemm(false, false, T, K, R, 1.0f, dy.data<float>() + g * R, G * R, wo_a.value.data<float>() + g * R * K, K,
+             0.0f, d_o.data<float>() + g * K, HC);
     if (wo_a.trainable)
       cpu_gemm(true, false, R, K, T, 1.0f, dy.data<float>() + g * R, G * R, c.o_rot.data<float>() + g * K, HC, 1.0f,
                wo_a.grad_buffer().data<float>() + g * R * K, K);
+  }
+  if (!wo_a_lora.empty()) {
+    check_wo_a_lora();
+    DSV4_CHECK(c.wo_a_lora_z.size() == static_cast<size_t>(G),
+               "Attention {}: backward through the wo_a adapters without their forward context", prefix_);
+    for (int64_t g = 0; g < G; ++g) {
+      LoraAdapter* ad = wo_a_lora.shared ? &*wo_a_lora.shared : nullptr;
+      if (!ad && wo_a_lora.groups[static_cast<size_t>(g)]) ad = &*wo_a_lora.groups[static_cast<size_t>(g)];
+      if (!ad) continue;
+      const Tensor& z = c.wo_a_lora_z[static_cast<size_t>(g)];
+      DSV4_CHECK(z.defined() && z.size(0) == T && z.size(1) == ad->rank(),
+                 "Attention {}: backward through adapter {} without its forward context", prefix_, ad->unit);
+      const uint64_t draw = c.wo_a_lora_draws[static_cast<size_t>(g)];
+      const uint64_t offset = wo_a_lora.shared ? static_cast<uint64_t>(g * T * K) : 0;
+      std::vector<float> dz(static_cast<size_t>(T * ad->rank()), 0.0f);
+      lora_up_backward(*ad, T, dy.data<float>() + g * R, G * R, z.data<float>(), wo_a_lora.shared ? g * R : 0, R,
+                       dz.data());
+      lora_down_backward(*ad, T, dz.data(), c.o_rot.data<float>() + g * K, HC, draw, offset,
+                         d_o.data<float>() + g * K, HC);
+    }
   }
   rope_rows<float>(d_o.data<float>(), T * H, C, C, head_pos.data(), rope_, false);  // backward of the inverse
 

@@ -46,6 +46,8 @@ struct AttentionCtx {
   Tensor o;       // [T, H, C] core output (before the inverse RoPE)
   Tensor lse;     // [T, H]
   Tensor o_rot;   // [T, H*C] after the inverse RoPE (wo_a input)
+  std::vector<Tensor> wo_a_lora_z;        // [G] adapter activations [T, r] of each adapted group (wo_a adapters)
+  std::vector<uint64_t> wo_a_lora_draws;  // [G] dropout draw used by each group
   SparseAttnIndex index;
   CompressPlan plan;
   CompressorCtx compressor;
@@ -72,19 +74,30 @@ class Attention {
   const RopeTable& rope() const { return rope_; }
   bool has_compressor() const { return ratio_ > 0; }
   bool has_indexer() const { return ratio_ == 4; }
+  // Keeps wo_a frozen as a QuantizedWeight [G*R, H*C/G] (FP8 / BF16 / F32), multiplied group by group with
+  // dequantise-on-the-fly tiles like a frozen Linear: no F32 copy, no gradient, skipped by visit(). Throws naming the
+  // weight on a shape mismatch.
+  void set_wo_a_frozen(QuantizedWeight w);
+  int64_t o_groups() const { return groups_; }
+  int64_t o_lora_rank() const { return o_lora_; }
+  int64_t wo_a_in() const { return heads_ * head_dim_ / groups_; }
 
   Linear wq_a;      // [Q, D]
   RMSNorm q_norm;   // [Q]
   Linear wq_b;      // [H*C, Q]
   Linear wkv;       // [C, D]
   RMSNorm kv_norm;  // [C]
-  Param wo_a;       // [G*R, H*C/G]
+  Param wo_a;       // [G*R, H*C/G] (no storage under DeferredWeightStorage until a loader fills it)
+  QuantizedWeight wo_a_frozen;  // wo_a kept frozen in storage precision (set_wo_a_frozen); then wo_a has no value
+  GroupedLora wo_a_lora;  // LoRA on wo_a: one adapter per group, or one shared-A adapter (lora.h)
   Linear wo_b;      // [D, G*R]
   Param attn_sink;  // [H]
   Compressor compressor;  // ratio > 0
   Indexer indexer;        // ratio == 4
 
  private:
+  void check_wo_a_lora() const;
+
   std::string prefix_;
   AttnKind kind_ = AttnKind::SlidingWindow;
   int64_t ratio_ = 0, dim_ = 0, heads_ = 0, head_dim_ = 0, rope_dim_ = 0, groups_ = 0, o_lora_ = 0, window_ = 0,

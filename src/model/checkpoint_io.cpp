@@ -62,6 +62,7 @@ bool WeightSlot::frozen() const { return frozen_weight() != nullptr; }
 const QuantizedWeight* WeightSlot::frozen_weight() const {
   if (linear && linear->is_frozen()) return &linear->frozen;
   if (expert && expert->frozen(k).defined()) return &expert->frozen(k);
+  if (attn && attn->wo_a_frozen.defined()) return &attn->wo_a_frozen;
   return nullptr;
 }
 
@@ -70,6 +71,8 @@ void WeightSlot::set_frozen(QuantizedWeight q) {
     linear->set_frozen(std::move(q));
   } else if (expert) {
     expert->set_frozen(k, std::move(q), shape);
+  } else if (attn) {
+    attn->set_wo_a_frozen(std::move(q));
   } else {
     DSV4_FAIL("{}: a plain parameter cannot be held as a frozen quantized weight", param->name);
   }
@@ -78,6 +81,7 @@ void WeightSlot::set_frozen(QuantizedWeight q) {
 Tensor& WeightSlot::f32_value() {
   if (linear && linear->is_frozen()) linear->frozen = QuantizedWeight();
   if (expert && expert->frozen(k).defined()) expert->frozen(k) = QuantizedWeight();
+  if (attn && attn->wo_a_frozen.defined()) attn->wo_a_frozen = QuantizedWeight();
   Tensor& v = param->value;
   if (!v.defined() || v.dtype() != DType::F32 || !(v.shape() == shape) || !v.is_contiguous() || !v.device().is_cpu())
     v = Tensor::zeros(shape, DType::F32);
@@ -114,6 +118,12 @@ std::map<std::string, WeightSlot> model_weight_slots(Model& model) {
   };
   auto block = [&](Block& b) {
     Attention& a = b.attn;
+    {
+      WeightSlot& s = slots[a.wo_a.name];
+      s.param = &a.wo_a;
+      s.attn = &a;
+      s.shape = Shape{a.o_groups() * a.o_lora_rank(), a.wo_a_in()};
+    }
     lin(a.wq_a);
     lin(a.wq_b);
     lin(a.wkv);
@@ -329,7 +339,7 @@ void convert_to_f32(const Tensor& src, Tensor& dst) {
 }
 
 // Copies / converts one checkpoint tensor (w, with its scale s) into the model.
-void load_entry(WeightSlot& slot, const ParamEntry& e, const Tensor& w, const Tensor& s, LoadMode mode,
+void load_entry(WeightSlot& slot, const ParamEntry& e, const Tensor& w, const Tensor& s, LoadMode mode, bool frozen_wo_a,
                 LoadReport& r) {
   Param& p = *slot.param;
   if (e.role == TensorRole::Index) {  // tid2eid: I64 in the release; I32 cast on load
@@ -347,7 +357,7 @@ void load_entry(WeightSlot& slot, const ParamEntry& e, const Tensor& w, const Te
     return;
   }
   const bool quantized = w.dtype() == DType::F8_E4M3 || w.dtype() == DType::I8 || w.dtype() == DType::U8;
-  if (mode == LoadMode::FrozenQuantized && e.holder != WeightHolder::Param) {
+  if (mode == LoadMode::FrozenQuantized && (e.holder != WeightHolder::Param || (frozen_wo_a && slot.attn))) {
     const Tensor data = w.dtype() == DType::F16 ? w.to(DType::F32) : w;
     QuantizedWeight q = QuantizedWeight::from_tensors(data, quantized ? s : Tensor(), e.name).clone();
     ++r.frozen_weights;
@@ -383,8 +393,10 @@ std::map<std::string, std::vector<std::string>> names_by_file(const SafetensorsC
   return by_file;
 }
 
-void load_release(Model& model, const SafetensorsCheckpoint& ck, const std::string& path, const ParamTable& table,
-                  LoadMode mode, LoadReport& r) {
+// Checks a release-layout checkpoint against the table (one error listing every problem); returns the table's disk
+// tensors by name.
+std::map<std::string, ParamTable::DiskTensor> validate_release(const SafetensorsCheckpoint& ck, const std::string& path,
+                                                               const ParamTable& table, LoadReport& r) {
   std::map<std::string, ParamTable::DiskTensor> expected;
   for (const auto& d : table.disk_tensors()) expected.emplace(d.name, d);
   const auto by_file = names_by_file(ck);
@@ -411,7 +423,13 @@ void load_release(Model& model, const SafetensorsCheckpoint& ck, const std::stri
   for (const auto& [name, d] : expected)
     if (!ck.contains(name)) missing.push_back(fmt::format("{} ({})", name, tensor_desc(d.dtype, d.shape)));
   throw_mismatch(path, table, CheckpointLayout::Release, missing, unexpected, wrong);
+  return expected;
+}
 
+void load_release(Model& model, const SafetensorsCheckpoint& ck, const std::string& path, const ParamTable& table,
+                  LoadMode mode, bool frozen_wo_a, LoadReport& r) {
+  const auto expected = validate_release(ck, path, table, r);
+  const auto by_file = names_by_file(ck);
   auto slots = model_weight_slots(model);
   for (const auto& [file, names] : by_file) {
     for (const std::string& name : names) {
@@ -420,7 +438,7 @@ void load_release(Model& model, const SafetensorsCheckpoint& ck, const std::stri
       const ParamEntry& e = *d.entry;
       auto sit = slots.find(e.name);
       DSV4_CHECK(sit != slots.end(), "the model has no parameter '{}' (table and model disagree)", e.name);
-      load_entry(sit->second, e, ck.view(name), e.scale ? ck.view(e.scale->name) : Tensor(), mode, r);
+      load_entry(sit->second, e, ck.view(name), e.scale ? ck.view(e.scale->name) : Tensor(), mode, frozen_wo_a, r);
       r.tensors += e.scale ? 2 : 1;
       r.bytes += e.disk_bytes();
     }
@@ -453,8 +471,10 @@ std::optional<std::string> hf_name_to_native(const std::string& n, const ParamTa
   return std::nullopt;
 }
 
-void load_transformers(Model& model, const SafetensorsCheckpoint& ck, const std::string& path, const ParamTable& table,
-                       LoadMode mode, LoadReport& r) {
+// Checks a transformers-layout checkpoint against the table (one error listing every problem); returns what each
+// checkpoint tensor fills. MTP entries it lacks go to r.not_in_checkpoint.
+std::map<std::string, std::vector<HfTarget>> plan_transformers(const SafetensorsCheckpoint& ck, const std::string& path,
+                                                               const ParamTable& table, LoadReport& r) {
   const ModelConfig& c = table.config();
   const auto by_file = names_by_file(ck);
   std::map<std::string, std::vector<HfTarget>> targets;  // checkpoint name -> what it fills
@@ -511,20 +531,31 @@ void load_transformers(Model& model, const SafetensorsCheckpoint& ck, const std:
     else missing.push_back(fmt::format("{} ({}{})", e.name, e.role == TensorRole::Index ? "I64" : "F32", e.shape.str()));
   }
   throw_mismatch(path, table, CheckpointLayout::Transformers, missing, unexpected, wrong);
+  return targets;
+}
 
+// The slice of checkpoint tensor v that target t fills.
+Tensor hf_part(const Tensor& v, const HfTarget& t, int64_t inter) {
+  Tensor part = v;
+  if (t.expert >= 0) {
+    part = v.select(0, t.expert);
+    if (t.part == 1) part = part.slice(0, 0, inter);
+    if (t.part == 3) part = part.slice(0, inter, 2 * inter);
+  }
+  return part;
+}
+
+void load_transformers(Model& model, const SafetensorsCheckpoint& ck, const std::string& path, const ParamTable& table,
+                       LoadMode mode, bool frozen_wo_a, LoadReport& r) {
+  const ModelConfig& c = table.config();
+  const auto targets = plan_transformers(ck, path, table, r);
+  const auto by_file = names_by_file(ck);
   auto slots = model_weight_slots(model);
   for (const auto& [file, names] : by_file) {
     for (const std::string& name : names) {
       const Tensor v = ck.view(name);
-      for (const HfTarget& t : targets.at(name)) {
-        Tensor part = v;
-        if (t.expert >= 0) {
-          part = v.select(0, t.expert);
-          if (t.part == 1) part = part.slice(0, 0, c.moe_inter_dim);
-          if (t.part == 3) part = part.slice(0, c.moe_inter_dim, 2 * c.moe_inter_dim);
-        }
-        load_entry(slots.at(t.entry->name), *t.entry, part, Tensor(), mode, r);
-      }
+      for (const HfTarget& t : targets.at(name))
+        load_entry(slots.at(t.entry->name), *t.entry, hf_part(v, t, c.moe_inter_dim), Tensor(), mode, frozen_wo_a, r);
       ++r.tensors;
       r.bytes += v.nbytes();
     }
@@ -548,13 +579,13 @@ LoadReport load_checkpoint(Model& model, const std::string& dir, const LoadOptio
     else if (fs::is_directory(dir) && fs::exists(fs::path(dir) / "config.json")) topts.format = checkpoint_format_of(dir);
     const ParamTable table = ParamTable::build(model.config(), topts);
     r.format = table.format();
-    load_release(model, ck, dir, table, opts.mode, r);
+    load_release(model, ck, dir, table, opts.mode, opts.frozen_wo_a, r);
   } else {
     topts.format = CheckpointFormat::named("f32");  // shapes only: float dtypes are accepted as they come
     const ParamTable table = ParamTable::build(model.config(), topts);
     r.format = table.format();
     r.format.name = "unquantised (F32/BF16/F16 as stored)";
-    load_transformers(model, ck, dir, table, opts.mode, r);
+    load_transformers(model, ck, dir, table, opts.mode, opts.frozen_wo_a, r);
   }
   return r;
 }
@@ -575,77 +606,194 @@ std::unique_ptr<Model> load_model(const std::string& dir, const LoadOptions& opt
 }
 
 // ---- writing --------------------------------------------------------------------------------------------------
+Tensor WeightValue::to_f32(bool owned) const {
+  if (quantized.defined()) return quantized.dequantize();
+  DSV4_CHECK(plain.defined(), "WeightValue::to_f32: no value");
+  if (plain.dtype() == DType::F32) return owned ? plain.clone() : plain;
+  return plain.to(DType::F32);
+}
+
 namespace {
 
 // The release-layout tensors of one entry (the weight, and its scale when quantised).
-void release_tensors(const ParamEntry& e, const WeightSlot& slot, const CheckpointFormat& fmt,
+void release_tensors(const ParamEntry& e, const WeightValue& v, const CheckpointFormat& fmt,
                      std::vector<std::pair<std::string, Tensor>>& out) {
+  DSV4_CHECK(v.defined(), "writing '{}': no value", e.name);
   if (e.role == TensorRole::Index) {
-    out.emplace_back(e.name, slot.param->value);
+    DSV4_CHECK(v.plain.defined(), "writing '{}': expected an integer table", e.name);
+    out.emplace_back(e.name, v.plain.dtype() == DType::I64 ? v.plain : v.plain.to(DType::I64));
     return;
   }
-  const QuantizedWeight* fz = slot.frozen_weight();
-  if (fz && fz->format == e.format && (e.format != WeightFormat::FP8 || fz->scale_format() == fmt.scale)) {
-    out.emplace_back(e.name, fz->data);  // byte for byte (packed FP4 is written as I8 [out, in/2])
-    if (e.scale) out.emplace_back(e.scale->name, fz->scale);
+  const QuantizedWeight& fz = v.quantized;
+  if (fz.defined() && fz.format == e.format && (e.format != WeightFormat::FP8 || fz.scale_format() == fmt.scale)) {
+    out.emplace_back(e.name, fz.data);  // byte for byte (packed FP4 is written as I8 [out, in/2])
+    if (e.scale) out.emplace_back(e.scale->name, fz.scale);
     return;
   }
-  const Tensor v = slot.f32_copy();
+  const Tensor f32 = v.to_f32();
+  DSV4_CHECK(f32.shape() == e.shape, "writing '{}': value {} does not match {}", e.name, f32.str(), e.shape.str());
   if (e.format == WeightFormat::FP8 || e.format == WeightFormat::FP4) {
-    QuantizedWeight q = quantize_weight(v, e.format, fmt.scale, e.name);
+    QuantizedWeight q = quantize_weight(f32, e.format, fmt.scale, e.name);
     out.emplace_back(e.name, q.data);
     out.emplace_back(e.scale->name, q.scale);
     return;
   }
-  out.emplace_back(e.name, v.to(e.disk_dtype));
+  out.emplace_back(e.name, f32.to(e.disk_dtype));
+}
+
+ParamTable writer_table(const ModelConfig& cfg, const SaveOptions& opts, const std::string& dir) {
+  DSV4_CHECK(opts.layout != CheckpointLayout::Transformers || !opts.format.quantized(),
+             "writing '{}': the transformers layout is unquantised (f32 or bf16), not {}", dir, opts.format.str());
+  ParamTableOptions topts;
+  topts.format = opts.format;
+  return ParamTable::build(cfg, topts);
 }
 
 }  // namespace
 
-SaveReport save_checkpoint(Model& model, const std::string& dir, const SaveOptions& opts) {
-  const ModelConfig& cfg = model.config();
-  const bool hf = opts.layout == CheckpointLayout::Transformers;
-  DSV4_CHECK(!hf || !opts.format.quantized(), "save_checkpoint('{}'): the transformers layout is unquantised (f32 or "
-             "bf16), not {}", dir, opts.format.str());
-  fs::create_directories(dir);
-  ParamTableOptions topts;
-  topts.format = opts.format;
-  const ParamTable table = ParamTable::build(cfg, topts);
-  auto slots = model_weight_slots(model);
-  for (const ParamEntry& e : table.entries())
-    DSV4_CHECK(slots.count(e.name), "save_checkpoint: the model has no parameter '{}'", e.name);
-
+CheckpointWriter::CheckpointWriter(const ModelConfig& cfg, std::string dir, const SaveOptions& opts)
+    : cfg_(cfg), dir_(std::move(dir)), opts_(opts), table_(writer_table(cfg, opts, dir_)) {
+  const bool hf = opts_.layout == CheckpointLayout::Transformers;
   // Shard groups: release = the table's files; transformers = the same without the MTP file.
-  const int n_shards = hf ? static_cast<int>(cfg.n_layers + 2) : table.num_shards();
-  std::vector<std::vector<const ParamEntry*>> groups(static_cast<size_t>(n_shards) + 1);
-  for (const ParamEntry& e : table.entries())
-    if (e.shard_file <= n_shards) groups[static_cast<size_t>(e.shard_file)].push_back(&e);
-
-  SaveReport rep;
-  std::map<std::string, std::string> weight_map;
-  for (int s = 1; s <= n_shards; ++s) {
-    const std::string file = fmt::format("model-{:05d}-of-{:05d}.safetensors", s, n_shards);
-    std::vector<std::pair<std::string, Tensor>> tensors;
-    for (const ParamEntry* e : groups[static_cast<size_t>(s)]) release_tensors(*e, slots.at(e->name), opts.format, tensors);
-    if (hf) {
-      std::map<std::string, Tensor> native(tensors.begin(), tensors.end());
-      const std::map<std::string, Tensor> hf_state = native_state_to_hf(native);
-      tensors.assign(hf_state.begin(), hf_state.end());
-    }
-    for (const auto& [name, t] : tensors) {
-      weight_map[name] = file;
-      rep.total_size += t.nbytes();
-    }
-    rep.tensors += static_cast<int64_t>(tensors.size());
-    write_safetensors((fs::path(dir) / file).string(), tensors, {{"format", "pt"}});
-  }
-  rep.shards = n_shards;
-  write_safetensors_index((fs::path(dir) / "model.safetensors.index.json").string(), weight_map, rep.total_size);
-  if (opts.write_config)
-    write_file_atomic((fs::path(dir) / "config.json").string(),
-                      hf ? transformers_config_json(cfg, opts.format) : release_config_json(cfg, opts.format));
-  return rep;
+  n_shards_ = hf ? static_cast<int>(cfg_.n_layers + 2) : table_.num_shards();
+  groups_.assign(static_cast<size_t>(n_shards_) + 1, {});
+  written_.assign(static_cast<size_t>(n_shards_) + 1, false);
+  for (const ParamEntry& e : table_.entries())
+    if (e.shard_file <= n_shards_) groups_[static_cast<size_t>(e.shard_file)].push_back(&e);
+  fs::create_directories(dir_);
 }
+
+int64_t CheckpointWriter::write_shard(int s, const std::function<WeightValue(const ParamEntry&)>& value) {
+  DSV4_CHECK(s >= 1 && s <= n_shards_, "CheckpointWriter('{}'): shard {} outside 1..{}", dir_, s, n_shards_);
+  DSV4_CHECK(!written_[static_cast<size_t>(s)], "CheckpointWriter('{}'): shard {} written twice", dir_, s);
+  const std::string file = fmt::format("model-{:05d}-of-{:05d}.safetensors", s, n_shards_);
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const ParamEntry* e : groups_[static_cast<size_t>(s)]) release_tensors(*e, value(*e), opts_.format, tensors);
+  if (opts_.layout == CheckpointLayout::Transformers) {
+    std::map<std::string, Tensor> native(tensors.begin(), tensors.end());
+    const std::map<std::string, Tensor> hf_state = native_state_to_hf(native);
+    tensors.assign(hf_state.begin(), hf_state.end());
+  }
+  int64_t bytes = 0;
+  for (const auto& [name, t] : tensors) {
+    weight_map_[name] = file;
+    bytes += t.nbytes();
+  }
+  rep_.total_size += bytes;
+  rep_.tensors += static_cast<int64_t>(tensors.size());
+  write_safetensors((fs::path(dir_) / file).string(), tensors, {{"format", "pt"}});
+  written_[static_cast<size_t>(s)] = true;
+  return bytes;
+}
+
+SaveReport CheckpointWriter::finish() {
+  for (int s = 1; s <= n_shards_; ++s)
+    DSV4_CHECK(written_[static_cast<size_t>(s)], "CheckpointWriter('{}'): shard {} of {} was never written", dir_, s,
+               n_shards_);
+  const bool hf = opts_.layout == CheckpointLayout::Transformers;
+  rep_.shards = n_shards_;
+  write_safetensors_index((fs::path(dir_) / "model.safetensors.index.json").string(), weight_map_, rep_.total_size);
+  if (opts_.write_config)
+    write_file_atomic((fs::path(dir_) / "config.json").string(),
+                      hf ? transformers_config_json(cfg_, opts_.format) : release_config_json(cfg_, opts_.format));
+  return rep_;
+}
+
+SaveReport save_checkpoint(Model& model, const std::string& dir, const SaveOptions& opts) {
+  CheckpointWriter w(model.config(), dir, opts);
+  auto slots = model_weight_slots(model);
+  for (const ParamEntry& e : w.table().entries())
+    DSV4_CHECK(slots.count(e.name), "save_checkpoint: the model has no parameter '{}'", e.name);
+  for (int s = 1; s <= w.num_shards(); ++s)
+    w.write_shard(s, [&](const ParamEntry& e) {
+      const WeightSlot& slot = slots.at(e.name);
+      WeightValue v;
+      if (const QuantizedWeight* q = slot.frozen_weight()) {
+        v.quantized = *q;
+      } else {
+        DSV4_CHECK(slot.param->value.defined(), "{}: the parameter has no value", e.name);
+        v.plain = slot.param->value;
+      }
+      return v;
+    });
+  return w.finish();
+}
+
+// ---- streaming reader -------------------------------------------------------------------------------------------
+struct CheckpointReader::Impl {
+  std::string dir;
+  ModelConfig cfg;
+  CheckpointLayout layout = CheckpointLayout::Release;
+  CheckpointFormat format;
+  SafetensorsCheckpoint ck;
+  std::unique_ptr<ParamTable> table;
+  std::map<std::string, ParamTable::DiskTensor> release;        // release layout: disk tensors by name
+  std::map<std::string, std::pair<std::string, HfTarget>> hf;   // transformers layout: native -> (tensor, part)
+};
+
+CheckpointReader::CheckpointReader(const std::string& dir) : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.dir = dir;
+  m.cfg = load_checkpoint_config(dir);
+  m.ck = SafetensorsCheckpoint::open(dir);
+  m.layout = detect_layout(m.ck.names());
+  LoadReport r;
+  ParamTableOptions topts;
+  if (m.layout == CheckpointLayout::Release) {
+    topts.format = checkpoint_format_of(dir);
+    m.table = std::make_unique<ParamTable>(ParamTable::build(m.cfg, topts));
+    m.format = m.table->format();
+    m.release = validate_release(m.ck, dir, *m.table, r);
+  } else {
+    topts.format = CheckpointFormat::named("f32");
+    m.table = std::make_unique<ParamTable>(ParamTable::build(m.cfg, topts));
+    m.format = m.table->format();
+    for (const auto& [name, ts] : plan_transformers(m.ck, dir, *m.table, r))
+      for (const HfTarget& t : ts) m.hf.emplace(t.entry->name, std::make_pair(name, t));
+  }
+  m.ck.release_shards();
+}
+
+CheckpointReader::~CheckpointReader() = default;
+CheckpointReader::CheckpointReader(CheckpointReader&&) noexcept = default;
+CheckpointReader& CheckpointReader::operator=(CheckpointReader&&) noexcept = default;
+
+const std::string& CheckpointReader::dir() const { return impl_->dir; }
+const ModelConfig& CheckpointReader::config() const { return impl_->cfg; }
+CheckpointLayout CheckpointReader::layout() const { return impl_->layout; }
+const CheckpointFormat& CheckpointReader::format() const { return impl_->format; }
+
+bool CheckpointReader::contains(const std::string& native_name) const {
+  return impl_->layout == CheckpointLayout::Release ? impl_->release.count(native_name) != 0
+                                                    : impl_->hf.count(native_name) != 0;
+}
+
+WeightValue CheckpointReader::get(const ParamEntry& e) const {
+  const Impl& m = *impl_;
+  WeightValue v;
+  if (m.layout == CheckpointLayout::Transformers) {
+    auto it = m.hf.find(e.name);
+    DSV4_CHECK(it != m.hf.end(), "checkpoint '{}' (transformers layout) has no tensor for '{}'", m.dir, e.name);
+    v.plain = hf_part(m.ck.view(it->second.first), it->second.second, m.cfg.moe_inter_dim);
+    if (e.role == TensorRole::Index && v.plain.dtype() != DType::I64) v.plain = v.plain.to(DType::I64);
+    return v;
+  }
+  DSV4_CHECK(m.release.count(e.name), "checkpoint '{}' has no tensor '{}'", m.dir, e.name);
+  const ParamEntry& own = m.table->at(e.name);  // this checkpoint's format (e may come from another table)
+  const Tensor w = m.ck.view(own.name);
+  const bool quantized = w.dtype() == DType::F8_E4M3 || w.dtype() == DType::I8 || w.dtype() == DType::U8;
+  if (own.role == TensorRole::Index) {
+    v.plain = w.dtype() == DType::I64 ? w : w.to(DType::I64);
+  } else if (own.holder != WeightHolder::Param || quantized) {
+    v.quantized =
+        QuantizedWeight::from_tensors(w, quantized && own.scale ? m.ck.view(own.scale->name) : Tensor(), own.name);
+  } else {
+    v.plain = w;
+  }
+  return v;
+}
+
+void CheckpointReader::release() const { impl_->ck.release_shards(); }
 
 // ---- tiny checkpoints ----------------------------------------------------------------------------------------
 CheckpointFormat format_for_quant(const std::string& quant) {

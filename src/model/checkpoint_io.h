@@ -21,6 +21,7 @@
 //     Precision policy for attn.wo_a: it is a grouped projection held as an F32 Param (dequantised exactly). The
 //     reference converts it to BF16 at load time; with E8M0 scales FP8 x 2^k values are exactly representable in
 //     BF16, so F32 holds the very same values (with base F32 scales the reference's BF16 rounding is not applied).
+//     With LoadOptions::frozen_wo_a it stays a frozen QuantizedWeight as well (LoRA runs: no F32 copy).
 //   * gate.tid2eid is I64 in the release (I32 is accepted and cast on load).
 //   * Transformers layout: the names of transformers' DeepseekV4 state dict (model.layers.N.self_attn.q_a_proj...,
 //     stacked mlp.experts.gate_up_proj [E, 2I, D] / down_proj [E, D, I]) and the names transformers 5.x
@@ -63,12 +64,13 @@ struct WeightSlot {
   Param* param = nullptr;
   Linear* linear = nullptr;
   ExpertWeights* expert = nullptr;
+  Attention* attn = nullptr;  // attn.wo_a (can be kept frozen with LoadOptions::frozen_wo_a)
   int k = 0;            // expert matrix 1, 2, 3
   Shape shape;          // the weight's shape (also while frozen)
 
   bool frozen() const;
   const QuantizedWeight* frozen_weight() const;  // null unless frozen
-  void set_frozen(QuantizedWeight q);            // Linear / expert slots only
+  void set_frozen(QuantizedWeight q);            // Linear / expert / wo_a slots only
   // Makes the slot an F32 Param of its shape (dropping a frozen weight without dequantising it) and returns it.
   Tensor& f32_value();
   // The weight as F32 values (the Param, or a dequantised copy of the frozen weight).
@@ -92,6 +94,9 @@ struct LoadOptions {
   LoadMode mode = LoadMode::TrainableF32;
   std::optional<CheckpointFormat> format;  // release layout: the expected on-disk format (default: checkpoint_format_of)
   std::function<std::string(const ParamEntry&)> optimizer_group;  // passed to the ParamTable
+  // FrozenQuantized only: keep attn.wo_a frozen in storage precision too (Attention::set_wo_a_frozen; FP8 + scales in
+  // release checkpoints) instead of the default F32 Param. For LoRA runs on a frozen base: no F32 copy of wo_a.
+  bool frozen_wo_a = false;
 };
 
 struct LoadReport {
@@ -132,6 +137,72 @@ struct SaveReport {
 };
 // Creates DIR when missing; existing files of the same names are replaced atomically.
 SaveReport save_checkpoint(Model& model, const std::string& dir, const SaveOptions& opts = {});
+
+// ---- streaming: shard-by-shard reading and writing (dsv4-export) ----------------------------------------------
+// A weight's value as a reader hands it over or a writer takes it: a plain tensor (F32 / BF16 / F16, I64 for
+// tid2eid) or a QuantizedWeight (a matrix in FP8 / FP4 / BF16 / F32 with its scales).
+struct WeightValue {
+  Tensor plain;
+  QuantizedWeight quantized;
+  bool defined() const { return plain.defined() || quantized.defined(); }
+  // F32 values (dequantised or converted); a fresh, writable copy when `owned` (else possibly a view).
+  Tensor to_f32(bool owned = false) const;
+};
+
+// Every weight of a checkpoint (release or transformers layout) by native name, validated against the parameter
+// table of its config.json exactly as load_checkpoint validates (one error listing every problem). Values are
+// views into memory-mapped shards: call release() after each group to unmap them (peak memory = the pages of the
+// tensors in use).
+class CheckpointReader {
+ public:
+  explicit CheckpointReader(const std::string& dir);
+  ~CheckpointReader();
+  CheckpointReader(CheckpointReader&&) noexcept;
+  CheckpointReader& operator=(CheckpointReader&&) noexcept;
+
+  const std::string& dir() const;
+  const ModelConfig& config() const;
+  CheckpointLayout layout() const;
+  // Release layout: the declared format (checkpoint_format_of); transformers layout: "f32" (tensors come as stored).
+  const CheckpointFormat& format() const;
+  // Native names the checkpoint holds (a transformers checkpoint lacks mtp.*).
+  bool contains(const std::string& native_name) const;
+  // The entry's value (release: matrices of Linear / expert holders as QuantizedWeight views, everything else
+  // plain; transformers: plain, stacked experts sliced). Throws naming the tensor when the checkpoint lacks it.
+  WeightValue get(const ParamEntry& e) const;
+  void release() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Writes a checkpoint (layout and format as save_checkpoint) one shard group at a time: shard s holds the entries
+// shard_entries(s) (release layout: s = 1 embed, 2+i layers.i, then head / norm / hc_head, then mtp; the
+// transformers layout has no MTP shard). Only the tensors of the shard being written are held in memory.
+class CheckpointWriter {
+ public:
+  CheckpointWriter(const ModelConfig& cfg, std::string dir, const SaveOptions& opts);
+  const ParamTable& table() const { return table_; }
+  int num_shards() const { return n_shards_; }
+  const std::vector<const ParamEntry*>& shard_entries(int s) const { return groups_.at(static_cast<size_t>(s)); }
+  // Writes shard s from value(e) of each entry (quantised in the target format when needed; a QuantizedWeight
+  // already in the target format is written byte for byte). Returns the bytes of tensor data written.
+  int64_t write_shard(int s, const std::function<WeightValue(const ParamEntry&)>& value);
+  // Writes the index (and config.json when asked). Every shard must have been written.
+  SaveReport finish();
+
+ private:
+  ModelConfig cfg_;
+  std::string dir_;
+  SaveOptions opts_;
+  ParamTable table_;
+  int n_shards_ = 0;
+  std::vector<std::vector<const ParamEntry*>> groups_;
+  std::vector<bool> written_;
+  std::map<std::string, std::string> weight_map_;
+  SaveReport rep_;
+};
 
 // ---- tiny checkpoints for tests and demos -------------------------------------------------------------------
 struct MakeTinyOptions {

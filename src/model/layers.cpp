@@ -79,6 +79,22 @@ Tensor Linear::forward(const Tensor& x_TI, LinearCtx* ctx) const {
              "Linear {}: the weight has no storage (built under DeferredWeightStorage and never loaded)", weight.name);
   Tensor y = frozen.defined() ? qmatmul_xwT(x_TI, frozen) : ops::matmul(x_TI, weight.value, false, true);
   if (ctx) ctx->x = x_TI;
+  if (lora) {
+    DSV4_CHECK(lora->in_features() == in_ && lora->out_features() == out_,
+               "Linear {}: adapter {} is [{}, {}] x [{}, {}], the weight [{}, {}]", weight.name, lora->unit,
+               lora->out_features(), lora->rank(), lora->rank(), lora->in_features(), out_, in_);
+    const Tensor x = x_TI.contiguous();
+    const int64_t T = x.size(0);
+    const uint64_t draw = lora->next_draw();
+    Tensor z = Tensor::empty({T, lora->rank()}, DType::F32);
+    lora_down(*lora, T, x.data<float>(), in_, draw, 0, z.data<float>());
+    lora_up(*lora, T, z.data<float>(), 0, out_, y.data<float>(), out_);
+    if (ctx) {
+      ctx->x = x;
+      ctx->lora_z = z;
+      ctx->lora_draw = draw;
+    }
+  }
   return y;
 }
 
@@ -86,9 +102,25 @@ Tensor Linear::backward(const Tensor& dy_TO, const LinearCtx& ctx) {
   DSV4_CHECK(dy_TO.ndim() == 2 && dy_TO.size(1) == out_features() && ctx.x.defined() && ctx.x.size(0) == dy_TO.size(0),
              "Linear {}: backward dy {} does not match weight [{}, {}] / saved input {}", weight.name, dy_TO.str(),
              out_features(), in_features(), ctx.x.str());
-  if (frozen.defined()) return qmatmul_dyW(dy_TO, frozen);
-  if (weight.trainable) ops::gemm(dy_TO, true, ctx.x, false, 1.0f, 1.0f, weight.grad_buffer());
-  return ops::matmul(dy_TO, weight.value);
+  Tensor dx;
+  if (frozen.defined()) {
+    dx = qmatmul_dyW(dy_TO, frozen);
+  } else {
+    if (weight.trainable) ops::gemm(dy_TO, true, ctx.x, false, 1.0f, 1.0f, weight.grad_buffer());
+    dx = ops::matmul(dy_TO, weight.value);
+  }
+  if (lora) {
+    DSV4_CHECK(ctx.lora_z.defined() && ctx.lora_z.size(0) == dy_TO.size(0) && ctx.lora_z.size(1) == lora->rank(),
+               "Linear {}: backward through adapter {} without its forward context", weight.name, lora->unit);
+    const Tensor dy = dy_TO.contiguous();
+    const Tensor x = ctx.x.contiguous();
+    dx = dx.contiguous();
+    const int64_t T = dy.size(0);
+    Tensor dz = Tensor::zeros({T, lora->rank()}, DType::F32);
+    lora_up_backward(*lora, T, dy.data<float>(), out_, ctx.lora_z.data<float>(), 0, out_, dz.data<float>());
+    lora_down_backward(*lora, T, dz.data<float>(), x.data<float>(), in_, ctx.lora_draw, 0, dx.data<float>(), in_);
+  }
+  return dx;
 }
 
 }  // namespace dsv4

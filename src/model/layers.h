@@ -9,7 +9,9 @@
 #pragma once
 
 #include <cmath>
+#include <optional>
 
+#include "model/lora.h"
 #include "model/param.h"
 #include "model/quant.h"
 
@@ -92,7 +94,9 @@ class DeferredWeightStorage {
 };
 
 struct LinearCtx {
-  Tensor x;  // [T, in]
+  Tensor x;                // [T, in]
+  Tensor lora_z;           // [T, r] adapter activations A drop(x) (with an adapter)
+  uint64_t lora_draw = 0;  // the adapter's dropout draw of this forward
 };
 
 // y = x W^T with W [out, in] (the checkpoint layout).
@@ -103,6 +107,8 @@ struct LinearCtx {
 // holds an F32 copy of W, has no weight gradient (backward returns dx = dy W only), and is skipped by visit():
 // it has no Param (`weight` keeps only its name). With a frozen weight that dequantises to the values of an F32
 // weight the outputs agree to FP32 rounding (bit-identical for F32 storage, which is used in place).
+// An optional LoRA adapter (lora.h) adds s B (A drop(x)) to the output; backward accumulates its A / B gradients and
+// its contribution to dx; visit() visits A and B after the weight.
 class Linear {
  public:
   Linear() = default;
@@ -113,6 +119,7 @@ class Linear {
   Tensor backward(const Tensor& dy_TO, const LinearCtx& ctx);
   void visit(const ParamVisitor& f) {
     if (!frozen.defined()) f(weight);
+    if (lora) lora->visit(f);
   }
   int64_t in_features() const { return in_; }
   int64_t out_features() const { return out_; }
@@ -126,6 +133,7 @@ class Linear {
 
   Param weight;            // [out, in] F32 (undefined value while frozen)
   QuantizedWeight frozen;  // defined while frozen
+  std::optional<LoraAdapter> lora;  // A [r, in], B [out, r]
 
  private:
   int64_t in_ = 0, out_ = 0;

@@ -95,35 +95,122 @@ void expert_dyW(const ExpertWeights& ew, int k, int64_t n, const float* dY, int6
   cpu_gemm(false, false, n, w.size(1), w.size(0), 1.0f, dY, lddy, w.data<float>(), w.size(1), beta, dX, lddx);
 }
 
+// ---- LoRA on the expert matrices (lora.h). draws[0..3]: the dropout draws of lora_w1, w2, w3, w13. ----------------
+constexpr int kExpertLoraSlots[4] = {1, 2, 3, 13};
+
+void expert_lora_draws(const ExpertWeights& ew, uint64_t* draws) {
+  for (int s = 0; s < 4; ++s) {
+    const auto& ad = ew.lora(kExpertLoraSlots[s]);
+    draws[s] = ad ? ad->next_draw() : 0;
+  }
+}
+
+void check_expert_lora(const ExpertWeights& ew, int64_t D, int64_t I) {
+  auto check = [&](const std::optional<LoraAdapter>& ad, int64_t in, int64_t out) {
+    DSV4_CHECK(!ad || (ad->in_features() == in && ad->out_features() == out),
+               "MoE: adapter {} must be A [r, {}], B [{}, r]; got A {}, B {}", ad->unit, in, out, ad->A.value.str(),
+               ad->B.value.str());
+  };
+  check(ew.lora_w1, D, I);
+  check(ew.lora_w2, I, D);
+  check(ew.lora_w3, D, I);
+  check(ew.lora_w13, D, 2 * I);
+  DSV4_CHECK(!(ew.lora_w13 && (ew.lora_w1 || ew.lora_w3)), "MoE: {} has both a fused w13 and a w1 / w3 adapter",
+             ew.w1.name);
+}
+
+// G [n, I] and U [n, I] += the input-side adapters on X [n, D].
+void expert_lora_in_forward(const ExpertWeights& ew, const float* X, int64_t n, int64_t D, int64_t I,
+                            const uint64_t* draws, float* G, float* U) {
+  std::vector<float> z;
+  auto run = [&](const LoraAdapter& ad, uint64_t draw) {
+    z.resize(static_cast<size_t>(n * ad.rank()));
+    lora_down(ad, n, X, D, draw, 0, z.data());
+  };
+  if (ew.lora_w1) {
+    run(*ew.lora_w1, draws[0]);
+    lora_up(*ew.lora_w1, n, z.data(), 0, I, G, I);
+  }
+  if (ew.lora_w3) {
+    run(*ew.lora_w3, draws[2]);
+    lora_up(*ew.lora_w3, n, z.data(), 0, I, U, I);
+  }
+  if (ew.lora_w13) {
+    run(*ew.lora_w13, draws[3]);
+    lora_up(*ew.lora_w13, n, z.data(), 0, I, G, I);
+    lora_up(*ew.lora_w13, n, z.data(), I, I, U, I);
+  }
+}
+
+// Backward of the input-side adapters: accumulates their gradients and dX [n, D] += their input gradient.
+void expert_lora_in_backward(ExpertWeights& ew, const float* X, const float* dG, const float* dU, int64_t n, int64_t D,
+                             int64_t I, const uint64_t* draws, float* dX) {
+  std::vector<float> z, dz;
+  auto start = [&](const LoraAdapter& ad, uint64_t draw) {
+    z.resize(static_cast<size_t>(n * ad.rank()));
+    dz.assign(static_cast<size_t>(n * ad.rank()), 0.0f);
+    lora_down(ad, n, X, D, draw, 0, z.data());
+  };
+  if (ew.lora_w1) {
+    start(*ew.lora_w1, draws[0]);
+    lora_up_backward(*ew.lora_w1, n, dG, I, z.data(), 0, I, dz.data());
+    lora_down_backward(*ew.lora_w1, n, dz.data(), X, D, draws[0], 0, dX, D);
+  }
+  if (ew.lora_w3) {
+    start(*ew.lora_w3, draws[2]);
+    lora_up_backward(*ew.lora_w3, n, dU, I, z.data(), 0, I, dz.data());
+    lora_down_backward(*ew.lora_w3, n, dz.data(), X, D, draws[2], 0, dX, D);
+  }
+  if (ew.lora_w13) {
+    start(*ew.lora_w13, draws[3]);
+    lora_up_backward(*ew.lora_w13, n, dG, I, z.data(), 0, I, dz.data());
+    lora_up_backward(*ew.lora_w13, n, dU, I, z.data(), I, I, dz.data());
+    lora_down_backward(*ew.lora_w13, n, dz.data(), X, D, draws[3], 0, dX, D);
+  }
+}
+
 // Forward of one clamped SwiGLU expert on n gathered rows X [n, D]. Writes G, U [n, I] (pre-clamp), H [n, I]
-// (weighted activations) and Y [n, D].
+// (weighted activations) and Y [n, D]. draws: the adapters' dropout draws (null: no adapters).
 void expert_forward(const ExpertWeights& ew, const float* X, const float* w, int64_t n, int64_t D, int64_t I,
-                    double limit, float* G, float* U, float* H, float* Y) {
+                    double limit, float* G, float* U, float* H, float* Y, const uint64_t* draws) {
   expert_xwT(ew, 1, n, X, D, 0.0f, G, I);
   expert_xwT(ew, 3, n, X, D, 0.0f, U, I);
+  if (draws) expert_lora_in_forward(ew, X, n, D, I, draws, G, U);
   swiglu_clamp_rows<float>(G, U, w, H, n, I, limit);
   expert_xwT(ew, 2, n, H, I, 0.0f, Y, D);
+  if (draws && ew.lora_w2) {
+    std::vector<float> z(static_cast<size_t>(n * ew.lora_w2->rank()));
+    lora_down(*ew.lora_w2, n, H, I, draws[1], 0, z.data());
+    lora_up(*ew.lora_w2, n, z.data(), 0, D, Y, D);
+  }
 }
 
 // Backward of one expert: dY [n, D] -> dX [n, D] (written), dw [n] (written when w), weight grads accumulated
-// (trainable F32 weights only). Scratch: H, dH, dG, dU [n, I].
+// (trainable F32 weights and adapters only). Scratch: H, dH, dG, dU [n, I].
 void expert_backward(ExpertWeights& ew, const float* X, const float* G, const float* U, const float* w, const float* dY,
                      int64_t n, int64_t D, int64_t I, double limit, float* H, float* dH, float* dG, float* dU,
-                     float* dw, float* dX) {
+                     float* dw, float* dX, const uint64_t* draws) {
   const bool train1 = !ew.w1_frozen.defined() && ew.w1.trainable;
   const bool train2 = !ew.w2_frozen.defined() && ew.w2.trainable;
   const bool train3 = !ew.w3_frozen.defined() && ew.w3.trainable;
-  // dH = dY W2 (gradient of the weighted activations w * silu(gc) * uc)
+  const bool lora2 = draws && ew.lora_w2;
+  // dH = dY W2' (gradient of the weighted activations w * silu(gc) * uc; W2' includes the adapter)
   expert_dyW(ew, 2, n, dY, D, 0.0f, dH, I);
-  if (train2) {
-    swiglu_clamp_rows<float>(G, U, w, H, n, I, limit);
-    cpu_gemm(true, false, D, I, n, 1.0f, dY, D, H, I, 1.0f, ew.w2.grad_buffer().data<float>(), I);
+  if (train2 || lora2) swiglu_clamp_rows<float>(G, U, w, H, n, I, limit);
+  if (train2) cpu_gemm(true, false, D, I, n, 1.0f, dY, D, H, I, 1.0f, ew.w2.grad_buffer().data<float>(), I);
+  if (lora2) {
+    LoraAdapter& ad = *ew.lora_w2;
+    std::vector<float> z(static_cast<size_t>(n * ad.rank())), dz(static_cast<size_t>(n * ad.rank()), 0.0f);
+    lora_down(ad, n, H, I, draws[1], 0, z.data());
+    lora_up_backward(ad, n, dY, D, z.data(), 0, D, dz.data());
+    lora_down_backward(ad, n, dz.data(), H, I, draws[1], 0, dH, I);
   }
   swiglu_clamp_backward_rows<float>(G, U, w, dH, dG, dU, dw, n, I, limit);
   if (train1) cpu_gemm(true, false, I, D, n, 1.0f, dG, I, X, D, 1.0f, ew.w1.grad_buffer().data<float>(), D);
   if (train3) cpu_gemm(true, false, I, D, n, 1.0f, dU, I, X, D, 1.0f, ew.w3.grad_buffer().data<float>(), D);
   expert_dyW(ew, 1, n, dG, I, 0.0f, dX, D);
   expert_dyW(ew, 3, n, dU, I, 1.0f, dX, D);
+  if (draws) expert_lora_in_backward(ew, X, dG, dU, n, D, I, draws, dX);
 }
 
 }  // namespace
@@ -182,6 +269,7 @@ MoE::MoE(std::string prefix, const ModelConfig& cfg, bool hash_routed)
 
 void MoE::visit(const ParamVisitor& f) {
   f(gate_weight);
+  if (gate_lora) gate_lora->visit(f);
   if (hash_)
     f(tid2eid);
   else
@@ -207,6 +295,27 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
     check_expert_weight(shared, 3, Shape{I, D});
     check_expert_weight(shared, 2, Shape{D, I});
   }
+  // LoRA dropout draws (see MoECtx::lora_draws); empty when no adapter is attached.
+  bool any_lora = gate_lora.has_value() || (has_shared_ && shared.has_lora());
+  for (const auto& ew : experts) any_lora = any_lora || ew.has_lora();
+  std::vector<uint64_t> draws;
+  if (any_lora) {
+    DSV4_CHECK(!gate_lora || (gate_lora->in_features() == D && gate_lora->out_features() == E),
+               "MoE {}: adapter {} must be A [r, {}], B [{}, r]", prefix_, gate_lora->unit, D, E);
+    draws.assign(static_cast<size_t>(1 + 4 * (E + 1)), 0);
+    draws[0] = gate_lora ? gate_lora->next_draw() : 0;
+    for (int64_t e = 0; e < E; ++e) {
+      check_expert_lora(experts[static_cast<size_t>(e)], D, I);
+      expert_lora_draws(experts[static_cast<size_t>(e)], draws.data() + 1 + 4 * e);
+    }
+    if (has_shared_) {
+      check_expert_lora(shared, D, I);
+      expert_lora_draws(shared, draws.data() + 1 + 4 * E);
+    }
+  }
+  auto expert_draws = [&](int64_t e) -> const uint64_t* {  // e = E: the shared expert
+    return draws.empty() ? nullptr : draws.data() + 1 + 4 * e;
+  };
 
   const float* x = x_TD.data<float>();
   Tensor s = Tensor::empty({T, E}, DType::F32);
@@ -214,6 +323,11 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
   Tensor idx = Tensor::empty({T, K}, DType::I64);
   Tensor w = Tensor::empty({T, K}, DType::F32);
   cpu_gemm(false, true, T, E, D, 1.0f, x, D, gate_weight.value.data<float>(), D, 0.0f, s.data<float>(), E);
+  if (gate_lora) {
+    std::vector<float> z(static_cast<size_t>(T * gate_lora->rank()));
+    lora_down(*gate_lora, T, x, D, draws[0], 0, z.data());
+    lora_up(*gate_lora, T, z.data(), 0, E, s.data<float>(), E);
+  }
   sqrt_softplus_rows<float>(s.data<float>(), aff.data<float>(), T * E);
 
   // ---- routing ----
@@ -299,7 +413,7 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
       float* G = ctx ? g_all.data<float>() + o * I : Gt.data();
       float* U = ctx ? u_all.data<float>() + o * I : Ut.data();
       expert_forward(experts[static_cast<size_t>(e)], Xe.data(), we.data(), n, D, I, limit_, G, U, He.data(),
-                     Ye.data());
+                     Ye.data(), expert_draws(e));
       scatter_add_rows(Ye.data(), D, tok.data(), n, yp);
     }
   }
@@ -312,7 +426,7 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
     Tensor sh = Tensor::empty({T, I}, DType::F32);
     Tensor sy = Tensor::empty({T, D}, DType::F32);
     expert_forward(shared, x, nullptr, T, D, I, limit_, sg.data<float>(), su.data<float>(), sh.data<float>(),
-                   sy.data<float>());
+                   sy.data<float>(), expert_draws(E));
     const float* syp = sy.data<float>();
     for (int64_t i = 0; i < T * D; ++i) yp[i] += syp[i];
   }
@@ -333,6 +447,7 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
     ctx->batch = layout.batch;
     ctx->seq = layout.seq;
     ctx->stats = std::move(st);
+    ctx->lora_draws = std::move(draws);
   }
   return y;
 }
@@ -349,6 +464,13 @@ Tensor MoE::backward(const Tensor& dy_TD, const MoECtx& ctx, double balance_alph
   const float* wp = ctx.w.data<float>();
   const int64_t* ip = ctx.idx.data<int64_t>();
   const int64_t N = T * K;
+  bool any_lora = gate_lora.has_value() || (has_shared_ && shared.has_lora());
+  for (const auto& ew : experts) any_lora = any_lora || ew.has_lora();
+  DSV4_CHECK(!any_lora || ctx.lora_draws.size() == static_cast<size_t>(1 + 4 * (E + 1)),
+             "MoE {}: backward through adapters without their forward context", prefix_);
+  auto expert_draws = [&](int64_t e) -> const uint64_t* {
+    return ctx.lora_draws.empty() ? nullptr : ctx.lora_draws.data() + 1 + 4 * e;
+  };
 
   Tensor dx = Tensor::zeros({T, D}, DType::F32);
   float* dxp = dx.data<float>();
@@ -377,7 +499,7 @@ Tensor MoE::backward(const Tensor& dy_TD, const MoECtx& ctx, double balance_alph
       gather_rows(dy, D, tok.data(), n, dYe.data());
       expert_backward(experts[static_cast<size_t>(e)], Xe.data(), ctx.g.data<float>() + o * I,
                       ctx.u.data<float>() + o * I, we.data(), dYe.data(), n, D, I, limit_, H.data(), dH.data(),
-                      dG.data(), dU.data(), dwe.data(), dXe.data());
+                      dG.data(), dU.data(), dwe.data(), dXe.data(), expert_draws(e));
       scatter_add_rows(dXe.data(), D, tok.data(), n, dxp);
       for (int64_t r = 0; r < n; ++r)
         dw[static_cast<size_t>(ctx.sorted_slot[static_cast<size_t>(o + r)])] = dwe[static_cast<size_t>(r)];
@@ -389,7 +511,7 @@ Tensor MoE::backward(const Tensor& dy_TD, const MoECtx& ctx, double balance_alph
     std::vector<float> H(static_cast<size_t>(T * I)), dH(static_cast<size_t>(T * I)), dG(static_cast<size_t>(T * I)),
         dU(static_cast<size_t>(T * I)), dXs(static_cast<size_t>(T * D));
     expert_backward(shared, x, ctx.shared_g.data<float>(), ctx.shared_u.data<float>(), nullptr, dy, T, D, I, limit_,
-                    H.data(), dH.data(), dG.data(), dU.data(), nullptr, dXs.data());
+                    H.data(), dH.data(), dG.data(), dU.data(), nullptr, dXs.data(), expert_draws(E));
     for (int64_t i = 0; i < T * D; ++i) dxp[i] += dXs[static_cast<size_t>(i)];
   }
 
@@ -404,6 +526,13 @@ Tensor MoE::backward(const Tensor& dy_TD, const MoECtx& ctx, double balance_alph
   if (gate_weight.trainable)
     cpu_gemm(true, false, E, D, T, 1.0f, ds.data<float>(), E, x, D, 1.0f, gate_weight.grad_buffer().data<float>(), D);
   cpu_gemm(false, false, T, D, E, 1.0f, ds.data<float>(), E, gate_weight.value.data<float>(), D, 1.0f, dxp, D);
+  if (gate_lora) {
+    const int64_t r = gate_lora->rank();
+    std::vector<float> z(static_cast<size_t>(T * r)), dz(static_cast<size_t>(T * r), 0.0f);
+    lora_down(*gate_lora, T, x, D, ctx.lora_draws[0], 0, z.data());
+    lora_up_backward(*gate_lora, T, ds.data<float>(), E, z.data(), 0, E, dz.data());
+    lora_down_backward(*gate_lora, T, dz.data(), x, D, ctx.lora_draws[0], 0, dxp, D);
+  }
   return dx;
 }
 

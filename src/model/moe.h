@@ -29,10 +29,12 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "model/config.h"
+#include "model/lora.h"
 #include "model/param.h"
 #include "model/quant.h"
 #include "model/seq_layout.h"
@@ -249,9 +251,12 @@ void swiglu_clamp_backward_rows(const T* g, const T* u, const T* w, const T* dh,
 // Each matrix is either its F32 Param (trainable unless cleared) or, after set_frozen(k, ...), a frozen
 // QuantizedWeight in storage precision (FP4 / FP8 / BF16 / F32) used with dequantise-on-the-fly GEMMs (no weight
 // gradient, skipped by visit(), the Param keeps only its name). See Linear in layers.h.
+// Optional LoRA adapters (lora.h): lora_w1 / lora_w2 / lora_w3 on one matrix each, or lora_w13, one adapter fused
+// over w1 and w3 (A [r, D] shared, B [2I, r]: rows [0, I) adapt w1, rows [I, 2I) adapt w3; transformers' gate_up_proj).
 struct ExpertWeights {
   Param w1, w2, w3;
   QuantizedWeight w1_frozen, w2_frozen, w3_frozen;
+  std::optional<LoraAdapter> lora_w1, lora_w2, lora_w3, lora_w13;
 
   // k = 1, 2, 3.
   Param& param(int k) { return k == 1 ? w1 : k == 2 ? w2 : w3; }
@@ -263,10 +268,20 @@ struct ExpertWeights {
   void set_frozen(int k, QuantizedWeight w, const Shape& expected);
   // Back to an F32 parameter holding the dequantised values (trainable = true).
   void unfreeze(int k);
+  // Adapter slot: 1, 2, 3 (one matrix) or 13 (fused w1 + w3).
+  std::optional<LoraAdapter>& lora(int k) { return k == 1 ? lora_w1 : k == 2 ? lora_w2 : k == 3 ? lora_w3 : lora_w13; }
+  const std::optional<LoraAdapter>& lora(int k) const {
+    return k == 1 ? lora_w1 : k == 2 ? lora_w2 : k == 3 ? lora_w3 : lora_w13;
+  }
+  bool has_lora() const { return lora_w1 || lora_w2 || lora_w3 || lora_w13; }
   void visit(const ParamVisitor& f) {
     if (!w1_frozen.defined()) f(w1);
+    if (lora_w1) lora_w1->visit(f);
+    if (lora_w13) lora_w13->visit(f);
     if (!w2_frozen.defined()) f(w2);
+    if (lora_w2) lora_w2->visit(f);
     if (!w3_frozen.defined()) f(w3);
+    if (lora_w3) lora_w3->visit(f);
   }
 };
 
@@ -287,6 +302,9 @@ struct MoECtx {
   Tensor shared_g, shared_u;         // [T, I] shared expert pre-activations
   int64_t batch = 0, seq = 0;        // the layout's rows, for the balance loss
   MoEStats stats;
+  // LoRA dropout draws of this forward: [0] the gate adapter, then 4 per routed expert (w1, w2, w3, w13), then 4 for
+  // the shared expert (empty without adapters).
+  std::vector<uint64_t> lora_draws;
 };
 
 class MoE {
@@ -317,6 +335,7 @@ class MoE {
   Shape expert_weight_shape(int k) const { return k == 2 ? Shape{dim_, inter_} : Shape{inter_, dim_}; }
 
   Param gate_weight;                   // prefix + "gate.weight"  [E, D]
+  std::optional<LoraAdapter> gate_lora;  // prefix + "gate.lora_{A,B}": A [r, D], B [E, r] (LoRA on the router)
   Param gate_bias;                     // prefix + "gate.bias"    [E] F32 (learned layers only)
   Param tid2eid;                       // prefix + "gate.tid2eid" I64 [vocab, K] (hash layers only)
   std::vector<ExpertWeights> experts;  // prefix + "experts.{e}.w{1,2,3}.weight"

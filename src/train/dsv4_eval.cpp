@@ -1,6 +1,6 @@
 // dsv4-eval: loss and perplexity of a model on a dsv4-prep dataset, and/or a greedy or sampled continuation of a
 // prompt for a quick look.
-//   dsv4-eval --model DIR --data FILE.h5 [--seq-len N] [--batch B] [--max-batches K] [--json]
+//   dsv4-eval --model DIR [--adapter PEFT_DIR] --data FILE.h5 [--seq-len N] [--batch B] [--max-batches K] [--json]
 //   dsv4-eval --model DIR --tokenizer tokenizer.json --prompt TEXT [--max-new-tokens N] [--temperature T] [--seed S]
 // DIR: a dsv4 training run or checkpoint, or a release / transformers checkpoint directory.
 #include <CLI/CLI.hpp>
@@ -11,6 +11,7 @@
 #include "data/loader.h"
 #include "data/tokenizer.h"
 #include "runtime/cpu_blas.h"
+#include "model/peft.h"
 #include "train/model_source.h"
 
 namespace {
@@ -83,13 +84,14 @@ std::string generate(const Model& model, const data::Tokenizer& tok, const std::
 
 int main(int argc, char** argv) {
   CLI::App app{"dsv4-eval: loss / perplexity on a dataset, or a continuation of a prompt"};
-  std::string model_dir, data_path, tokenizer_path, prompt;
+  std::string model_dir, adapter_dir, data_path, tokenizer_path, prompt;
   int64_t seq_len = 128, batch = 4, max_batches = 0, max_new = 32;
   double temperature = 0;
   uint64_t seed = 1;
   int threads = 0;
   bool json = false;
   app.add_option("--model", model_dir, "training run / checkpoint, or release / transformers checkpoint")->required();
+  app.add_option("--adapter", adapter_dir, "a PEFT LoRA adapter directory to apply over --model");
   app.add_option("--data", data_path, "HDF5 dataset from dsv4-prep");
   app.add_option("--seq-len", seq_len, "tokens per evaluated sequence")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--batch", batch, "sequences per forward")->capture_default_str()->check(CLI::PositiveNumber);
@@ -108,6 +110,10 @@ int main(int argc, char** argv) {
     set_cpu_threads(threads);
     const OpenedModel m = open_model(model_dir);
     if (!json) std::printf("model: %s\n", m.description.c_str());
+    if (!adapter_dir.empty()) {
+      const int64_t n = load_peft_adapter(*m.model, adapter_dir);
+      if (!json) std::printf("adapter: %s (%lld adapters)\n", adapter_dir.c_str(), static_cast<long long>(n));
+    }
     if (!data_path.empty()) {
       const EvalResult r = evaluate(*m.model, data_path, seq_len, batch, max_batches);
       if (json)

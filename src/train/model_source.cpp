@@ -3,8 +3,10 @@
 #include <filesystem>
 
 #include "model/checkpoint_io.h"
+#include "model/peft.h"
 #include "runtime/safetensors.h"
 #include "train/checkpoint_dir.h"
+#include "train/train_config.h"
 
 namespace dsv4 {
 
@@ -20,6 +22,21 @@ OpenedModel open_model(const std::string& dir_in) {
     dir = *latest;
   }
   OpenedModel out;
+  if (fs::exists(dir / "trainer.json") && fs::exists(dir / "adapter" / "adapter_config.json")) {
+    // A LoRA run's checkpoint: the frozen base it was trained on (model.checkpoint of its resolved config) plus
+    // the adapters it saved in PEFT's format.
+    CheckpointDir::verify(dir.string());
+    const TrainConfig tc = load_train_config((dir / "config.yaml").string());
+    DSV4_CHECK(!tc.model.checkpoint.empty(), "'{}': a LoRA checkpoint whose config names no base model.checkpoint",
+               dir.string());
+    LoadOptions lo;
+    lo.mode = LoadMode::FrozenQuantized;
+    lo.frozen_wo_a = true;
+    out.model = load_model(tc.model.checkpoint, lo);
+    const int64_t n = load_peft_adapter(*out.model, (dir / "adapter").string());
+    out.description = fmt::format("{} (LoRA checkpoint: {} adapters over {})", dir.string(), n, tc.model.checkpoint);
+    return out;
+  }
   if (fs::exists(dir / "trainer.json")) {  // a dsv4 training checkpoint
     CheckpointDir::verify(dir.string());
     const ModelConfig cfg = load_model_config((dir / "config.json").string());

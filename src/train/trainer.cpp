@@ -11,6 +11,8 @@
 
 #include "model/flops.h"
 #include "model/checkpoint_io.h"
+#include "model/lora.h"
+#include "model/peft.h"
 #include "optim/clip.h"
 #include "optim/moe_bias.h"
 #include "runtime/cpu_blas.h"
@@ -73,12 +75,39 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
   set_cpu_threads(static_cast<int>(cfg_.train.threads));
   ModelOptions opts;
   opts.attention.simulate_release_quant = cfg_.model.simulate_release_quant;
-  model_ = std::make_unique<Model>(model_cfg_, opts);
-  model_->init_random(static_cast<uint64_t>(cfg_.train.seed));
-  if (!cfg_.model.checkpoint.empty()) {  // release or transformers layout; FP8/FP4 dequantised to trainable F32
-    const LoadReport r = load_checkpoint(*model_, cfg_.model.checkpoint, LoadOptions{LoadMode::TrainableF32, {}, {}});
-    print(fmt::format("loaded {} ({} layout, {} tensors in {} shards)", r.path, checkpoint_layout_name(r.layout),
-                      r.tensors, r.shards));
+  const bool lora = cfg_.lora.enabled;
+  if (!cfg_.model.checkpoint.empty()) {
+    // Release or transformers layout. Full training dequantises FP8/FP4 into trainable F32; LoRA keeps the base
+    // frozen in its on-disk precision (no gradient, no optimizer state, no F32/BF16 copy of those weights).
+    LoadReport r;
+    LoadOptions lo;
+    lo.mode = lora ? LoadMode::FrozenQuantized : LoadMode::TrainableF32;
+    lo.frozen_wo_a = lora;  // LoRA: wo_a stays in FP8 too
+    model_ = load_model(cfg_.model.checkpoint, lo, opts, &r);
+    print(fmt::format("loaded {} ({} layout, {} tensors in {} shards{})", r.path, checkpoint_layout_name(r.layout),
+                      r.tensors, r.shards,
+                      lora ? fmt::format("; {} weights frozen in {:.1f} MiB", r.frozen_weights,
+                                         static_cast<double>(r.frozen_bytes) / (1 << 20))
+                           : std::string()));
+  } else {
+    model_ = std::make_unique<Model>(model_cfg_, opts);
+    model_->init_random(static_cast<uint64_t>(cfg_.train.seed));
+  }
+  if (lora) {
+    LoraConfig lc;
+    lc.rank = cfg_.lora.rank;
+    lc.alpha = cfg_.lora.alpha;
+    lc.rslora = cfg_.lora.rslora;
+    lc.dropout = cfg_.lora.dropout;
+    lc.targets = cfg_.lora.targets;
+    lc.seed = static_cast<uint64_t>(cfg_.train.seed);
+    lora_config_ = lc;
+    const int64_t n = apply_lora(*model_, lc);
+    set_lora_train_mode(*model_, true);
+    int64_t trainable = 0;
+    for (Param* p : lora_params(*model_)) trainable += p->value.numel();
+    print(fmt::format("LoRA r={} alpha={}: {} adapters, {:.3f}M trainable parameters; the base is frozen", lc.rank,
+                      lc.alpha, n, static_cast<double>(trainable) / 1e6));
   }
 
   OptimizerConfig oc = OptimizerConfig::for_model(
@@ -166,6 +195,7 @@ StepRecord Trainer::train_step() {
   rec.lr = lr_.lr_at(step_);
   LossWeights weights = loss_weights_at(loss_schedule_, lr_, step_);
   model_->zero_grad();
+  if (cfg_.lora.enabled) set_lora_dropout_step(*model_, static_cast<uint64_t>(step_));  // resumable dropout masks
   // All micro-batches first: the cross-entropies are divided by the global target counts (every micro-batch of
   // every rank), so summing the gradients gives exactly the gradient of the global mean loss.
   const int64_t accum = cfg_.data.grad_accum;
@@ -236,6 +266,7 @@ StepRecord Trainer::train_step() {
 
 double Trainer::evaluate() {
   if (!val_) return std::nan("");
+  if (cfg_.lora.enabled) set_lora_train_mode(*model_, false);  // no adapter dropout while evaluating
   const std::string start = val_->state();
   double loss_sum = 0;
   int64_t tokens = 0;
@@ -246,6 +277,7 @@ double Trainer::evaluate() {
     tokens += r.tokens;
   }
   val_->restore(start);  // every evaluation sees the same batches
+  if (cfg_.lora.enabled) set_lora_train_mode(*model_, true);
   std::vector<double> sums = {loss_sum, static_cast<double>(tokens)};
   sum_across_ranks(sums);
   return sums[1] > 0 ? sums[0] / sums[1] : std::nan("");
@@ -260,9 +292,20 @@ void Trainer::save_checkpoint() {
   const std::string path = checkpoints_->save(
       step_,
       [&](const std::string& dir) {
+        // LoRA runs keep the frozen base out of their checkpoints (it is model.checkpoint): the adapters, and the
+        // MoE routing biases, which the aux-loss-free rule may move, are the whole state.
         std::vector<std::pair<std::string, Tensor>> params;
-        model_->visit([&](Param& p) { params.emplace_back(p.name, p.value); });
-        write_safetensors((fs::path(dir) / "model.safetensors").string(), params, {{"format", "dsv4"}});
+        model_->visit([&](Param& p) {
+          if (!cfg_.lora.enabled || p.trainable || p.name.find("gate.bias") != std::string::npos)
+            params.emplace_back(p.name, p.value);
+        });
+        write_safetensors((fs::path(dir) / "model.safetensors").string(), params,
+                          {{"format", "dsv4"}, {"contents", cfg_.lora.enabled ? "lora" : "full"}});
+        if (cfg_.lora.enabled) {  // the same adapters in PEFT's format, loadable by transformers + peft
+          const fs::path peft = fs::path(dir) / "adapter";
+          fs::create_directories(peft);
+          save_peft_adapter(*model_, peft.string(), PeftSaveOptions{lora_config_, cfg_.model.checkpoint});
+        }
         std::vector<std::pair<std::string, Tensor>> opt;
         for (auto& [k, v] : optimizer_->state_dict()) opt.emplace_back(k, v);
         write_safetensors((fs::path(dir) / "optimizer.safetensors").string(), opt);
@@ -288,7 +331,18 @@ void Trainer::resume_from(const std::string& checkpoint) {
   const SafetensorsFile model_file = SafetensorsFile::open((fs::path(checkpoint) / "model.safetensors").string());
   std::map<std::string, Tensor> state;
   for (const std::string& n : model_file.names()) state[n] = model_file.load(n);
-  model_->load_state(state, model_file.path());
+  if (cfg_.lora.enabled) {  // adapters (+ MoE biases) over the base loaded from model.checkpoint
+    std::vector<std::string> missing;
+    model_->visit([&](Param& p) {
+      auto it = state.find(p.name);
+      if (it != state.end()) ops::copy(it->second, p.value);
+      else if (p.trainable) missing.push_back(p.name);
+    });
+    DSV4_CHECK(missing.empty(), "{}: LoRA checkpoint lacks {} adapter tensors (first: {}); was it written with the same "
+               "lora.targets and lora.rank?", model_file.path(), missing.size(), missing.empty() ? "" : missing[0]);
+  } else {
+    model_->load_state(state, model_file.path());
+  }
   const SafetensorsFile opt_file = SafetensorsFile::open((fs::path(checkpoint) / "optimizer.safetensors").string());
   std::map<std::string, Tensor> opt;
   for (const std::string& n : opt_file.names()) opt[n] = opt_file.load(n);

@@ -6,9 +6,11 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 
+#include "model/lora.h"
 #include "model/model.h"
 #include "runtime/comm.h"
 #include "optim/optimizer.h"
@@ -89,6 +91,7 @@ class Trainer {
   const Communicator* dp_ = nullptr;
   ModelConfig model_cfg_;
   std::unique_ptr<Model> model_;
+  std::optional<LoraConfig> lora_config_;
   std::unique_ptr<Optimizer> optimizer_;
   std::vector<Param*> params_;
   LrSchedule lr_;

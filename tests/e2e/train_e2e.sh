@@ -71,4 +71,18 @@ b=$(echo "$base" | sed -E 's/.*"loss": ([0-9.]+).*/\1/')
 echo "first training step LM loss $first vs checkpoint eval loss $b"
 awk -v a="$first" -v b="$b" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a != "" && d < 0.3) }' ||
   { echo "FAIL: training from the release checkpoint does not start at its loss"; exit 1; }
+echo "== 5. LoRA over a frozen FP8/FP4 release checkpoint, PEFT adapter in the checkpoint, eval of the run"
+"$bin/dsv4-make-tiny" --preset tiny --seed 1 --std 0.1 --format release --out "$work/lora-base" > /dev/null
+"$bin/dsv4-prep" --tokenizer data/tokenizer.json --input data/chat.jsonl --format chat --output "$work/chat.h5" > /dev/null
+"$bin/dsv4-train" configs/tiny-lora.yaml model.checkpoint="$work/lora-base" data.train="[$work/chat.h5]" data.val= \
+  train.out_dir="$work/lora" train.steps=40 train.threads=1 logging.tensorboard=false checkpoint.interval=20 \
+  > "$work/lora.log"
+grep -q "LoRA r=8 alpha=16: 36 adapters" "$work/lora.log" || { echo "FAIL: adapters not attached"; exit 1; }
+l10=$(grep -o '^step 10/40 | loss [0-9.]* (lm [0-9.]*' "$work/lora.log" | awk '{print $NF}')
+l40=$(grep -o '^step 40/40 | loss [0-9.]* (lm [0-9.]*' "$work/lora.log" | awk '{print $NF}')
+echo "LoRA LM loss step 10: $l10, step 40: $l40"
+awk -v a="$l10" -v b="$l40" 'BEGIN { exit !(a != "" && b != "" && b < a - 0.5) }' || { echo "FAIL: LoRA loss did not fall"; exit 1; }
+[ -f "$work/lora/checkpoints/step_00000040/adapter/adapter_config.json" ] || { echo "FAIL: no PEFT adapter"; exit 1; }
+"$bin/dsv4-eval" --model "$work/lora" --data "$work/chat.h5" --max-batches 2 --json | grep -q '"loss"' ||
+  { echo "FAIL: eval of the LoRA run"; exit 1; }
 echo "e2e: all checks passed"
