@@ -125,7 +125,8 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opts)
       hc_head("", cfg),
       norm("norm.weight", cfg.dim, cfg.norm_eps),
       head("head.weight", cfg.dim, cfg.vocab_size),
-      cfg_(cfg) {
+      cfg_(cfg),
+      recompute_(opts.recompute) {
   cfg.validate(cfg.name);
   for (int64_t i = 0; i < cfg.n_layers; ++i)
     layers.push_back(std::make_unique<Block>(fmt::format("layers.{}.", i), cfg, i, i < cfg.n_hash_layers, opts));
@@ -147,8 +148,11 @@ ModelOutput Model::forward(const Tensor& ids_T, const SeqLayout& layout, ModelCt
     ctx->mtp.resize(mtp.size());
   }
   Tensor X = expand_streams(embed.forward(ids_T), cfg_.hc_mult);
-  for (size_t i = 0; i < layers.size(); ++i)
-    X = layers[i]->forward(X, ids_T, layout, ctx ? &ctx->blocks[i] : nullptr, &out.moe_stats[i]);
+  if (ctx && recompute_) ctx->block_inputs.resize(layers.size());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    if (ctx && recompute_) ctx->block_inputs[i] = X;
+    X = layers[i]->forward(X, ids_T, layout, ctx && !recompute_ ? &ctx->blocks[i] : nullptr, &out.moe_stats[i]);
+  }
   if (ctx) ctx->X_final_TND = X;
   const Tensor hf = hc_head.forward(X, ctx ? &ctx->head : nullptr);
   out.logits_TV = head.forward(norm.forward(hf, ctx ? &ctx->norm : nullptr), ctx ? &ctx->out : nullptr);
@@ -169,7 +173,13 @@ void Model::backward(const Tensor& dlogits_TV, const std::vector<Tensor>& dmtp_l
   }
   for (size_t i = layers.size(); i-- > 0;) {
     const double alpha = layers[i]->ffn.tid2eid.value.defined() ? 0.0 : balance_alpha;  // hash layers: fixed routing
-    dX = layers[i]->backward(dX, ctx.blocks[i], alpha);
+    if (!ctx.block_inputs.empty()) {  // recomputation: rebuild this block's context, use it, drop it
+      BlockCtx block;
+      layers[i]->forward(ctx.block_inputs[i], ctx.ids_T, ctx.layout, &block, nullptr);
+      dX = layers[i]->backward(dX, block, alpha);
+    } else {
+      dX = layers[i]->backward(dX, ctx.blocks[i], alpha);
+    }
   }
   embed.backward(ops::sum(dX, 1), ctx.ids_T);
 }

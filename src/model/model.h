@@ -21,6 +21,9 @@ namespace dsv4 {
 
 struct ModelOptions {
   AttentionOptions attention;
+  // Per-layer activation recomputation: forward keeps only each decoder block's input; backward re-runs the
+  // block's forward to rebuild its context just before its backward (same results, less memory).
+  bool recompute = false;
 };
 
 struct BlockCtx {
@@ -85,7 +88,8 @@ class Mtp {
 struct ModelCtx {
   Tensor ids_T;
   SeqLayout layout;
-  std::vector<BlockCtx> blocks;
+  std::vector<BlockCtx> blocks;      // per block (empty contexts under recomputation)
+  std::vector<Tensor> block_inputs;  // recomputation: each block's input streams [T, n, D]
   Tensor X_final_TND;
   HcHeadCtx head;
   RMSNormCtx norm;
@@ -162,6 +166,7 @@ class Model {
 
  private:
   ModelConfig cfg_;
+  bool recompute_ = false;
 };
 
 }  // namespace dsv4

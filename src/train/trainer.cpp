@@ -75,6 +75,10 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
   set_cpu_threads(static_cast<int>(cfg_.train.threads));
   ModelOptions opts;
   opts.attention.simulate_release_quant = cfg_.model.simulate_release_quant;
+  opts.recompute = cfg_.train.recompute;
+  DSV4_CHECK(!(cfg_.train.recompute && cfg_.lora.enabled && cfg_.lora.dropout > 0),
+             "train.recompute with lora.dropout > 0 is not supported (the recomputed forward would draw other dropout "
+             "masks); set one of them to 0");
   const bool lora = cfg_.lora.enabled;
   if (!cfg_.model.checkpoint.empty()) {
     // Release or transformers layout. Full training dequantises FP8/FP4 into trainable F32; LoRA keeps the base

@@ -143,6 +143,33 @@ TEST_F(TinyModel, BackwardIsDeterministicAndAccumulates) {
   });
 }
 
+TEST_F(TinyModel, RecomputationGivesIdenticalGradients) {
+  ModelOptions ro;
+  ro.recompute = true;
+  Model recomputing(cfg, ro);
+  std::map<std::string, Tensor> state;
+  model->visit([&](Param& p) { state[p.name] = p.value.clone(); });
+  recomputing.load_state(state, "same weights");
+  const SeqLayout layout(2, 16);
+  const Tensor ids = random_ids(layout.tokens(), cfg.vocab_size, 9);
+  model->zero_grad();
+  const LossResult a = model->forward_backward(ids, ids, layout, LossWeights{});
+  const LossResult b = recomputing.forward_backward(ids, ids, layout, LossWeights{});
+  EXPECT_EQ(a.total, b.total);
+  std::map<std::string, std::vector<float>> grads;
+  model->visit([&](Param& p) {
+    if (p.grad.defined()) grads[p.name] = p.grad.to_floats();
+  });
+  int compared = 0;
+  recomputing.visit([&](Param& p) {
+    if (!p.grad.defined()) return;
+    ASSERT_TRUE(grads.count(p.name)) << p.name;
+    EXPECT_EQ(p.grad.to_floats(), grads[p.name]) << p.name;
+    ++compared;
+  });
+  EXPECT_EQ(compared, static_cast<int>(grads.size()));
+}
+
 TEST_F(TinyModel, LoadStateNamesMissingUnexpectedAndMisshapedTensors) {
   std::map<std::string, Tensor> state;
   model->visit([&](Param& p) { state[p.name] = p.value.clone(); });
