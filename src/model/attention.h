@@ -24,6 +24,7 @@
 #include "model/compressor.h"
 #include "model/indexer.h"
 #include "model/sparse_attention.h"
+#include "runtime/parallel.h"
 
 namespace dsv4 {
 
@@ -32,6 +33,8 @@ struct AttentionOptions {
   // raw and compressed KV; in the indexer, Hadamard rotation + FP4 fake-quant (block 32) of q and keys and
   // BF16 index scores. Gradients pass straight through the fake quantisers.
   bool simulate_release_quant = false;
+  // Tensor parallelism (heads, output groups and indexer heads split over parallel->tp()); null: one rank.
+  const Parallel* parallel = nullptr;
 };
 
 struct AttentionCtx {

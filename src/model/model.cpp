@@ -25,14 +25,22 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }  // namespace
 
 // ---- Block -------------------------------------------------------------------------------------------
+namespace {
+AttentionOptions attention_options(const ModelOptions& opts) {
+  AttentionOptions a = opts.attention;
+  a.parallel = opts.parallel;
+  return a;
+}
+}  // namespace
+
 Block::Block(const std::string& prefix, const ModelConfig& cfg, int64_t layer, bool hash_routed,
              const ModelOptions& opts)
     : hc_attn(prefix + "hc_attn_", cfg),
       hc_ffn(prefix + "hc_ffn_", cfg),
       attn_norm(prefix + "attn_norm.weight", cfg.dim, cfg.norm_eps),
       ffn_norm(prefix + "ffn_norm.weight", cfg.dim, cfg.norm_eps),
-      attn(prefix + "attn.", cfg, layer, opts.attention),
-      ffn(prefix + "ffn.", cfg, hash_routed) {}
+      attn(prefix + "attn.", cfg, layer, attention_options(opts)),
+      ffn(prefix + "ffn.", cfg, hash_routed, opts.parallel) {}
 
 Tensor Block::forward(const Tensor& X_TND, const Tensor& ids_T, const SeqLayout& layout, BlockCtx* ctx,
                       MoEStats* stats) const {

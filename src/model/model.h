@@ -24,6 +24,9 @@ struct ModelOptions {
   // Per-layer activation recomputation: forward keeps only each decoder block's input; backward re-runs the
   // block's forward to rebuild its context just before its backward (same results, less memory).
   bool recompute = false;
+  // The rank layout (tensor / expert parallel model parts); null or a single-rank Parallel: the whole model here.
+  // Must outlive the model. Model's constructor copies it into attention.parallel.
+  const Parallel* parallel = nullptr;
 };
 
 struct BlockCtx {

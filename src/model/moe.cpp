@@ -236,7 +236,7 @@ void ExpertWeights::unfreeze(int k) {
   q = QuantizedWeight();
 }
 
-MoE::MoE(std::string prefix, const ModelConfig& cfg, bool hash_routed)
+MoE::MoE(std::string prefix, const ModelConfig& cfg, bool hash_routed, const Parallel* parallel)
     : prefix_(std::move(prefix)),
       dim_(cfg.dim),
       n_experts_(cfg.n_routed_experts),

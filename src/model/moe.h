@@ -38,6 +38,7 @@
 #include "model/param.h"
 #include "model/quant.h"
 #include "model/seq_layout.h"
+#include "runtime/parallel.h"
 
 namespace dsv4 {
 
@@ -314,7 +315,8 @@ class MoE {
   // Hash layers own gate.tid2eid (an I64 [vocab, K] value in a Param with trainable = false, so loaders find it by
   // name; it never gets a gradient); learned layers own gate.bias (F32 [E], trainable = false: it is moved by the
   // aux-loss-free rule, not by gradients).
-  MoE(std::string prefix, const ModelConfig& cfg, bool hash_routed);
+  // parallel (may be null): routed experts split over parallel->ep(), tokens split over parallel->tp().
+  MoE(std::string prefix, const ModelConfig& cfg, bool hash_routed, const Parallel* parallel = nullptr);
 
   // x_TD: CPU F32 [T, D]; input_ids_T: I64 [T] (needed by hash layers, may be undefined for learned ones);
   // layout.tokens() == T. ctx may be null when no backward follows. Stats are written to ctx->stats and *stats.

@@ -11,11 +11,38 @@
 
 namespace dsv4 {
 
+// How a parameter is spread over the ranks of a parallel layout (runtime/parallel.h), which says how its gradient is
+// completed after backward and which part of the global tensor this rank holds.
+enum class Placement : uint8_t {
+  Replicated,  // the whole tensor on every rank; tp ranks compute identical gradients: sum over dp
+  TpPartial,   // the whole tensor on every rank; each tp rank's gradient is a partial sum: sum over dp and tp
+  TpSplit,     // a slice along shard_dim over the tp group: sum over dp
+  Expert,      // a routed expert's tensor, held by one rank of each ep group: sum over edp
+};
+
 struct Param {
   std::string name;
   Tensor value;  // F32
   Tensor grad;   // F32, same shape; undefined until first needed
   bool trainable = true;
+  Placement placement = Placement::Replicated;
+  // TpSplit: this rank holds [shard_offset, shard_offset + value.size(shard_dim)) of global_dim along shard_dim.
+  int shard_dim = -1;
+  int64_t shard_offset = 0, global_dim = 0;
+
+  // Marks the param as this rank's slice [offset, offset + local) of a dim of global size `global`.
+  void set_tp_split(int dim, int64_t offset, int64_t global) {
+    placement = Placement::TpSplit;
+    shard_dim = dim;
+    shard_offset = offset;
+    global_dim = global;
+  }
+  // The shape of the whole tensor across the tp group.
+  Shape global_shape() const {
+    Shape s = value.shape();
+    if (placement == Placement::TpSplit && shard_dim >= 0) s[shard_dim] = global_dim;
+    return s;
+  }
 
   Param() = default;
   Param(std::string n, const Shape& shape, Device device = Device::cpu())

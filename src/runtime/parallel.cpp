@@ -1,0 +1,156 @@
+#include "runtime/parallel.h"
+
+#include <algorithm>
+
+#include "runtime/error.h"
+#include "runtime/ops.h"
+
+namespace dsv4 {
+
+std::string ParallelDims::str() const {
+  std::string s;
+  auto add = [&](const char* axis, int64_t n) {
+    if (n == 1) return;
+    if (!s.empty()) s += "·";
+    s += fmt::format("{}{}", axis, n);
+  };
+  add("dp", dp);
+  add("tp", tp);
+  add("ep", ep);
+  return s.empty() ? "single" : s;
+}
+
+Range split_range(int64_t n, int64_t parts, int64_t i) {
+  DSV4_CHECK(parts > 0 && i >= 0 && i < parts && n >= 0, "split_range({}, {}, {}): bad arguments", n, parts, i);
+  const int64_t base = n / parts, extra = n % parts;
+  Range r;
+  r.begin = i * base + std::min(i, extra);
+  r.end = r.begin + base + (i < extra ? 1 : 0);
+  return r;
+}
+
+Parallel::Parallel(const Communicator* world, ParallelDims dims) : dims_(dims), world_(world) {
+  DSV4_CHECK(dims.dp >= 1 && dims.tp >= 1 && dims.ep >= 1, "parallel layout {}: every degree must be >= 1", dims.str());
+  const int64_t size = world ? world->size() : 1;
+  DSV4_CHECK(dims.world() == size, "parallel layout {}: dp x tp = {} must equal the number of ranks ({})", dims.str(),
+             dims.world(), size);
+  DSV4_CHECK(size % dims.ep == 0, "parallel layout {}: ep ({}) must divide the number of ranks ({})", dims.str(),
+             dims.ep, size);
+  rank_ = world ? world->rank() : 0;
+  if (!world || size == 1) return;
+  // Every rank takes part in every split (collective over world), in the same order.
+  auto group = [&](int64_t color, int64_t key, int64_t n) -> std::unique_ptr<Communicator> {
+    std::unique_ptr<Communicator> c = world->split(static_cast<int>(color), static_cast<int>(key));
+    if (n == 1) return nullptr;
+    return c;
+  };
+  tp_ = group(rank_ / dims.tp, rank_ % dims.tp, dims.tp);
+  dp_ = group(rank_ % dims.tp, rank_ / dims.tp, dims.dp);
+  ep_ = group(rank_ / dims.ep, rank_ % dims.ep, dims.ep);
+  edp_ = group(rank_ % dims.ep, rank_ / dims.ep, size / dims.ep);
+}
+
+Parallel::~Parallel() = default;
+
+int64_t Parallel::expert_owner(int64_t n_experts, int64_t e) const {
+  DSV4_CHECK(e >= 0 && e < n_experts, "expert {} out of range [0, {})", e, n_experts);
+  for (int64_t r = 0; r < ep_size(); ++r)
+    if (e < split_range(n_experts, ep_size(), r).end) return r;
+  return ep_size() - 1;
+}
+
+void group_sum(const Communicator* g, Tensor& x) {
+  if (g && g->size() > 1) g->all_reduce(x, CommReduce::Sum);
+}
+
+void group_max(const Communicator* g, Tensor& x) {
+  if (g && g->size() > 1) g->all_reduce(x, CommReduce::Max);
+}
+
+void group_sum(const Communicator* g, std::vector<double>& v) {
+  if (!g || g->size() == 1 || v.empty()) return;
+  // The communicators reduce F32, not F64: each double travels as a float plus its float remainder.
+  const int64_t n = static_cast<int64_t>(v.size());
+  Tensor hl = Tensor::empty({2, n}, DType::F32);
+  float* p = hl.data<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    const float h = static_cast<float>(v[static_cast<size_t>(i)]);
+    p[i] = h;
+    p[n + i] = static_cast<float>(v[static_cast<size_t>(i)] - static_cast<double>(h));
+  }
+  g->all_reduce(hl, CommReduce::Sum);
+  for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = static_cast<double>(p[i]) + static_cast<double>(p[n + i]);
+}
+
+void group_sum(const Communicator* g, std::vector<int64_t>& v) {
+  if (!g || g->size() == 1 || v.empty()) return;
+  Tensor t = Tensor::from_vector<int64_t>({static_cast<int64_t>(v.size())}, v);
+  g->all_reduce(t, CommReduce::Sum);
+  std::copy(t.data<int64_t>(), t.data<int64_t>() + t.numel(), v.begin());
+}
+
+std::vector<int64_t> split_rows(const Communicator* g, int64_t n) {
+  const int64_t size = group_size(g);
+  std::vector<int64_t> rows(static_cast<size_t>(size));
+  for (int64_t r = 0; r < size; ++r) rows[static_cast<size_t>(r)] = split_range(n, size, r).size();
+  return rows;
+}
+
+namespace {
+void check_rows(const char* op, const Communicator* g, const std::vector<int64_t>& rows) {
+  DSV4_CHECK(static_cast<int64_t>(rows.size()) == group_size(g), "{}: {} row counts for a group of {} ranks", op,
+             rows.size(), group_size(g));
+  for (int64_t r : rows) DSV4_CHECK(r >= 0, "{}: negative row count {}", op, r);
+}
+}  // namespace
+
+Tensor gather_rows(const Communicator* g, const Tensor& x_local, const std::vector<int64_t>& rows) {
+  check_rows("gather_rows", g, rows);
+  const int64_t me = group_rank(g);
+  DSV4_CHECK(x_local.ndim() >= 1 && x_local.size(0) == rows[static_cast<size_t>(me)],
+             "gather_rows: local tensor {} does not hold the {} rows of rank {}", x_local.str(), rows[static_cast<size_t>(me)],
+             me);
+  if (group_size(g) == 1) return x_local;
+  const int64_t max_rows = *std::max_element(rows.begin(), rows.end());
+  int64_t total = 0;
+  for (int64_t r : rows) total += r;
+  Shape padded_shape = x_local.shape();
+  padded_shape[0] = max_rows;
+  Tensor padded = Tensor::zeros(padded_shape, x_local.dtype(), x_local.device());
+  if (x_local.size(0) > 0) {
+    Tensor head = padded.slice(0, 0, x_local.size(0));
+    ops::copy(x_local, head);
+  }
+  Shape all_shape = padded_shape;
+  all_shape[0] = max_rows * group_size(g);
+  Tensor all = Tensor::empty(all_shape, x_local.dtype(), x_local.device());
+  g->all_gather(padded, all);
+  if (max_rows * group_size(g) == total) return all;
+  Shape out_shape = padded_shape;
+  out_shape[0] = total;
+  Tensor out = Tensor::empty(out_shape, x_local.dtype(), x_local.device());
+  int64_t at = 0;
+  for (int64_t r = 0; r < group_size(g); ++r) {
+    const int64_t n = rows[static_cast<size_t>(r)];
+    if (n == 0) continue;
+    Tensor dst = out.slice(0, at, at + n);
+    ops::copy(all.slice(0, r * max_rows, r * max_rows + n), dst);
+    at += n;
+  }
+  return out;
+}
+
+Tensor take_rows(const Communicator* g, const Tensor& x, const std::vector<int64_t>& rows) {
+  check_rows("take_rows", g, rows);
+  const int64_t me = group_rank(g);
+  int64_t begin = 0, total = 0;
+  for (int64_t r = 0; r < static_cast<int64_t>(rows.size()); ++r) {
+    if (r < me) begin += rows[static_cast<size_t>(r)];
+    total += rows[static_cast<size_t>(r)];
+  }
+  DSV4_CHECK(x.ndim() >= 1 && x.size(0) == total, "take_rows: tensor {} does not hold {} rows", x.str(), total);
+  if (group_size(g) == 1) return x.contiguous();
+  return x.slice(0, begin, begin + rows[static_cast<size_t>(me)]).contiguous();
+}
+
+}  // namespace dsv4
