@@ -48,6 +48,15 @@ struct Param {
   Param(std::string n, const Shape& shape, Device device = Device::cpu())
       : name(std::move(n)), value(Tensor::zeros(shape, DType::F32, device)) {}
 
+  // This rank's part of a tensor of the global shape (a view; the whole tensor unless TpSplit). Throws naming the
+  // parameter when `full` does not have the global shape.
+  Tensor local_part(const Tensor& full) const {
+    const Shape g = global_shape();
+    DSV4_CHECK(full.shape() == g, "{}: expected the global shape {}, got {}", name, g.str(), full.shape().str());
+    if (placement != Placement::TpSplit) return full;
+    return full.slice(shard_dim, shard_offset, shard_offset + value.size(shard_dim));
+  }
+
   // The gradient buffer, allocated as zeros on first use.
   Tensor& grad_buffer() {
     if (!grad.defined()) grad = Tensor::zeros(value.shape(), DType::F32, value.device());
