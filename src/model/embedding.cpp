@@ -3,20 +3,61 @@
 #include <cmath>
 #include <limits>
 
+#include "runtime/parallel.h"
+
 namespace dsv4 {
 
 Tensor Embedding::forward(const Tensor& ids_T) const {
   DSV4_CHECK(ids_T.dtype() == DType::I64 && ids_T.ndim() == 1, "Embedding {}: ids must be I64 [T], got {}", weight.name,
              ids_T.str());
-  return ops::index_select(weight.value, ids_T);
+  if (!shard_.group) return ops::index_select(weight.value, ids_T);
+  // Vocab-parallel: the rows this rank holds, zeros elsewhere, summed over the group (exactly one rank adds each row).
+  const Tensor ids = ids_T.contiguous();
+  const int64_t T = ids.size(0), D = weight.value.size(1), local = weight.value.size(0);
+  Tensor h = Tensor::zeros({T, D}, DType::F32);
+  const float* w = weight.value.data<float>();
+  float* out = h.data<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t id = ids.data<int64_t>()[t];
+    DSV4_CHECK(id >= 0 && id < shard_.vocab, "Embedding {}: id {} at position {} outside [0, {})", weight.name, id, t,
+               shard_.vocab);
+    const int64_t row = id - shard_.begin;
+    if (row >= 0 && row < local) std::copy(w + row * D, w + (row + 1) * D, out + t * D);
+  }
+  group_sum(shard_.group, h);
+  return h;
 }
 
 void Embedding::backward(const Tensor& dh_TD, const Tensor& ids_T) {
   if (!weight.trainable) return;
-  ops::index_add(weight.grad_buffer(), ids_T, dh_TD);
+  if (!shard_.group) {
+    ops::index_add(weight.grad_buffer(), ids_T, dh_TD);
+    return;
+  }
+  const Tensor ids = ids_T.contiguous();
+  const Tensor dh = dh_TD.contiguous();
+  const int64_t T = ids.size(0), D = weight.value.size(1), local = weight.value.size(0);
+  float* g = weight.grad_buffer().data<float>();
+  const float* d = dh.data<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t row = ids.data<int64_t>()[t] - shard_.begin;
+    if (row < 0 || row >= local) continue;
+    for (int64_t k = 0; k < D; ++k) g[row * D + k] += d[t * D + k];
+  }
 }
 
-CrossEntropyResult cross_entropy(const Tensor& logits_TV, const Tensor& targets_T, bool with_grad, double normalizer) {
+void Embedding::set_vocab_shard(const Communicator* group, int64_t begin, int64_t local, int64_t vocab) {
+  const int64_t D = weight.value.size(1);
+  DSV4_CHECK(begin >= 0 && local >= 0 && begin + local <= vocab, "Embedding {}: bad vocab shard [{}, {}) of {}",
+             weight.name, begin, begin + local, vocab);
+  shard_ = VocabShard{group, begin, vocab};
+  weight.value = Tensor::zeros({local, D}, DType::F32);
+  weight.grad = Tensor();
+  if (group) weight.set_tp_split(0, begin, vocab);
+}
+
+CrossEntropyResult cross_entropy(const Tensor& logits_TV, const Tensor& targets_T, bool with_grad, double normalizer,
+                                 const VocabShard& shard) {
   DSV4_CHECK(logits_TV.dtype() == DType::F32 && logits_TV.ndim() == 2 && logits_TV.device().is_cpu(),
              "cross_entropy: logits must be CPU F32 [T, V], got {}", logits_TV.str());
   DSV4_CHECK(targets_T.dtype() == DType::I64 && targets_T.ndim() == 1 && targets_T.size(0) == logits_TV.size(0),
@@ -24,30 +65,47 @@ CrossEntropyResult cross_entropy(const Tensor& logits_TV, const Tensor& targets_
   const Tensor logits = logits_TV.contiguous();
   const Tensor targets = targets_T.contiguous();
   const int64_t T = logits.size(0), V = logits.size(1);
+  const int64_t vocab = shard.group ? shard.vocab : V, begin = shard.group ? shard.begin : 0;
   const float* z = logits.data<float>();
   const int64_t* y = targets.data<int64_t>();
   CrossEntropyResult r;
   for (int64_t t = 0; t < T; ++t) {
-    DSV4_CHECK(y[t] == kIgnoreIndex || (y[t] >= 0 && y[t] < V), "cross_entropy: target {} at position {} outside [0, {})",
-               y[t], t, V);
+    DSV4_CHECK(y[t] == kIgnoreIndex || (y[t] >= 0 && y[t] < vocab),
+               "cross_entropy: target {} at position {} outside [0, {})", y[t], t, vocab);
     r.counted += y[t] != kIgnoreIndex;
   }
+  // Row maxima over the whole vocabulary (vocab-parallel: over the group).
+  Tensor m = Tensor::empty({T}, DType::F32);
+  float* mp = m.data<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, z[t * V + v]);
+    mp[t] = mx;
+  }
+  group_max(shard.group, m);
+  // Exponential sums and target logits (the rank holding the target contributes it).
+  std::vector<double> sums(static_cast<size_t>(2 * T), 0.0);
+  for (int64_t t = 0; t < T; ++t) {
+    if (y[t] == kIgnoreIndex) continue;
+    double s = 0;
+    for (int64_t v = 0; v < V; ++v) s += std::exp(static_cast<double>(z[t * V + v] - mp[t]));
+    sums[static_cast<size_t>(t)] = s;
+    const int64_t local = y[t] - begin;
+    if (local >= 0 && local < V) sums[static_cast<size_t>(T + t)] = static_cast<double>(z[t * V + local]);
+  }
+  group_sum(shard.group, sums);
   const double norm = normalizer > 0 ? normalizer : static_cast<double>(r.counted);
   if (with_grad) r.dlogits_TV = Tensor::zeros({T, V}, DType::F32);
   double total = 0;
   for (int64_t t = 0; t < T; ++t) {
     if (y[t] == kIgnoreIndex) continue;
-    const float* zt = z + t * V;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t v = 0; v < V; ++v) m = std::max(m, zt[v]);
-    double s = 0;
-    for (int64_t v = 0; v < V; ++v) s += std::exp(static_cast<double>(zt[v] - m));
-    const double lse = static_cast<double>(m) + std::log(s);
-    total += lse - static_cast<double>(zt[y[t]]);
+    const double lse = static_cast<double>(mp[t]) + std::log(sums[static_cast<size_t>(t)]);
+    total += lse - sums[static_cast<size_t>(T + t)];
     if (with_grad && norm > 0) {
       float* g = r.dlogits_TV.data<float>() + t * V;
-      for (int64_t v = 0; v < V; ++v) g[v] = static_cast<float>(std::exp(static_cast<double>(zt[v]) - lse) / norm);
-      g[y[t]] -= static_cast<float>(1.0 / norm);
+      for (int64_t v = 0; v < V; ++v) g[v] = static_cast<float>(std::exp(static_cast<double>(z[t * V + v]) - lse) / norm);
+      const int64_t local = y[t] - begin;
+      if (local >= 0 && local < V) g[local] -= static_cast<float>(1.0 / norm);
     }
   }
   r.loss = norm > 0 ? total / norm : 0.0;

@@ -2,8 +2,16 @@
 #pragma once
 
 #include "model/param.h"
+#include "runtime/comm.h"
 
 namespace dsv4 {
+
+// This rank's slice [begin, begin + local) of a vocabulary of `vocab` ids split over a tensor-parallel group
+// (vocab-parallel embedding, output head and cross-entropy). group null: the whole vocabulary here.
+struct VocabShard {
+  const Communicator* group = nullptr;
+  int64_t begin = 0, vocab = 0;
+};
 
 // h[t] = embed[ids[t]] (no scaling). ids: I64 [T].
 class Embedding {
@@ -15,8 +23,15 @@ class Embedding {
   // Accumulates d(embed) rows; the ids are the forward's.
   void backward(const Tensor& dh_TD, const Tensor& ids_T);
   void visit(const ParamVisitor& f) { f(weight); }
+  // Keeps only rows [begin, begin + local) of a vocabulary of `vocab` ids split over `group` (vocab-parallel: each
+  // rank looks up the ids it holds and the rows are summed over the group).
+  void set_vocab_shard(const Communicator* group, int64_t begin, int64_t local, int64_t vocab);
+  const VocabShard& shard() const { return shard_; }
 
-  Param weight;  // [V, D]
+  Param weight;  // [V, D] (or this rank's [V_local, D])
+
+ private:
+  VocabShard shard_;
 };
 
 inline constexpr int64_t kIgnoreIndex = -100;
@@ -30,8 +45,11 @@ struct CrossEntropyResult {
 // Cross-entropy of logits [T, V] (F32) against targets [T] (I64; kIgnoreIndex skips a token), reduced as
 // sum / normalizer. normalizer <= 0 means "the number of counted tokens" (the mean, like torch and HF).
 // Targets outside [0, V) other than kIgnoreIndex are errors naming the position.
+// Vocab-parallel (shard.group non-null): logits_TV holds this rank's columns [shard.begin, shard.begin + V_local) of a
+// vocabulary of shard.vocab; the maxima, exponential sums and target logits are reduced over the group, so every
+// rank gets the loss and counts of the whole vocabulary and the gradient of its columns.
 CrossEntropyResult cross_entropy(const Tensor& logits_TV, const Tensor& targets_T, bool with_grad,
-                                 double normalizer = 0);
+                                 double normalizer = 0, const VocabShard& shard = {});
 
 // Targets for next-token prediction as HF shifts them: target[b, s] = labels[b, s + shift] within each row,
 // kIgnoreIndex past the end. shift = 1 for the main model, 2 for the depth-1 MTP block.

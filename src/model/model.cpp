@@ -18,8 +18,25 @@ Tensor expand_streams(const Tensor& h_TD, int64_t n) {
   return X;
 }
 
+// The output head's input gradient: vocab-parallel heads give partial sums over their columns.
+Tensor head_backward(Linear& head, const Tensor& dlogits_TV, const LinearCtx& ctx, const VocabShard& shard) {
+  Tensor dx = head.backward(dlogits_TV, ctx);
+  group_sum(shard.group, dx);
+  return dx;
+}
+
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// Seed of one parameter's initialisation stream: splitmix64 of the run seed and the FNV-1a hash of its name.
+uint64_t param_seed(uint64_t seed, const std::string& name) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : name) h = (h ^ c) * 1099511628211ull;
+  uint64_t z = seed + 0x9e3779b97f4a7c15ull * (h | 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
 }
 
 }  // namespace
@@ -109,7 +126,7 @@ Tensor Mtp::forward(const Tensor& X_main_TND, const Tensor& ids_T, const SeqLayo
 
 Tensor Mtp::backward(const Tensor& dlogits_TV, const MtpCtx& ctx, Embedding& embed, Linear& head,
                      double balance_alpha) {
-  const Tensor dhf = norm.backward(head.backward(dlogits_TV, ctx.out), ctx.norm);
+  const Tensor dhf = norm.backward(head_backward(head, dlogits_TV, ctx.out, embed.shard()), ctx.norm);
   const Tensor dX = block.backward(hc_head.backward(dhf, ctx.head), ctx.block, balance_alpha);
   const int64_t T = dX.size(0), n = dX.size(1), D = dX.size(2);
   const Tensor de = ops::sum(dX, 1);  // e was broadcast over the streams
@@ -134,8 +151,15 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opts)
       norm("norm.weight", cfg.dim, cfg.norm_eps),
       head("head.weight", cfg.dim, cfg.vocab_size),
       cfg_(cfg),
-      recompute_(opts.recompute) {
+      recompute_(opts.recompute),
+      parallel_(opts.parallel) {
   cfg.validate(cfg.name);
+  if (parallel_ && parallel_->tp()) {  // vocab-parallel embedding and output head
+    const Range r = split_range(cfg.vocab_size, parallel_->tp_size(), parallel_->tp_rank());
+    embed.set_vocab_shard(parallel_->tp(), r.begin, r.size(), cfg.vocab_size);
+    head = Linear("head.weight", cfg.dim, r.size());
+    head.weight.set_tp_split(0, r.begin, cfg.vocab_size);
+  }
   for (int64_t i = 0; i < cfg.n_layers; ++i)
     layers.push_back(std::make_unique<Block>(fmt::format("layers.{}.", i), cfg, i, i < cfg.n_hash_layers, opts));
   for (int64_t j = 0; j < cfg.n_mtp_layers; ++j)
@@ -173,7 +197,7 @@ ModelOutput Model::forward(const Tensor& ids_T, const SeqLayout& layout, ModelCt
 void Model::backward(const Tensor& dlogits_TV, const std::vector<Tensor>& dmtp_logits_TV, const ModelCtx& ctx,
                      double balance_alpha) {
   DSV4_CHECK(ctx.blocks.size() == layers.size(), "Model.backward: the context does not come from a forward with ctx");
-  const Tensor dhf = norm.backward(head.backward(dlogits_TV, ctx.out), ctx.norm);
+  const Tensor dhf = norm.backward(head_backward(head, dlogits_TV, ctx.out, embed.shard()), ctx.norm);
   Tensor dX = hc_head.backward(dhf, ctx.head);
   for (size_t j = 0; j < mtp.size() && j < dmtp_logits_TV.size(); ++j) {
     if (!dmtp_logits_TV[j].defined()) continue;
@@ -237,7 +261,7 @@ LossResult Model::forward_backward(const Tensor& ids_T, const Tensor& labels_T, 
   LossResult r;
   r.output = forward(ids_T, layout, &ctx);
   const Targets targets = make_targets(labels_T, layout, mtp.size());
-  const CrossEntropyResult lm = cross_entropy(r.output.logits_TV, targets.lm, true, weights.lm_normalizer);
+  const CrossEntropyResult lm = cross_entropy(r.output.logits_TV, targets.lm, true, weights.lm_normalizer, embed.shard());
   r.lm = lm.loss;
   r.tokens = lm.counted;
   std::vector<Tensor> dmtp;
@@ -246,7 +270,8 @@ LossResult Model::forward_backward(const Tensor& ids_T, const Tensor& labels_T, 
   const bool mtp_backward = weights.mtp != 0 || weights.balance_alpha != 0;
   for (size_t j = 0; j < mtp.size(); ++j) {
     CrossEntropyResult ce =
-        cross_entropy(r.output.mtp_logits_TV[j], targets.mtp[j], mtp_backward, weights.mtp_normalizer);
+        cross_entropy(r.output.mtp_logits_TV[j], targets.mtp[j], mtp_backward, weights.mtp_normalizer,
+                      embed.shard());
     r.mtp.push_back(ce.loss);
     mtp_total += ce.loss;
     dmtp.push_back(mtp_backward ? ops::affine(ce.dlogits_TV, weights.mtp, 0.0) : Tensor());
@@ -262,12 +287,12 @@ LossResult Model::evaluate(const Tensor& ids_T, const Tensor& labels_T, const Se
   LossResult r;
   r.output = forward(ids_T, layout, nullptr);
   const Targets targets = make_targets(labels_T, layout, mtp.size());
-  const CrossEntropyResult lm = cross_entropy(r.output.logits_TV, targets.lm, false);
+  const CrossEntropyResult lm = cross_entropy(r.output.logits_TV, targets.lm, false, 0, embed.shard());
   r.lm = lm.loss;
   r.tokens = lm.counted;
   double mtp_total = 0;
   for (size_t j = 0; j < mtp.size(); ++j) {
-    r.mtp.push_back(cross_entropy(r.output.mtp_logits_TV[j], targets.mtp[j], false).loss);
+    r.mtp.push_back(cross_entropy(r.output.mtp_logits_TV[j], targets.mtp[j], false, 0, embed.shard()).loss);
     mtp_total += r.mtp.back();
   }
   r.balance = balance_total(*this, r.output, weights.balance_alpha);
@@ -297,10 +322,12 @@ int64_t Model::num_params() const {
 }
 
 void Model::init_random(uint64_t seed, double stddev) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.0f, static_cast<float>(stddev));
+  // Each parameter draws its GLOBAL tensor from its own stream (seeded by the run seed and its name) and keeps the
+  // part this rank holds, so every parallel layout starts from the same weights as one rank.
   visit([&](Param& p) {
+    if (!p.value.defined()) return;
     const std::string& name = p.name;
+    std::mt19937_64 rng(param_seed(seed, name));
     if (name.find("tid2eid") != std::string::npos) {
       // k distinct experts per token id, drawn from the seed (an all-zero table would route every token to expert 0).
       const int64_t V = p.value.size(0), k = p.value.size(1);
@@ -322,8 +349,11 @@ void Model::init_random(uint64_t seed, double stddev) {
                ends_with(name, "gate.bias")) {
       ops::fill(p.value, 0.0);
     } else {
-      float* v = p.value.data<float>();
-      for (int64_t i = 0; i < p.value.numel(); ++i) v[i] = normal(rng);
+      std::normal_distribution<float> normal(0.0f, static_cast<float>(stddev));
+      Tensor full = p.placement == Placement::TpSplit ? Tensor::empty(p.global_shape(), DType::F32) : p.value;
+      float* v = full.data<float>();
+      for (int64_t i = 0; i < full.numel(); ++i) v[i] = normal(rng);
+      if (p.placement == Placement::TpSplit) ops::copy(p.local_part(full), p.value);
     }
   });
 }
@@ -341,12 +371,12 @@ void Model::load_state(const std::map<std::string, Tensor>& state, const std::st
     const Tensor& t = it->second;
     const bool int_param = p.value.dtype() == DType::I64;
     const bool dtype_ok = int_param ? (t.dtype() == DType::I64 || t.dtype() == DType::I32) : dtype_is_float(t.dtype());
-    if (!(t.shape() == p.value.shape()) || !dtype_ok) {
+    if (!(t.shape() == p.global_shape()) || !dtype_ok) {
       mismatched.push_back(fmt::format("{} (expected {}{}, got {})", p.name, dtype_name(p.value.dtype()),
-                                       p.value.shape().str(), t.str()));
+                                       p.global_shape().str(), t.str()));
       return;
     }
-    ops::copy(t, p.value);
+    ops::copy(p.local_part(t), p.value);
   });
   std::vector<std::string> unexpected;
   for (const auto& [name, t] : state)

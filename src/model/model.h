@@ -138,6 +138,8 @@ class Model {
   explicit Model(const ModelConfig& cfg, const ModelOptions& opts = {});
 
   const ModelConfig& config() const { return cfg_; }
+  // The rank layout the model was built for (null: one rank).
+  const Parallel* parallel() const { return parallel_; }
   ModelOutput forward(const Tensor& ids_T, const SeqLayout& layout, ModelCtx* ctx) const;
   // dmtp_logits may be empty or hold undefined tensors for blocks without a loss.
   void backward(const Tensor& dlogits_TV, const std::vector<Tensor>& dmtp_logits_TV, const ModelCtx& ctx,
@@ -154,9 +156,10 @@ class Model {
   void zero_grad();
   int64_t num_params() const;
   // Random initialisation in the style of the HF port (linear/embedding N(0, initializer std), norms 1,
-  // mHC scale 1 and base 0, sinks/ape/bias 0, hash tables a seeded choice of distinct experts per token).
+  // mHC scale 1 and base 0, sinks/ape/bias 0, hash tables a seeded choice of distinct experts per token). Each
+  // parameter has its own stream seeded by (seed, name) and draws its global tensor: every layout gets the same model.
   void init_random(uint64_t seed, double stddev = 0.02);
-  // Copies every tensor of a native-name state dict into the parameters. Missing, unexpected, or
+  // Copies every tensor of a native-name state dict (global shapes) into the parameters (this rank's parts). Missing, unexpected, or
   // mis-shaped tensors are reported together in one error naming them (`source` names the file).
   void load_state(const std::map<std::string, Tensor>& state, const std::string& source);
 
@@ -170,6 +173,7 @@ class Model {
  private:
   ModelConfig cfg_;
   bool recompute_ = false;
+  const Parallel* parallel_ = nullptr;
 };
 
 }  // namespace dsv4

@@ -51,16 +51,23 @@ inline void fd_check_tensor(const std::string& what, Tensor& x, const Tensor& an
     for (int i = 0; i < max_probes; ++i) probes.push_back(pick(rng));
   }
   int failures = 0;
-  for (int64_t i : probes) {
+  auto central = [&](int64_t i, double step) {
     const float saved = p[i];
-    p[i] = saved + static_cast<float>(h);
+    p[i] = saved + static_cast<float>(step);
     const double up = loss();
-    p[i] = saved - static_cast<float>(h);
+    p[i] = saved - static_cast<float>(step);
     const double down = loss();
     p[i] = saved;
-    const double fd = (up - down) / (2 * h);
+    return (up - down) / (2 * step);
+  };
+  for (int64_t i : probes) {
     const double a = an[static_cast<size_t>(i)];
-    if (std::abs(fd - a) > atol + rtol * std::max(std::abs(fd), std::abs(a)) && failures++ < 5)
+    auto agrees = [&](double fd) { return std::abs(fd - a) <= atol + rtol * std::max(std::abs(fd), std::abs(a)); };
+    double fd = central(i, h);
+    // A step that crosses a discrete switch (a top-k routing or indexer selection flips) makes the loss jump; the
+    // gradient is only defined between switches, so such a probe is retried once with a step 8x smaller.
+    if (!agrees(fd)) fd = central(i, h / 8);
+    if (!agrees(fd) && failures++ < 5)
       ADD_FAILURE() << what << "[" << i << "]: finite difference " << fd << " vs analytic " << a;
   }
   EXPECT_EQ(failures, 0) << what << ": " << failures << " of " << probes.size() << " probes disagree";
