@@ -1,4 +1,5 @@
 #include "optim/clip.h"
+#include "runtime/parallel.h"
 
 #include <cmath>
 #include <limits>
@@ -51,7 +52,21 @@ void scale_grads(const std::vector<Param*>& params, double factor) {
 }
 
 ClipResult clip_grad_norm(const std::vector<Param*>& params, double max_norm) {
-  const GradNorm gn = grad_sq_norm(params);
+  return clip_grad_norm(params, max_norm, params, nullptr);
+}
+
+ClipResult clip_grad_norm(const std::vector<Param*>& params, double max_norm, const std::vector<Param*>& counted,
+                          const Communicator* group) {
+  GradNorm gn = grad_sq_norm(counted);
+  if (group && group->size() > 1) {
+    std::vector<double> v = {gn.sq_sum, static_cast<double>(gn.bad_params)};
+    group_sum(group, v);
+    gn.sq_sum = v[0];
+    gn.bad_params = static_cast<int64_t>(v[1]);
+    gn.norm = std::sqrt(gn.sq_sum);
+    gn.finite = std::isfinite(gn.sq_sum) && gn.bad_params == 0;
+    if (!gn.finite && gn.bad_param.empty()) gn.bad_param = "(a parameter held by another rank)";
+  }
   ClipResult r;
   r.norm = gn.norm;
   r.finite = gn.finite;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "model/param.h"
+#include "runtime/comm.h"
 
 namespace dsv4 {
 
@@ -35,6 +36,10 @@ struct ClipResult {
 
 // max_norm <= 0: only measure.
 ClipResult clip_grad_norm(const std::vector<Param*>& params, double max_norm);
+// Across ranks: the squares of `counted` (each distinct gradient element counted on exactly one rank of `group`) are
+// summed over the group; every gradient of `params` is scaled by the common factor.
+ClipResult clip_grad_norm(const std::vector<Param*>& params, double max_norm, const std::vector<Param*>& counted,
+                          const Communicator* group);
 void scale_grads(const std::vector<Param*>& params, double factor);
 
 }  // namespace dsv4

@@ -1,5 +1,6 @@
 #include "optim/optimizer.h"
 
+#include <algorithm>
 #include <cstring>
 #include <set>
 
@@ -50,16 +51,38 @@ std::vector<Param*> model_params(Model& model) {
   return out;
 }
 
-Optimizer::Optimizer(std::vector<Param*> params, OptimizerConfig cfg) : cfg_(std::move(cfg)) {
+Optimizer::Optimizer(std::vector<Param*> params, OptimizerConfig cfg, OptimizerSharding sharding)
+    : sharding_(sharding), cfg_(std::move(cfg)) {
   cfg_.validate();
   slots_.reserve(params.size());
+  const Parallel* par = sharding_.parallel;
+  // Greedy owner choice, separately for dense parameters (dp replicas) and experts (edp replicas): the next parameter
+  // goes to the replica with the fewest elements so far (global sizes, so every tp rank decides alike).
+  std::vector<int64_t> dense_load(static_cast<size_t>(par ? par->dp_size() : 1), 0);
+  std::vector<int64_t> expert_load(static_cast<size_t>(par ? par->edp_size() : 1), 0);
+  std::vector<int64_t> tp_load(static_cast<size_t>(par ? par->tp_size() : 1), 0);
   for (Param* p : params) {
     DSV4_CHECK(p != nullptr, "optimizer: null parameter");
     DSV4_CHECK(index_.emplace(p->name, slots_.size()).second, "optimizer: parameter {} given twice", p->name);
     Slot s;
     s.p = p;
     s.group = group_of(*p, cfg_.groups);
-    if (s.group != OptGroup::None) {
+    if (s.group != OptGroup::None && par) {
+      const bool expert = p->placement == Placement::Expert;
+      s.replicas = expert ? par->edp() : par->dp();
+      std::vector<int64_t>& load = expert ? expert_load : dense_load;
+      const int64_t cost = p->global_shape().numel();
+      if (sharding_.zero1) {
+        s.owner = std::min_element(load.begin(), load.end()) - load.begin();
+        load[static_cast<size_t>(s.owner)] += cost;
+        s.owned = s.owner == group_rank(s.replicas);
+      }
+      if (s.group == OptGroup::Muon && p->placement == Placement::TpSplit) {
+        s.tp_owner = std::min_element(tp_load.begin(), tp_load.end()) - tp_load.begin();
+        tp_load[static_cast<size_t>(s.tp_owner)] += cost;
+      }
+    }
+    if (s.group != OptGroup::None && s.owned) {
       check_f32_cpu(p->value, p->name);
       if (s.group == OptGroup::Muon) {
         s.row_blocks = muon_row_blocks(p->name, cfg_.groups);
@@ -87,10 +110,14 @@ OptimizerStepStats Optimizer::step(double lr) {
     check_f32_cpu(p.grad, p.name + " gradient");
     DSV4_CHECK(p.grad.shape() == p.value.shape(), "optimizer: {} gradient {} does not match the value {}", p.name,
                p.grad.shape().str(), p.value.shape().str());
+    if (!s.owned) continue;
     ++s.step;
     if (s.group == OptGroup::Muon) {
-      muon_update(p.value.data<float>(), p.grad.data<float>(), s.momentum.data<float>(), p.value.size(0),
-                  p.value.size(1), s.row_blocks, lr, cfg_.muon);
+      if (p.placement == Placement::TpSplit && sharding_.parallel && sharding_.parallel->tp())
+        muon_step(s, lr);
+      else
+        muon_update(p.value.data<float>(), p.grad.data<float>(), s.momentum.data<float>(), p.value.size(0),
+                    p.value.size(1), s.row_blocks, lr, cfg_.muon);
       ++st.muon;
     } else {
       adamw_update(p.value.data<float>(), p.grad.data<float>(), s.exp_avg.data<float>(), s.exp_avg_sq.data<float>(),
@@ -98,9 +125,73 @@ OptimizerStepStats Optimizer::step(double lr) {
       ++st.adamw;
     }
   }
+  broadcast_from_owners();
   ++steps_;
   return st;
 }
+
+void Optimizer::muon_step(Slot& s, double lr) {
+  Param& p = *s.p;
+  const Communicator* tp = sharding_.parallel->tp();
+  const Shape global = p.global_shape();
+  const int64_t rows = global[0], cols = global[1], n = p.value.numel();
+  DSV4_CHECK(p.shard_dim == 0 || p.shard_dim == 1, "optimizer: {} is split along dim {} (muon needs 0 or 1)", p.name,
+             p.shard_dim);
+  DSV4_CHECK(p.shard_offset == split_range(p.global_dim, tp->size(), tp->rank()).begin,
+             "optimizer: {} holds [{}, ...) of dim {}, not this tp rank's balanced range", p.name, p.shard_offset,
+             p.shard_dim);
+  const int64_t block_rows = rows / s.row_blocks;
+  Tensor u = Tensor::empty(p.value.shape(), DType::F32);
+  muon_momentum(p.grad.data<float>(), s.momentum.data<float>(), u.data<float>(), n, cfg_.muon);
+  const int64_t local_rows = p.value.size(0);
+  if (p.shard_dim == 0 && s.row_blocks > 1 && p.shard_offset % block_rows == 0 && local_rows % block_rows == 0) {
+    // Whole Muon blocks here (wo_a split by output groups): orthogonalise them locally.
+    muon_orthogonalize(u.data<float>(), local_rows, cols, local_rows / block_rows, cfg_.muon);
+  } else {
+    // Gather U (dim 1 splits travel transposed so the gathered rows are contiguous), orthogonalise on the owner,
+    // broadcast, keep this rank's slice.
+    const std::vector<int64_t> parts = split_rows(tp, p.global_dim);
+    Tensor full = p.shard_dim == 0 ? gather_rows(tp, u, parts) : gather_rows(tp, u.transpose(0, 1).contiguous(), parts);
+    if (p.shard_dim == 1) full = full.transpose(0, 1).contiguous();
+    if (tp->rank() == s.tp_owner) muon_orthogonalize(full.data<float>(), rows, cols, s.row_blocks, cfg_.muon);
+    tp->broadcast(full, static_cast<int>(s.tp_owner));
+    ops::copy(p.local_part(full), u);
+  }
+  muon_apply(p.value.data<float>(), u.data<float>(), n, block_rows, cols, lr, cfg_.muon);
+}
+
+void Optimizer::broadcast_from_owners() {
+  if (!sharding_.parallel || !sharding_.zero1) return;
+  // One flat buffer per (replica group, owner): the owner's new values travel in one broadcast.
+  for (const bool expert : {false, true}) {
+    const Communicator* g = expert ? sharding_.parallel->edp() : sharding_.parallel->dp();
+    if (!g) continue;
+    for (int64_t owner = 0; owner < g->size(); ++owner) {
+      std::vector<Slot*> mine;
+      int64_t total = 0;
+      for (Slot& s : slots_) {
+        if (s.group == OptGroup::None || !s.p->grad.defined() || s.owner != owner) continue;
+        if ((s.p->placement == Placement::Expert) != expert) continue;
+        mine.push_back(&s);
+        total += s.p->value.numel();
+      }
+      if (total == 0) continue;
+      Tensor flat = Tensor::empty({total}, DType::F32);
+      float* f = flat.data<float>();
+      if (g->rank() == owner)
+        for (Slot* s : mine) f = std::copy_n(s->p->value.data<float>(), s->p->value.numel(), f);
+      g->broadcast(flat, static_cast<int>(owner));
+      f = flat.data<float>();
+      if (g->rank() != owner)
+        for (Slot* s : mine) {
+          std::copy_n(f, s->p->value.numel(), s->p->value.data<float>());
+          f += s->p->value.numel();
+        }
+    }
+  }
+}
+
+bool Optimizer::owns(const std::string& name) const { return slot(name).owned; }
 
 const Optimizer::Slot& Optimizer::slot(const std::string& name) const {
   const auto it = index_.find(name);
@@ -132,6 +223,7 @@ std::map<std::string, Tensor> Optimizer::state_dict() const {
   std::map<std::string, Tensor> out;
   for (const Slot& s : slots_) {
     const std::string& n = s.p->name;
+    if (!s.owned) continue;
     if (s.group == OptGroup::Muon) {
       out[n + "/momentum"] = s.momentum.clone();
     } else if (s.group == OptGroup::AdamW) {
@@ -168,6 +260,7 @@ void Optimizer::load_state_dict(const std::map<std::string, Tensor>& state, cons
   };
   for (const Slot& s : slots_) {
     const std::string& n = s.p->name;
+    if (!s.owned) continue;
     if (s.group == OptGroup::Muon) {
       expect(n + "/momentum", s.p->value.shape(), DType::F32);
     } else if (s.group == OptGroup::AdamW) {
@@ -209,7 +302,7 @@ void Optimizer::load_state_dict(const std::map<std::string, Tensor>& state, cons
   };
   for (Slot& s : slots_) {
     const std::string& n = s.p->name;
-    if (s.group == OptGroup::None) continue;
+    if (s.group == OptGroup::None || !s.owned) continue;
     if (s.group == OptGroup::Muon) {
       s.momentum.copy_from(state.at(n + "/momentum"));
     } else {

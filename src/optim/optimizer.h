@@ -25,6 +25,7 @@
 #include "model/model.h"
 #include "optim/groups.h"
 #include "optim/update_rules.h"
+#include "runtime/parallel.h"
 
 namespace dsv4 {
 
@@ -47,10 +48,26 @@ struct OptimizerStepStats {
   int64_t skipped = 0;  // parameters in a group but without a gradient
 };
 
+// Distribution over a parallel layout (runtime/parallel.h). Gradients must already be complete (summed per the
+// parameters' placements) when step() runs.
+//   ZeRO-1 (zero1): every parameter has one owner among its replicas — the dp group for dense parameters, the edp
+//     group for routed experts — chosen greedily to balance the elements each owner updates. Only the owner holds
+//     the parameter's optimizer state and computes its update; the new values are then broadcast from the owners
+//     (one flat buffer per owner). Without zero1 every replica updates every parameter (identical results).
+//   Distributed Muon: a tp-split matrix (Placement::TpSplit) is orthogonalised as the whole matrix: the tp ranks
+//     gather U, one tp rank (owner chosen to balance work) runs Newton-Schulz and broadcasts the result, each rank
+//     keeps its slice. When a dim-0 split keeps whole Muon row blocks (wo_a split by output groups), every rank
+//     orthogonalises its own blocks instead, with no communication.
+struct OptimizerSharding {
+  const Parallel* parallel = nullptr;  // null: one rank
+  bool zero1 = true;
+};
+
 class Optimizer {
  public:
-  Optimizer(std::vector<Param*> params, OptimizerConfig cfg);
-  Optimizer(Model& model, OptimizerConfig cfg) : Optimizer(model_params(model), std::move(cfg)) {}
+  Optimizer(std::vector<Param*> params, OptimizerConfig cfg, OptimizerSharding sharding = {});
+  Optimizer(Model& model, OptimizerConfig cfg, OptimizerSharding sharding = {})
+      : Optimizer(model_params(model), std::move(cfg), sharding) {}
 
   // One update of every grouped parameter that has a gradient, with learning rate lr (same for both groups).
   OptimizerStepStats step(double lr);
@@ -66,7 +83,12 @@ class Optimizer {
   // (name, group) of every parameter given, in order.
   std::vector<std::pair<std::string, OptGroup>> assignment() const;
 
-  std::map<std::string, Tensor> state_dict() const;  // deep copies
+  // Does this rank hold the state of (and update) the named parameter? (Always true without ZeRO-1.)
+  bool owns(const std::string& name) const;
+
+  // The states of the parameters this rank owns, plus "optimizer/steps" (deep copies). load_state_dict expects
+  // exactly the keys this rank's state_dict would have.
+  std::map<std::string, Tensor> state_dict() const;
   void load_state_dict(const std::map<std::string, Tensor>& state, const std::string& source = "optimizer state");
 
  private:
@@ -74,12 +96,19 @@ class Optimizer {
     Param* p = nullptr;
     OptGroup group = OptGroup::None;
     int64_t row_blocks = 1;
+    const Communicator* replicas = nullptr;  // the group whose ranks hold identical copies (dp or edp)
+    int64_t owner = 0;                       // rank in `replicas` that updates it (ZeRO-1)
+    int64_t tp_owner = 0;                    // tp rank that orthogonalises a tp-split Muon matrix
+    bool owned = true;
     Tensor momentum;             // Muon
     Tensor exp_avg, exp_avg_sq;  // AdamW
     int64_t step = 0;
   };
   const Slot& slot(const std::string& name) const;
+  void muon_step(Slot& s, double lr);
+  void broadcast_from_owners();
 
+  OptimizerSharding sharding_;
   OptimizerConfig cfg_;
   std::vector<Slot> slots_;
   std::map<std::string, size_t> index_;

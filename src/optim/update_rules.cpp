@@ -92,25 +92,39 @@ void newton_schulz(const float* x, float* out, int64_t rows, int64_t cols, const
     for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = t[static_cast<size_t>(j * rows + i)];
 }
 
+void muon_momentum(const float* g, float* momentum, float* u, int64_t n, const MuonConfig& cfg) {
+  const float mu = static_cast<float>(cfg.momentum);
+  for (int64_t i = 0; i < n; ++i) {
+    momentum[i] = mu * momentum[i] + g[i];
+    u[i] = cfg.nesterov ? mu * momentum[i] + g[i] : momentum[i];
+  }
+}
+
+void muon_orthogonalize(float* u, int64_t rows, int64_t cols, int64_t row_blocks, const MuonConfig& cfg) {
+  DSV4_CHECK(row_blocks >= 1 && rows % row_blocks == 0, "muon: {} rows do not split into {} blocks", rows, row_blocks);
+  const int64_t br = rows / row_blocks;
+  for (int64_t blk = 0; blk < row_blocks; ++blk) {
+    float* ub = u + blk * br * cols;
+    newton_schulz(ub, ub, br, cols, cfg.ns_schedule, cfg.ns_eps, cfg.precision);
+  }
+}
+
+void muon_apply(float* w, const float* o, int64_t n, int64_t block_rows, int64_t cols, double lr, const MuonConfig& cfg) {
+  const float decay = static_cast<float>(1.0 - lr * cfg.weight_decay);
+  const float step =
+      static_cast<float>(lr * cfg.update_scale * std::sqrt(static_cast<double>(std::max(block_rows, cols))));
+  for (int64_t i = 0; i < n; ++i) w[i] = w[i] * decay - step * o[i];
+}
+
 void muon_update(float* w, const float* g, float* momentum, int64_t rows, int64_t cols, int64_t row_blocks, double lr,
                  const MuonConfig& cfg) {
   DSV4_CHECK(row_blocks >= 1 && rows % row_blocks == 0, "muon_update: {} rows do not split into {} blocks", rows,
              row_blocks);
   const int64_t n = rows * cols;
-  const float mu = static_cast<float>(cfg.momentum);
   std::vector<float> u(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    momentum[i] = mu * momentum[i] + g[i];
-    u[static_cast<size_t>(i)] = cfg.nesterov ? mu * momentum[i] + g[i] : momentum[i];
-  }
-  const int64_t br = rows / row_blocks;
-  for (int64_t blk = 0; blk < row_blocks; ++blk) {
-    float* ub = u.data() + blk * br * cols;
-    newton_schulz(ub, ub, br, cols, cfg.ns_schedule, cfg.ns_eps, cfg.precision);
-  }
-  const float decay = static_cast<float>(1.0 - lr * cfg.weight_decay);
-  const float step = static_cast<float>(lr * cfg.update_scale * std::sqrt(static_cast<double>(std::max(br, cols))));
-  for (int64_t i = 0; i < n; ++i) w[i] = w[i] * decay - step * u[static_cast<size_t>(i)];
+  muon_momentum(g, momentum, u.data(), n, cfg);
+  muon_orthogonalize(u.data(), rows, cols, row_blocks, cfg);
+  muon_apply(w, u.data(), n, rows / row_blocks, cols, lr, cfg);
 }
 
 void adamw_update(float* w, const float* g, float* exp_avg, float* exp_avg_sq, int64_t n, int64_t step, double lr,

@@ -68,6 +68,13 @@ void newton_schulz(const float* x, float* out, int64_t rows, int64_t cols, const
 void muon_update(float* w, const float* g, float* momentum, int64_t rows, int64_t cols, int64_t row_blocks, double lr,
                  const MuonConfig& cfg);
 
+// The three parts of muon_update, for callers that orthogonalise elsewhere (distributed Muon gathers the tp slices
+// of U first): U = momentum update of g (momentum updated in place); U orthogonalised in place per row block;
+// W <- W (1 - lr wd) - lr gamma sqrt(max(block_rows, cols)) O over n elements.
+void muon_momentum(const float* g, float* momentum, float* u, int64_t n, const MuonConfig& cfg);
+void muon_orthogonalize(float* u, int64_t rows, int64_t cols, int64_t row_blocks, const MuonConfig& cfg);
+void muon_apply(float* w, const float* o, int64_t n, int64_t block_rows, int64_t cols, double lr, const MuonConfig& cfg);
+
 // One AdamW step on n elements; `step` is the parameter's step count including this one (>= 1).
 void adamw_update(float* w, const float* g, float* exp_avg, float* exp_avg_sq, int64_t n, int64_t step, double lr,
                   const AdamWConfig& cfg);

@@ -36,29 +36,25 @@ int main(int argc, char** argv) {
     const std::string path = argv[1];
     std::vector<std::string> overrides(argv + 2, argv + argc);
     dsv4::TrainConfig cfg = dsv4::load_train_config(path, overrides);
-    if (cfg.parallel.dp == 1 && cfg.parallel.tp == 1 && world > 1) cfg.parallel.dp = world;  // mpirun -np N: data parallel
-    const int64_t layout = cfg.parallel.dp * cfg.parallel.tp;
-    DSV4_CHECK(layout == world,
-               "{}: parallel.dp ({}) x parallel.tp ({}) = {} must equal the number of MPI ranks ({}); parallel.ep ({}) "
-               "folds onto the same ranks",
-               path, cfg.parallel.dp, cfg.parallel.tp, layout, world, cfg.parallel.ep);
-    DSV4_CHECK(cfg.parallel.tp == 1 && cfg.parallel.ep == 1,
-               "{}: parallel.tp = {} and parallel.ep = {}: tensor and expert parallelism are not built yet; data "
-               "parallelism (parallel.dp = ranks) is",
-               path, cfg.parallel.tp, cfg.parallel.ep);
+    const dsv4::ModelConfig model = dsv4::resolve_model_config(cfg);
+    // The layout (dp fills the ranks tp leaves: mpirun -np N with no parallel section is N-way data parallel).
+    const dsv4::ParallelDims dims = dsv4::resolve_layout(cfg, model, world);
+    cfg.parallel.dp = dims.dp;
     if (rank == 0) std::printf("%s\nresolved config (%s):\n%s", dsv4::build_info().c_str(), path.c_str(),
                                cfg.to_yaml().c_str());
-    const dsv4::ModelConfig model = dsv4::resolve_model_config(cfg);
     dsv4::Trainer::install_signal_handlers();
-    const std::unique_ptr<dsv4::Communicator> dp = dsv4::mpi_world();
-    dsv4::Trainer trainer(cfg, dsv4::make_train_source(cfg, model, rank, world),
-                          dsv4::make_val_source(cfg, model, rank, world), dp.get());
+    const std::unique_ptr<dsv4::Communicator> comm = dsv4::mpi_world();
+    // Each dp rank reads its own rows; the tp ranks of one dp rank read the same.
+    const int dp_rank = static_cast<int>(rank / dims.tp), dp_size = static_cast<int>(dims.dp);
+    dsv4::Trainer trainer(cfg, dsv4::make_train_source(cfg, model, dp_rank, dp_size),
+                          dsv4::make_val_source(cfg, model, dp_rank, dp_size), comm.get());
     trainer.run();
   } catch (const dsv4::Error& e) {
-    std::fprintf(stderr, "dsv4-train: error: %s\n", e.message().c_str());
+    if (world > 1) std::fprintf(stderr, "dsv4-train: rank %d of %d: error: %s\n", rank, world, e.message().c_str());
+    else std::fprintf(stderr, "dsv4-train: error: %s\n", e.message().c_str());
     rc = 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "dsv4-train: error: %s\n", e.what());
+    std::fprintf(stderr, "dsv4-train: rank %d of %d: error: %s\n", rank, world, e.what());
     rc = 1;
   }
   if (rc != 0 && world > 1) MPI_Abort(MPI_COMM_WORLD, rc);  // take the whole job down instead of hanging

@@ -40,6 +40,7 @@ class Schema {
     integer("parallel", "dp", &c.parallel.dp, 1);
     integer("parallel", "tp", &c.parallel.tp, 1);
     integer("parallel", "ep", &c.parallel.ep, 1);
+    boolean("parallel", "zero1", &c.parallel.zero1);
     // data
     fields_.push_back({"data", "train", Kind::StringList, &c.data.train});
     fields_.push_back({"data", "weights", Kind::DoubleList, &c.data.weights, 0});

@@ -17,6 +17,7 @@ struct ModelSection {
 
 struct ParallelSection {
   int64_t dp = 1, tp = 1, ep = 1;
+  bool zero1 = true;  // optimizer states sharded over the data-parallel replicas (each parameter has one owner)
 };
 
 struct DataSection {

@@ -66,16 +66,34 @@ void Trainer::install_signal_handlers() {
   std::signal(SIGUSR1, on_signal);
 }
 
+ParallelDims resolve_layout(const TrainConfig& cfg, const ModelConfig& model, int64_t world) {
+  ParallelDims d{cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.ep};
+  if (d.dp == 1 && world > 1 && d.tp * d.dp != world && world % d.tp == 0) d.dp = world / d.tp;  // dp fills the rest
+  DSV4_CHECK(d.world() == world,
+             "parallel.dp ({}) x parallel.tp ({}) = {} must equal the number of ranks ({}); parallel.ep folds onto the "
+             "same ranks", d.dp, d.tp, d.world(), world);
+  DSV4_CHECK(world % d.ep == 0, "parallel.ep ({}) must divide the number of ranks ({})", d.ep, world);
+  DSV4_CHECK(model.n_heads % d.tp == 0, "parallel.tp ({}) must divide the model's n_heads ({})", d.tp, model.n_heads);
+  DSV4_CHECK(model.o_groups % d.tp == 0, "parallel.tp ({}) must divide the model's o_groups ({})", d.tp, model.o_groups);
+  DSV4_CHECK(model.index_n_heads % d.tp == 0, "parallel.tp ({}) must divide the model's index_n_heads ({})", d.tp,
+             model.index_n_heads);
+  DSV4_CHECK(model.n_routed_experts % d.ep == 0, "parallel.ep ({}) must divide the model's n_routed_experts ({})", d.ep,
+             model.n_routed_experts);
+  return d;
+}
+
 Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std::unique_ptr<BatchSource> val,
-                 const Communicator* dp)
-    : cfg_(cfg), dp_(dp), model_cfg_(resolve_model_config(cfg)), train_(std::move(train)), val_(std::move(val)) {
+                 const Communicator* world)
+    : cfg_(cfg), world_(world), model_cfg_(resolve_model_config(cfg)), train_(std::move(train)), val_(std::move(val)) {
   DSV4_CHECK(train_ != nullptr, "Trainer needs a training batch source");
+  par_ = std::make_unique<Parallel>(world, resolve_layout(cfg_, model_cfg_, world ? world->size() : 1));
   g_stop = false;
   g_checkpoint = false;
   set_cpu_threads(static_cast<int>(cfg_.train.threads));
   ModelOptions opts;
   opts.attention.simulate_release_quant = cfg_.model.simulate_release_quant;
   opts.recompute = cfg_.train.recompute;
+  opts.parallel = par_.get();
   DSV4_CHECK(!(cfg_.train.recompute && cfg_.lora.enabled && cfg_.lora.dropout > 0),
              "train.recompute with lora.dropout > 0 is not supported (the recomputed forward would draw other dropout "
              "masks); set one of them to 0");
@@ -124,7 +142,7 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
   oc.adamw.eps = cfg_.optim.eps;
   oc.adamw.weight_decay = cfg_.optim.weight_decay;
   oc.validate();
-  optimizer_ = std::make_unique<Optimizer>(*model_, oc);
+  optimizer_ = std::make_unique<Optimizer>(*model_, oc, OptimizerSharding{par_.get(), cfg_.parallel.zero1});
   params_ = model_params(*model_);
   // Every optimised parameter gets its gradient buffer now, so an expert that receives no token in a step is
   // still updated (zero gradient: momentum and weight decay move on) in every run, resumed or not.
@@ -150,41 +168,77 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
   // Rank 0 creates the directory (and removes stale temporaries) before the others look at it.
   const std::string ckpt_root = (fs::path(cfg_.train.out_dir) / "checkpoints").string();
   if (is_root()) checkpoints_ = std::make_unique<CheckpointDir>(ckpt_root);
-  if (dp_) dp_->barrier();
+  if (par_->world()) par_->world()->barrier();
   if (!is_root()) checkpoints_ = std::make_unique<CheckpointDir>(ckpt_root);
 
   std::optional<std::string> resume;
   if (cfg_.train.resume == "auto") resume = checkpoints_->latest();
   else if (cfg_.train.resume != "never") resume = cfg_.train.resume;
   if (resume) resume_from(*resume);
+  if (par_->world_size() > 1)
+    print(fmt::format("layout {} over {} ranks: dp {} x tp {}, ep {} (ZeRO-1 {})", par_->dims().str(),
+                      par_->world_size(), par_->dp_size(), par_->tp_size(), par_->ep_size(),
+                      cfg_.parallel.zero1 ? "on" : "off"));
   if (is_root())
     metrics_ = std::make_unique<MetricsLogger>(cfg_.train.out_dir, cfg_.logging.metrics_jsonl, cfg_.logging.tensorboard);
 }
 
-void Trainer::sum_across_ranks(std::vector<double>& v) const {
-  if (!dp_ || dp_->size() == 1 || v.empty()) return;
-  // The communicator reduces F32 (not F64): each double travels as a float plus its float remainder (~48 bits).
-  Tensor hi = Tensor::empty({static_cast<int64_t>(v.size())}, DType::F32);
-  Tensor lo = Tensor::empty({static_cast<int64_t>(v.size())}, DType::F32);
-  for (size_t i = 0; i < v.size(); ++i) {
-    const float h = static_cast<float>(v[i]);
-    hi.data<float>()[i] = h;
-    lo.data<float>()[i] = static_cast<float>(v[i] - static_cast<double>(h));
+void Trainer::sync_gradients() {
+  // Flat buckets of at most 64 Mi floats per group: one all-reduce per bucket.
+  constexpr int64_t kBucket = int64_t{64} << 20;
+  struct Kind {
+    const Communicator* group;
+    std::function<bool(const Param&)> member;
+  };
+  const Kind kinds[] = {
+      {par_->dp(), [](const Param& p) { return p.placement == Placement::Replicated || p.placement == Placement::TpSplit; }},
+      {par_->world(), [](const Param& p) { return p.placement == Placement::TpPartial; }},
+      {par_->edp(), [](const Param& p) { return p.placement == Placement::Expert; }},
+  };
+  for (const Kind& k : kinds) {
+    if (!k.group) continue;
+    std::vector<Param*> bucket;
+    int64_t n = 0;
+    auto flush = [&] {
+      if (bucket.empty()) return;
+      Tensor flat = Tensor::empty({n}, DType::F32);
+      float* f = flat.data<float>();
+      for (Param* p : bucket) f = std::copy_n(p->grad.data<float>(), p->grad.numel(), f);
+      k.group->all_reduce(flat, CommReduce::Sum);
+      f = flat.data<float>();
+      for (Param* p : bucket) {
+        std::copy_n(f, p->grad.numel(), p->grad.data<float>());
+        f += p->grad.numel();
+      }
+      bucket.clear();
+      n = 0;
+    };
+    for (Param* p : params_) {
+      if (!p->grad.defined() || !k.member(*p)) continue;
+      if (n > 0 && n + p->grad.numel() > kBucket) flush();
+      bucket.push_back(p);
+      n += p->grad.numel();
+    }
+    flush();
   }
-  dp_->all_reduce(hi, CommReduce::Sum);
-  dp_->all_reduce(lo, CommReduce::Sum);
-  for (size_t i = 0; i < v.size(); ++i)
-    v[i] = static_cast<double>(hi.data<float>()[i]) + static_cast<double>(lo.data<float>()[i]);
 }
 
 void Trainer::check_replicas_in_sync() const {
-  if (!dp_ || dp_->size() == 1) return;
-  uint32_t crc = 0;
-  model_->visit([&](Param& p) { crc = crc32c(p.value.raw_data(), static_cast<size_t>(p.value.nbytes()), crc); });
-  Tensor v = Tensor::from_vector<int64_t>({2}, {static_cast<int64_t>(crc), -static_cast<int64_t>(crc)});
-  dp_->all_reduce(v, CommReduce::Max);
-  DSV4_CHECK(v.data<int64_t>()[0] == -v.data<int64_t>()[1],
-             "data-parallel replicas diverged at step {}: parameter checksums differ across ranks", step_);
+  // Dense parameters must agree across dp replicas, experts across edp replicas.
+  for (const bool expert : {false, true}) {
+    const Communicator* g = expert ? par_->edp() : par_->dp();
+    if (!g) continue;
+    uint32_t crc = 0;
+    model_->visit([&](Param& p) {
+      if ((p.placement == Placement::Expert) == expert && p.value.defined())
+        crc = crc32c(p.value.raw_data(), static_cast<size_t>(p.value.nbytes()), crc);
+    });
+    Tensor v = Tensor::from_vector<int64_t>({2}, {static_cast<int64_t>(crc), -static_cast<int64_t>(crc)});
+    g->all_reduce(v, CommReduce::Max);
+    DSV4_CHECK(v.data<int64_t>()[0] == -v.data<int64_t>()[1],
+               "{} replicas diverged at step {}: parameter checksums differ across ranks",
+               expert ? "expert-data-parallel" : "data-parallel", step_);
+  }
 }
 
 void Trainer::print(const std::string& line) {
@@ -212,10 +266,11 @@ StepRecord Trainer::train_step() {
     counts[0] += static_cast<double>(c.lm);
     counts[1] += c.mtp.empty() ? 0.0 : static_cast<double>(c.mtp[0]);
   }
-  sum_across_ranks(counts);
+  group_sum(par_->dp(), counts);  // tp ranks of one dp rank share its batches
   weights.lm_normalizer = std::max(counts[0], 1.0);
   weights.mtp_normalizer = std::max(counts[1], 1.0);
-  weights.balance_alpha /= static_cast<double>(accum * world());  // the balance term is a mean over sequences
+  // The balance term is a mean over sequences.
+  weights.balance_alpha /= static_cast<double>(accum * par_->dp_size());
   std::vector<std::vector<int64_t>> loads;
   for (const TrainBatch& b : batches) {
     const LossResult r = model_->forward_backward(b.ids_T, b.labels_T, b.layout, weights);
@@ -226,23 +281,29 @@ StepRecord Trainer::train_step() {
     rec.tokens += b.layout.tokens();
     accumulate_moe_loads(loads, r.output.moe_stats);
   }
-  if (world() > 1) {
-    for (Param* p : params_)
-      if (p->grad.defined()) dp_->all_reduce(p->grad, CommReduce::Sum);
+  if (par_->world_size() > 1) {
+    sync_gradients();
+    // Losses are already whole on every tp rank (vocab-parallel CE, tp-summed balance rows): sum over dp only.
     std::vector<double> stats = {rec.loss, rec.lm, rec.mtp, rec.balance, static_cast<double>(rec.tokens)};
-    sum_across_ranks(stats);
+    group_sum(par_->dp(), stats);
     rec.loss = stats[0];
     rec.lm = stats[1];
     rec.mtp = stats[2];
     rec.balance = stats[3];
     rec.tokens = static_cast<int64_t>(std::llround(stats[4]));
-    for (auto& layer : loads) {
-      Tensor t = Tensor::from_vector<int64_t>({static_cast<int64_t>(layer.size())}, layer);
-      dp_->all_reduce(t, CommReduce::Sum);
-      std::copy(t.data<int64_t>(), t.data<int64_t>() + t.numel(), layer.begin());
-    }
+    // Each token's routing happened on exactly one rank (MoE splits tokens over tp): loads sum over the world.
+    for (auto& layer : loads) group_sum(par_->world(), layer);
   }
-  const ClipResult clip = clip_grad_norm(params_, cfg_.optim.clip_grad_norm);
+  // Each distinct gradient element counts once in the norm: replicated parameters on rank 0, tp slices on dp rank 0,
+  // experts on edp rank 0.
+  std::vector<Param*> counted;
+  for (Param* p : params_) {
+    const bool here = p->placement == Placement::Expert    ? par_->edp_rank() == 0
+                      : p->placement == Placement::TpSplit ? par_->dp_rank() == 0
+                                                           : par_->rank() == 0;
+    if (here) counted.push_back(p);
+  }
+  const ClipResult clip = clip_grad_norm(params_, cfg_.optim.clip_grad_norm, counted, par_->world());
   rec.grad_norm = clip.norm;
   if (!clip.finite || !std::isfinite(rec.loss)) {
     rec.skipped = true;
@@ -283,36 +344,155 @@ double Trainer::evaluate() {
   val_->restore(start);  // every evaluation sees the same batches
   if (cfg_.lora.enabled) set_lora_train_mode(*model_, true);
   std::vector<double> sums = {loss_sum, static_cast<double>(tokens)};
-  sum_across_ranks(sums);
+  group_sum(par_->dp(), sums);
   return sums[1] > 0 ? sums[0] / sums[1] : std::nan("");
+}
+
+namespace {
+StateSlice slice_of(const Param& p, const std::string& key, const Tensor& value) {
+  StateSlice s;
+  s.name = key;
+  s.value = value;
+  if (p.placement == Placement::TpSplit && value.shape() == p.value.shape()) {
+    s.dim = p.shard_dim;
+    s.offset = p.shard_offset;
+    s.global = p.global_shape();
+  } else {
+    s.global = value.shape();
+  }
+  return s;
+}
+}  // namespace
+
+std::vector<StateSlice> Trainer::model_slices() const {
+  // Every distinct tensor once: replicated ones from rank 0, tp slices from dp rank 0, experts from edp rank 0.
+  // LoRA runs keep the frozen base out of their checkpoints (it is model.checkpoint): the adapters, and the MoE
+  // routing biases, which the aux-loss-free rule may move, are the whole state.
+  std::vector<StateSlice> out;
+  model_->visit([&](Param& p) {
+    if (cfg_.lora.enabled && !p.trainable && p.name.find("gate.bias") == std::string::npos) return;
+    const bool writer = p.placement == Placement::Expert    ? par_->edp_rank() == 0
+                        : p.placement == Placement::TpSplit ? par_->dp_rank() == 0
+                                                            : par_->rank() == 0;
+    if (writer) out.push_back(slice_of(p, p.name, p.value));
+  });
+  return out;
+}
+
+std::vector<StateSlice> Trainer::optimizer_slices() const {
+  // The owners' states (ZeRO-1: one owner per parameter among its replicas; otherwise replica 0 writes); tp ranks of
+  // an owner each write their slice of a tp-split parameter, replicated states come from tp rank 0.
+  std::map<std::string, Param*> by_name;
+  for (Param* p : params_) by_name[p->name] = p;
+  std::vector<StateSlice> out;
+  for (auto& [key, value] : optimizer_->state_dict()) {
+    if (key == "optimizer/steps") {
+      if (par_->rank() == 0) out.push_back(slice_of(Param(), key, value));
+      continue;
+    }
+    const std::string pname = key.substr(0, key.rfind('/'));
+    const Param& p = *by_name.at(pname);
+    const bool expert = p.placement == Placement::Expert;
+    const bool replica0 = cfg_.parallel.zero1 || (expert ? par_->edp_rank() == 0 : par_->dp_rank() == 0);
+    const bool tp_part = expert || (p.placement == Placement::TpSplit && value.shape() == p.value.shape()) ||
+                         par_->tp_rank() == 0;
+    if (replica0 && tp_part) out.push_back(slice_of(p, key, value));
+  }
+  return out;
+}
+
+void Trainer::load_model_state(const ShardedState& st) {
+  std::vector<std::string> missing;
+  model_->visit([&](Param& p) {
+    if (cfg_.lora.enabled && !p.trainable && p.name.find("gate.bias") == std::string::npos) return;
+    if (!st.contains(p.name)) {
+      missing.push_back(p.name);
+      return;
+    }
+    if (p.placement == Placement::TpSplit)
+      st.read_into(p.name, p.value, p.shard_dim, p.shard_offset);
+    else
+      st.read_into(p.name, p.value);
+  });
+  DSV4_CHECK(missing.empty(), "{}: checkpoint lacks {} tensors of this model (first: {}){}", st.where(), missing.size(),
+             missing.empty() ? "" : missing[0],
+             cfg_.lora.enabled ? "; was it written with the same lora.targets and lora.rank?" : "");
+}
+
+void Trainer::load_optimizer_state(const ShardedState& st) {
+  std::map<std::string, Param*> by_name;
+  for (Param* p : params_) by_name[p->name] = p;
+  std::map<std::string, Tensor> state = optimizer_->state_dict();  // this rank's keys and shapes
+  for (auto& [key, value] : state) {
+    if (!st.contains(key)) continue;  // reported by load_state_dict as missing
+    const auto it = by_name.find(key.substr(0, key.rfind('/')));
+    const Param* p = it == by_name.end() ? nullptr : it->second;
+    if (p && p->placement == Placement::TpSplit && value.shape() == p->value.shape())
+      st.read_into(key, value, p->shard_dim, p->shard_offset);
+    else
+      st.read_into(key, value);
+  }
+  for (auto it = state.begin(); it != state.end();)
+    it = st.contains(it->first) ? std::next(it) : state.erase(it);
+  optimizer_->load_state_dict(state, st.where());
 }
 
 void Trainer::save_checkpoint() {
   check_replicas_in_sync();
-  if (!is_root()) {  // replicas are identical: rank 0 writes, the others wait for the commit
-    dp_->barrier();
+  const Communicator* world = par_->world();
+  const int64_t W = par_->world_size(), R = par_->rank();
+  // Rank 0 fills a fresh temporary directory through CheckpointDir::save; the other ranks write their files into it
+  // while rank 0 waits, then rank 0 checksums and commits the whole directory.
+  auto write_mine = [&](const std::string& dir) {
+    write_state_slices(dir, "model", R, W, model_slices(),
+                       {{"format", "dsv4"}, {"contents", cfg_.lora.enabled ? "lora" : "full"},
+                        {"layout", par_->dims().str()}});
+    write_state_slices(dir, "optimizer", R, W, optimizer_slices());
+  };
+  if (!is_root()) {
+    Tensor path = Tensor::zeros({4096}, DType::U8);
+    world->broadcast(path, 0);
+    const std::string dir(reinterpret_cast<const char*>(path.data<uint8_t>()));
+    std::string error;
+    try {
+      write_mine(dir);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    std::vector<double> failed = {error.empty() ? 0.0 : 1.0};
+    group_sum(world, failed);
+    DSV4_CHECK(error.empty(), "rank {}: writing the checkpoint failed: {}", R, error);
+    DSV4_CHECK(failed[0] == 0, "rank {}: another rank failed to write its part of the checkpoint", R);
+    world->barrier();  // rank 0 commits
     return;
   }
   const std::string path = checkpoints_->save(
       step_,
       [&](const std::string& dir) {
-        // LoRA runs keep the frozen base out of their checkpoints (it is model.checkpoint): the adapters, and the
-        // MoE routing biases, which the aux-loss-free rule may move, are the whole state.
-        std::vector<std::pair<std::string, Tensor>> params;
-        model_->visit([&](Param& p) {
-          if (!cfg_.lora.enabled || p.trainable || p.name.find("gate.bias") != std::string::npos)
-            params.emplace_back(p.name, p.value);
-        });
-        write_safetensors((fs::path(dir) / "model.safetensors").string(), params,
-                          {{"format", "dsv4"}, {"contents", cfg_.lora.enabled ? "lora" : "full"}});
-        if (cfg_.lora.enabled) {  // the same adapters in PEFT's format, loadable by transformers + peft
-          const fs::path peft = fs::path(dir) / "adapter";
-          fs::create_directories(peft);
-          save_peft_adapter(*model_, peft.string(), PeftSaveOptions{lora_config_, cfg_.model.checkpoint});
+        if (world) {
+          Tensor buf = Tensor::zeros({4096}, DType::U8);
+          DSV4_CHECK(dir.size() < 4096, "checkpoint path too long: {}", dir);
+          std::copy(dir.begin(), dir.end(), buf.data<uint8_t>());
+          world->broadcast(buf, 0);
         }
-        std::vector<std::pair<std::string, Tensor>> opt;
-        for (auto& [k, v] : optimizer_->state_dict()) opt.emplace_back(k, v);
-        write_safetensors((fs::path(dir) / "optimizer.safetensors").string(), opt);
+        std::string error;
+        try {
+          write_mine(dir);
+        } catch (const std::exception& e) {
+          error = e.what();
+        }
+        std::vector<double> failed = {error.empty() ? 0.0 : 1.0};
+        group_sum(world, failed);  // every rank has finished writing (or failed) past this point
+        DSV4_CHECK(error.empty(), "writing the checkpoint failed: {}", error);
+        DSV4_CHECK(failed[0] == 0, "another rank failed to write its part of the checkpoint; step {} is not saved",
+                   step_);
+        if (cfg_.lora.enabled) {  // the same adapters in PEFT's format, loadable by transformers + peft
+          if (W == 1) {
+            const fs::path peft = fs::path(dir) / "adapter";
+            fs::create_directories(peft);
+            save_peft_adapter(*model_, peft.string(), PeftSaveOptions{lora_config_, cfg_.model.checkpoint});
+          }
+        }
         std::ostringstream rng;
         rng << rng_;
         const nlohmann::json state = {{"step", step_},
@@ -320,6 +500,7 @@ void Trainer::save_checkpoint() {
                                       {"bad_steps_in_row", bad_steps_in_row_},
                                       {"tokens_seen", tokens_seen_},
                                       {"rng", rng.str()},
+                                      {"layout", par_->dims().str()},
                                       {"data", train_->state()}};
         write_file_atomic((fs::path(dir) / "trainer.json").string(), state.dump(2) + "\n");
         write_file_atomic((fs::path(dir) / "config.yaml").string(), cfg_.to_yaml());
@@ -327,30 +508,13 @@ void Trainer::save_checkpoint() {
       },
       cfg_.checkpoint.keep);
   print(fmt::format("checkpoint step {} -> {}", step_, path));
-  if (dp_) dp_->barrier();
+  if (world) world->barrier();
 }
 
 void Trainer::resume_from(const std::string& checkpoint) {
   CheckpointDir::verify(checkpoint);
-  const SafetensorsFile model_file = SafetensorsFile::open((fs::path(checkpoint) / "model.safetensors").string());
-  std::map<std::string, Tensor> state;
-  for (const std::string& n : model_file.names()) state[n] = model_file.load(n);
-  if (cfg_.lora.enabled) {  // adapters (+ MoE biases) over the base loaded from model.checkpoint
-    std::vector<std::string> missing;
-    model_->visit([&](Param& p) {
-      auto it = state.find(p.name);
-      if (it != state.end()) ops::copy(it->second, p.value);
-      else if (p.trainable) missing.push_back(p.name);
-    });
-    DSV4_CHECK(missing.empty(), "{}: LoRA checkpoint lacks {} adapter tensors (first: {}); was it written with the same "
-               "lora.targets and lora.rank?", model_file.path(), missing.size(), missing.empty() ? "" : missing[0]);
-  } else {
-    model_->load_state(state, model_file.path());
-  }
-  const SafetensorsFile opt_file = SafetensorsFile::open((fs::path(checkpoint) / "optimizer.safetensors").string());
-  std::map<std::string, Tensor> opt;
-  for (const std::string& n : opt_file.names()) opt[n] = opt_file.load(n);
-  optimizer_->load_state_dict(opt, opt_file.path());
+  load_model_state(ShardedState::open(checkpoint, "model"));
+  load_optimizer_state(ShardedState::open(checkpoint, "optimizer"));
   const std::string trainer_path = (fs::path(checkpoint) / "trainer.json").string();
   nlohmann::json j;
   try {
@@ -365,7 +529,10 @@ void Trainer::resume_from(const std::string& checkpoint) {
   } catch (const nlohmann::json::exception& e) {
     DSV4_FAIL("'{}': {}", trainer_path, e.what());
   }
-  print(fmt::format("resumed from {} at step {}", checkpoint, step_));
+  const std::string from = j.contains("layout") ? j["layout"].get<std::string>() : "single";
+  print(fmt::format("resumed from {} at step {}{}", checkpoint, step_,
+                    from != par_->dims().str() ? fmt::format(" (written as {}, resharded to {})", from, par_->dims().str())
+                                              : std::string()));
 }
 
 int64_t Trainer::run() {
@@ -405,9 +572,9 @@ int64_t Trainer::run() {
     }
     if (metrics_) metrics_->log(step_, m);
     if (on_step) on_step(rec);
-    if (world() > 1) {  // every rank must take the same stop / checkpoint decision
+    if (par_->world_size() > 1) {  // every rank must take the same stop / checkpoint decision
       std::vector<double> flags = {g_stop ? 1.0 : 0.0, g_checkpoint ? 1.0 : 0.0};
-      sum_across_ranks(flags);
+      group_sum(par_->world(), flags);
       g_stop = flags[0] > 0;
       g_checkpoint = flags[1] > 0;
     }

@@ -13,10 +13,12 @@
 #include "model/lora.h"
 #include "model/model.h"
 #include "runtime/comm.h"
+#include "runtime/parallel.h"
 #include "optim/optimizer.h"
 #include "optim/schedule.h"
 #include "train/checkpoint_dir.h"
 #include "train/metrics.h"
+#include "train/sharded_state.h"
 #include "train/train_config.h"
 
 namespace dsv4 {
@@ -53,10 +55,11 @@ class Trainer {
  public:
   // Builds the model (preset / config.json), optimizer and schedules from the config; `train` and `val`
   // provide batches (val may be null). Resumes from out_dir/checkpoints when train.resume says so.
-  // `dp` is the data-parallel group (null: one rank). Every rank holds the whole model and its own shard of the
-  // batches; gradients and statistics are summed across ranks, so the run equals one rank with the global batch.
+  // `world` is every rank of the job (null: one rank), laid out as cfg.parallel says (dp x tp ranks, ep folded onto
+  // them; runtime/parallel.h). Each dp rank reads its own shard of the batches (the tp ranks of one dp rank read the
+  // same); gradients and statistics are completed across ranks so the run equals one rank with the global batch.
   Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std::unique_ptr<BatchSource> val,
-          const Communicator* dp = nullptr);
+          const Communicator* world = nullptr);
 
   // Runs until train.steps (or a stop request); returns the number of steps run in this call.
   int64_t run();
@@ -72,6 +75,7 @@ class Trainer {
   void save_checkpoint();
 
   Model& model() { return *model_; }
+  const Parallel& parallel() const { return *par_; }
   int64_t step() const { return step_; }
   const std::string& log_text() const { return log_; }  // progress lines printed so far (rank 0)
   // Called with each finished step (tests use it to compare runs).
@@ -80,15 +84,20 @@ class Trainer {
  private:
   void resume_from(const std::string& checkpoint);
   void print(const std::string& line);
-  bool is_root() const { return dp_ == nullptr || dp_->rank() == 0; }
-  int world() const { return dp_ ? dp_->size() : 1; }
-  // Sums doubles across the data-parallel ranks (in place; identity on one rank).
-  void sum_across_ranks(std::vector<double>& v) const;
-  // Fails when the ranks' parameters are not bit-identical (replicas drifted apart).
+  bool is_root() const { return par_->rank() == 0; }
+  // Completes every gradient across the ranks that share its parameter (Param::placement), in flat buckets.
+  void sync_gradients();
+  // Fails when replicas of the same parameters are not bit-identical (they drifted apart).
   void check_replicas_in_sync() const;
+  // The slices of the model / optimizer state this rank writes into a checkpoint.
+  std::vector<StateSlice> model_slices() const;
+  std::vector<StateSlice> optimizer_slices() const;
+  void load_model_state(const ShardedState& st);
+  void load_optimizer_state(const ShardedState& st);
 
   TrainConfig cfg_;
-  const Communicator* dp_ = nullptr;
+  const Communicator* world_ = nullptr;
+  std::unique_ptr<Parallel> par_;
   ModelConfig model_cfg_;
   std::unique_ptr<Model> model_;
   std::optional<LoraConfig> lora_config_;
@@ -107,6 +116,10 @@ class Trainer {
   double flops_per_token_ = 0;
   std::string log_;
 };
+
+// The rank layout of a config on `world` ranks, validated against the model (dp defaults to world / tp). Errors name
+// the parallel.* key and what was expected.
+ParallelDims resolve_layout(const TrainConfig& cfg, const ModelConfig& model, int64_t world);
 
 // The model config a training config names (preset, config.json, or the checkpoint's config.json).
 ModelConfig resolve_model_config(const TrainConfig& cfg);
