@@ -1,6 +1,7 @@
 #include "model/model.h"
 
 #include <random>
+#include <regex>
 #include <set>
 
 namespace dsv4 {
@@ -296,11 +297,48 @@ int64_t Model::num_params() const {
   return n;
 }
 
+bool Model::foreign_expert(const std::string& name) const {
+  static const std::regex re(R"(^(layers|mtp)\.(\d+)\.ffn\.experts\.(\d+)\..*)");
+  std::smatch m;
+  if (!std::regex_match(name, m, re)) return false;
+  const size_t i = static_cast<size_t>(std::stoll(m[2].str()));
+  const MoE* moe = nullptr;
+  if (m[1] == "layers" && i < layers.size()) moe = &layers[i]->ffn;
+  if (m[1] == "mtp" && i < mtp.size()) moe = &mtp[i]->block.ffn;
+  if (!moe) return false;
+  const int64_t e = std::stoll(m[3].str());
+  return e >= 0 && e < moe->n_experts() && !moe->holds_expert(e);
+}
+
 void Model::init_random(uint64_t seed, double stddev) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, static_cast<float>(stddev));
+  // Expert parallelism: draw (and drop) the values of the routed experts other ranks hold, where the single-rank
+  // visit order would draw them (before the first local expert and before the shared expert of each MoE).
+  std::map<std::string, const MoE*> moe_of;  // "layers.{i}.ffn." -> block
+  for (size_t i = 0; i < layers.size(); ++i) moe_of["layers." + std::to_string(i) + ".ffn."] = &layers[i]->ffn;
+  for (size_t j = 0; j < mtp.size(); ++j) moe_of["mtp." + std::to_string(j) + ".ffn."] = &mtp[j]->block.ffn;
+  auto burn_experts = [&](const MoE& m, int64_t n) {
+    const int64_t draws = n * 3 * m.dim() * m.inter_dim();
+    for (int64_t i = 0; i < draws; ++i) (void)normal(rng);
+  };
+  bool partial = false;
+  for (const auto& [prefix, m] : moe_of) partial = partial || m->n_local_experts() != m->n_experts();
+  auto skip_foreign = [&](const std::string& name) {
+    if (!partial || name.find(".ffn.") == std::string::npos) return;
+    for (const auto& [prefix, m] : moe_of) {
+      if (name.compare(0, prefix.size(), prefix) != 0) continue;
+      if (m->n_local_experts() == m->n_experts()) return;
+      const std::string first = prefix + "experts." + std::to_string(m->expert_begin()) + ".w1.weight";
+      if (name == first) burn_experts(*m, m->expert_begin());
+      if (name == prefix + "shared_experts.w1.weight")
+        burn_experts(*m, m->n_experts() - m->expert_begin() - m->n_local_experts());
+      return;
+    }
+  };
   visit([&](Param& p) {
     const std::string& name = p.name;
+    skip_foreign(name);
     if (name.find("tid2eid") != std::string::npos) {
       // k distinct experts per token id, drawn from the seed (an all-zero table would route every token to expert 0).
       const int64_t V = p.value.size(0), k = p.value.size(1);
@@ -350,7 +388,7 @@ void Model::load_state(const std::map<std::string, Tensor>& state, const std::st
   });
   std::vector<std::string> unexpected;
   for (const auto& [name, t] : state)
-    if (!used.count(name)) unexpected.push_back(name);
+    if (!used.count(name) && !foreign_expert(name)) unexpected.push_back(name);
   auto list = [](const std::vector<std::string>& v) {
     std::string s;
     for (size_t i = 0; i < v.size() && i < 8; ++i) s += (i ? ", " : "") + v[i];

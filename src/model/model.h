@@ -155,10 +155,16 @@ class Model {
   int64_t num_params() const;
   // Random initialisation in the style of the HF port (linear/embedding N(0, initializer std), norms 1,
   // mHC scale 1 and base 0, sinks/ape/bias 0, hash tables a seeded choice of distinct experts per token).
+  // With expert parallelism the local experts get the values the single-rank model gives them (the draws of the
+  // other ranks' experts are made and dropped).
   void init_random(uint64_t seed, double stddev = 0.02);
   // Copies every tensor of a native-name state dict into the parameters. Missing, unexpected, or
-  // mis-shaped tensors are reported together in one error naming them (`source` names the file).
+  // mis-shaped tensors are reported together in one error naming them (`source` names the file). Tensors of
+  // routed experts held by other ranks (foreign_expert) are ignored, so a full state dict loads on every rank.
   void load_state(const std::map<std::string, Tensor>& state, const std::string& source);
+  // Whether `name` is a tensor of a routed expert ("layers.{i}.ffn.experts.{e}." / "mtp.{j}.ffn.experts.{e}.", any
+  // suffix) of one of this model's MoE blocks that this rank does not hold (expert parallelism).
+  bool foreign_expert(const std::string& name) const;
 
   Embedding embed;
   std::vector<std::unique_ptr<Block>> layers;
