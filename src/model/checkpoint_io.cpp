@@ -437,6 +437,7 @@ void load_release(Model& model, const SafetensorsCheckpoint& ck, const std::stri
       if (d.is_scale) continue;
       const ParamEntry& e = *d.entry;
       auto sit = slots.find(e.name);
+      if (sit == slots.end() && model.foreign_expert(e.name)) continue;  // another rank's expert: not read
       DSV4_CHECK(sit != slots.end(), "the model has no parameter '{}' (table and model disagree)", e.name);
       load_entry(sit->second, e, ck.view(name), e.scale ? ck.view(e.scale->name) : Tensor(), mode, frozen_wo_a, r);
       r.tensors += e.scale ? 2 : 1;
@@ -554,8 +555,10 @@ void load_transformers(Model& model, const SafetensorsCheckpoint& ck, const std:
   for (const auto& [file, names] : by_file) {
     for (const std::string& name : names) {
       const Tensor v = ck.view(name);
-      for (const HfTarget& t : targets.at(name))
+      for (const HfTarget& t : targets.at(name)) {
+        if (!slots.count(t.entry->name) && model.foreign_expert(t.entry->name)) continue;  // another rank's expert
         load_entry(slots.at(t.entry->name), *t.entry, hf_part(v, t, c.moe_inter_dim), Tensor(), mode, frozen_wo_a, r);
+      }
       ++r.tensors;
       r.bytes += v.nbytes();
     }

@@ -343,9 +343,9 @@ void add_moe(std::vector<Site>& out, const std::string& p, MoE& m, bool mtp) {
     s.slot = &m.gate_lora;
     out.push_back(std::move(s));
   }
-  for (int64_t e = 0; e < m.n_experts(); ++e)
-    add_expert(out, p + "experts." + std::to_string(e) + ".", m.experts[static_cast<size_t>(e)], m.dim(),
-               m.inter_dim(), true, mtp);
+  for (int64_t i = 0; i < m.n_local_experts(); ++i)  // local experts only, named by their global index
+    add_expert(out, p + "experts." + std::to_string(m.expert_begin() + i) + ".", m.experts[static_cast<size_t>(i)],
+               m.dim(), m.inter_dim(), true, mtp);
   if (m.has_shared()) add_expert(out, p + "shared_experts.", m.shared, m.dim(), m.inter_dim(), false, mtp);
 }
 
@@ -481,6 +481,13 @@ int64_t apply_lora(Model& model, const LoraConfig& cfg) {
         selected.insert(s.info.unit);
         any = true;
       }
+    if (!any) {
+      // With expert parallelism this rank holds some routed experts only: a pattern naming other ranks' experts
+      // is not an error when it matches a site of the whole model.
+      const std::vector<LoraSite> global = lora_sites(model.config());
+      for (const LoraSite& g : global)
+        if (g.pattern_unit && lora_pattern_matches(pat, g.unit)) any = true;
+    }
     if (!any) unmatched.push_back("'" + pat + "'");
   }
   if (!unmatched.empty()) {

@@ -1,6 +1,7 @@
 #include "model/model.h"
 
 #include <random>
+#include <regex>
 #include <set>
 
 namespace dsv4 {
@@ -321,6 +322,19 @@ int64_t Model::num_params() const {
   return n;
 }
 
+bool Model::foreign_expert(const std::string& name) const {
+  static const std::regex re(R"(^(layers|mtp)\.(\d+)\.ffn\.experts\.(\d+)\..*)");
+  std::smatch m;
+  if (!std::regex_match(name, m, re)) return false;
+  const size_t i = static_cast<size_t>(std::stoll(m[2].str()));
+  const MoE* moe = nullptr;
+  if (m[1] == "layers" && i < layers.size()) moe = &layers[i]->ffn;
+  if (m[1] == "mtp" && i < mtp.size()) moe = &mtp[i]->block.ffn;
+  if (!moe) return false;
+  const int64_t e = std::stoll(m[3].str());
+  return e >= 0 && e < moe->n_experts() && !moe->holds_expert(e);
+}
+
 void Model::init_random(uint64_t seed, double stddev) {
   // Each parameter draws its GLOBAL tensor from its own stream (seeded by the run seed and its name) and keeps the
   // part this rank holds, so every parallel layout starts from the same weights as one rank.
@@ -380,7 +394,7 @@ void Model::load_state(const std::map<std::string, Tensor>& state, const std::st
   });
   std::vector<std::string> unexpected;
   for (const auto& [name, t] : state)
-    if (!used.count(name)) unexpected.push_back(name);
+    if (!used.count(name) && !foreign_expert(name)) unexpected.push_back(name);
   auto list = [](const std::vector<std::string>& v) {
     std::string s;
     for (size_t i = 0; i < v.size() && i < 8; ++i) s += (i ? ", " : "") + v[i];

@@ -159,9 +159,13 @@ class Model {
   // mHC scale 1 and base 0, sinks/ape/bias 0, hash tables a seeded choice of distinct experts per token). Each
   // parameter has its own stream seeded by (seed, name) and draws its global tensor: every layout gets the same model.
   void init_random(uint64_t seed, double stddev = 0.02);
-  // Copies every tensor of a native-name state dict (global shapes) into the parameters (this rank's parts). Missing, unexpected, or
-  // mis-shaped tensors are reported together in one error naming them (`source` names the file).
+  // Copies every tensor of a native-name state dict (global shapes) into the parameters (this rank's parts). Missing,
+  // unexpected, or mis-shaped tensors are reported together in one error naming them (`source` names the file).
+  // Tensors of routed experts held by other ranks (foreign_expert) are ignored, so a full state dict loads anywhere.
   void load_state(const std::map<std::string, Tensor>& state, const std::string& source);
+  // Whether `name` is a tensor of a routed expert ("layers.{i}.ffn.experts.{e}." / "mtp.{j}.ffn.experts.{e}.", any
+  // suffix) of one of this model's MoE blocks that this rank does not hold (expert parallelism).
+  bool foreign_expert(const std::string& name) const;
 
   Embedding embed;
   std::vector<std::unique_ptr<Block>> layers;

@@ -121,11 +121,12 @@ void check_expert_lora(const ExpertWeights& ew, int64_t D, int64_t I) {
 
 // G [n, I] and U [n, I] += the input-side adapters on X [n, D].
 void expert_lora_in_forward(const ExpertWeights& ew, const float* X, int64_t n, int64_t D, int64_t I,
-                            const uint64_t* draws, float* G, float* U) {
+                            const uint64_t* draws, float* G, float* U, int64_t row0) {
   std::vector<float> z;
+  const uint64_t mo = static_cast<uint64_t>(row0 * D);
   auto run = [&](const LoraAdapter& ad, uint64_t draw) {
     z.resize(static_cast<size_t>(n * ad.rank()));
-    lora_down(ad, n, X, D, draw, 0, z.data());
+    lora_down(ad, n, X, D, draw, mo, z.data());
   };
   if (ew.lora_w1) {
     run(*ew.lora_w1, draws[0]);
@@ -144,43 +145,45 @@ void expert_lora_in_forward(const ExpertWeights& ew, const float* X, int64_t n, 
 
 // Backward of the input-side adapters: accumulates their gradients and dX [n, D] += their input gradient.
 void expert_lora_in_backward(ExpertWeights& ew, const float* X, const float* dG, const float* dU, int64_t n, int64_t D,
-                             int64_t I, const uint64_t* draws, float* dX) {
+                             int64_t I, const uint64_t* draws, float* dX, int64_t row0) {
   std::vector<float> z, dz;
+  const uint64_t mo = static_cast<uint64_t>(row0 * D);
   auto start = [&](const LoraAdapter& ad, uint64_t draw) {
     z.resize(static_cast<size_t>(n * ad.rank()));
     dz.assign(static_cast<size_t>(n * ad.rank()), 0.0f);
-    lora_down(ad, n, X, D, draw, 0, z.data());
+    lora_down(ad, n, X, D, draw, mo, z.data());
   };
   if (ew.lora_w1) {
     start(*ew.lora_w1, draws[0]);
     lora_up_backward(*ew.lora_w1, n, dG, I, z.data(), 0, I, dz.data());
-    lora_down_backward(*ew.lora_w1, n, dz.data(), X, D, draws[0], 0, dX, D);
+    lora_down_backward(*ew.lora_w1, n, dz.data(), X, D, draws[0], mo, dX, D);
   }
   if (ew.lora_w3) {
     start(*ew.lora_w3, draws[2]);
     lora_up_backward(*ew.lora_w3, n, dU, I, z.data(), 0, I, dz.data());
-    lora_down_backward(*ew.lora_w3, n, dz.data(), X, D, draws[2], 0, dX, D);
+    lora_down_backward(*ew.lora_w3, n, dz.data(), X, D, draws[2], mo, dX, D);
   }
   if (ew.lora_w13) {
     start(*ew.lora_w13, draws[3]);
     lora_up_backward(*ew.lora_w13, n, dG, I, z.data(), 0, I, dz.data());
     lora_up_backward(*ew.lora_w13, n, dU, I, z.data(), I, I, dz.data());
-    lora_down_backward(*ew.lora_w13, n, dz.data(), X, D, draws[3], 0, dX, D);
+    lora_down_backward(*ew.lora_w13, n, dz.data(), X, D, draws[3], mo, dX, D);
   }
 }
 
 // Forward of one clamped SwiGLU expert on n gathered rows X [n, D]. Writes G, U [n, I] (pre-clamp), H [n, I]
-// (weighted activations) and Y [n, D]. draws: the adapters' dropout draws (null: no adapters).
+// (weighted activations) and Y [n, D]. draws: the adapters' dropout draws (null: no adapters). row0: the global row
+// of X[0] for the dropout masks (the shared expert under tp; 0 for routed experts).
 void expert_forward(const ExpertWeights& ew, const float* X, const float* w, int64_t n, int64_t D, int64_t I,
-                    double limit, float* G, float* U, float* H, float* Y, const uint64_t* draws) {
+                    double limit, float* G, float* U, float* H, float* Y, const uint64_t* draws, int64_t row0 = 0) {
   expert_xwT(ew, 1, n, X, D, 0.0f, G, I);
   expert_xwT(ew, 3, n, X, D, 0.0f, U, I);
-  if (draws) expert_lora_in_forward(ew, X, n, D, I, draws, G, U);
+  if (draws) expert_lora_in_forward(ew, X, n, D, I, draws, G, U, row0);
   swiglu_clamp_rows<float>(G, U, w, H, n, I, limit);
   expert_xwT(ew, 2, n, H, I, 0.0f, Y, D);
   if (draws && ew.lora_w2) {
     std::vector<float> z(static_cast<size_t>(n * ew.lora_w2->rank()));
-    lora_down(*ew.lora_w2, n, H, I, draws[1], 0, z.data());
+    lora_down(*ew.lora_w2, n, H, I, draws[1], static_cast<uint64_t>(row0 * I), z.data());
     lora_up(*ew.lora_w2, n, z.data(), 0, D, Y, D);
   }
 }
@@ -189,7 +192,7 @@ void expert_forward(const ExpertWeights& ew, const float* X, const float* w, int
 // (trainable F32 weights and adapters only). Scratch: H, dH, dG, dU [n, I].
 void expert_backward(ExpertWeights& ew, const float* X, const float* G, const float* U, const float* w, const float* dY,
                      int64_t n, int64_t D, int64_t I, double limit, float* H, float* dH, float* dG, float* dU,
-                     float* dw, float* dX, const uint64_t* draws) {
+                     float* dw, float* dX, const uint64_t* draws, int64_t row0 = 0) {
   const bool train1 = !ew.w1_frozen.defined() && ew.w1.trainable;
   const bool train2 = !ew.w2_frozen.defined() && ew.w2.trainable;
   const bool train3 = !ew.w3_frozen.defined() && ew.w3.trainable;
@@ -201,16 +204,16 @@ void expert_backward(ExpertWeights& ew, const float* X, const float* G, const fl
   if (lora2) {
     LoraAdapter& ad = *ew.lora_w2;
     std::vector<float> z(static_cast<size_t>(n * ad.rank())), dz(static_cast<size_t>(n * ad.rank()), 0.0f);
-    lora_down(ad, n, H, I, draws[1], 0, z.data());
+    lora_down(ad, n, H, I, draws[1], static_cast<uint64_t>(row0 * I), z.data());
     lora_up_backward(ad, n, dY, D, z.data(), 0, D, dz.data());
-    lora_down_backward(ad, n, dz.data(), H, I, draws[1], 0, dH, I);
+    lora_down_backward(ad, n, dz.data(), H, I, draws[1], static_cast<uint64_t>(row0 * I), dH, I);
   }
   swiglu_clamp_backward_rows<float>(G, U, w, dH, dG, dU, dw, n, I, limit);
   if (train1) cpu_gemm(true, false, I, D, n, 1.0f, dG, I, X, D, 1.0f, ew.w1.grad_buffer().data<float>(), D);
   if (train3) cpu_gemm(true, false, I, D, n, 1.0f, dU, I, X, D, 1.0f, ew.w3.grad_buffer().data<float>(), D);
   expert_dyW(ew, 1, n, dG, I, 0.0f, dX, D);
   expert_dyW(ew, 3, n, dU, I, 1.0f, dX, D);
-  if (draws) expert_lora_in_backward(ew, X, dG, dU, n, D, I, draws, dX);
+  if (draws) expert_lora_in_backward(ew, X, dG, dU, n, D, I, draws, dX, row0);
 }
 
 }  // namespace
@@ -238,6 +241,7 @@ void ExpertWeights::unfreeze(int k) {
 
 MoE::MoE(std::string prefix, const ModelConfig& cfg, bool hash_routed, const Parallel* parallel)
     : prefix_(std::move(prefix)),
+      parallel_(parallel),
       dim_(cfg.dim),
       n_experts_(cfg.n_routed_experts),
       top_k_(cfg.n_activated_experts),
@@ -252,6 +256,8 @@ MoE::MoE(std::string prefix, const ModelConfig& cfg, bool hash_routed, const Par
              "MoE {}: n_shared_experts must be 0 or 1 (DeepSeek-V4 has 1), got {}", prefix_, cfg.n_shared_experts);
   DSV4_CHECK(top_k_ >= 1 && top_k_ <= n_experts_, "MoE {}: n_activated_experts {} outside [1, n_routed_experts={}]",
              prefix_, top_k_, n_experts_);
+  const Range local = parallel_ ? parallel_->local_experts(n_experts_) : Range{0, n_experts_};
+  expert_begin_ = local.begin;
   gate_weight = Param(prefix_ + "gate.weight", Shape{n_experts_, dim_});
   if (hash_) {
     tid2eid.name = prefix_ + "gate.tid2eid";
@@ -261,13 +267,36 @@ MoE::MoE(std::string prefix, const ModelConfig& cfg, bool hash_routed, const Par
     gate_bias = Param(prefix_ + "gate.bias", Shape{n_experts_});
     gate_bias.trainable = false;
   }
-  experts.reserve(static_cast<size_t>(n_experts_));
-  for (int64_t e = 0; e < n_experts_; ++e)
+  experts.reserve(static_cast<size_t>(local.size()));
+  for (int64_t e = local.begin; e < local.end; ++e)
     experts.push_back(make_expert(prefix_ + "experts." + std::to_string(e) + ".", dim_, inter_));
   if (has_shared_) shared = make_expert(prefix_ + "shared_experts.", dim_, inter_);
+  sync_placements();
+}
+
+void MoE::sync_placements() {
+  const bool tp_partial = parallel_ && parallel_->tp_size() > 1;
+  auto mark_expert = [](ExpertWeights& ew, Placement pl) {
+    for (int k = 1; k <= 3; ++k) ew.param(k).placement = pl;
+    for (int k : {1, 2, 3, 13})
+      if (ew.lora(k)) {
+        ew.lora(k)->A.placement = pl;
+        ew.lora(k)->B.placement = pl;
+      }
+  };
+  for (auto& ew : experts) mark_expert(ew, Placement::Expert);
+  if (tp_partial) {
+    gate_weight.placement = Placement::TpPartial;
+    if (gate_lora) {
+      gate_lora->A.placement = Placement::TpPartial;
+      gate_lora->B.placement = Placement::TpPartial;
+    }
+    if (has_shared_) mark_expert(shared, Placement::TpPartial);
+  }
 }
 
 void MoE::visit(const ParamVisitor& f) {
+  sync_placements();
   f(gate_weight);
   if (gate_lora) gate_lora->visit(f);
   if (hash_)
@@ -278,10 +307,28 @@ void MoE::visit(const ParamVisitor& f) {
   if (has_shared_) shared.visit(f);
 }
 
+namespace {
+
+// Row exchange over the ep group (a copy-free identity when the group is null).
+Tensor exchange(const Communicator* g, const Tensor& in, const std::vector<int64_t>& send_rows,
+                const std::vector<int64_t>& recv_rows) {
+  if (!g || g->size() == 1) return in;
+  int64_t n = 0;
+  for (int64_t r : recv_rows) n += r;
+  Shape shape = in.shape();
+  shape[0] = n;
+  Tensor out = Tensor::empty(shape, in.dtype());
+  g->all_to_all_v(in, send_rows, out, recv_rows);
+  return out;
+}
+
+}  // namespace
+
 Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayout& layout, MoECtx* ctx,
                     MoEStats* stats) const {
   check_rows("MoE.forward", x_TD, dim_);
   const int64_t T = x_TD.size(0), D = dim_, E = n_experts_, K = top_k_, I = inter_;
+  const int64_t EL = n_local_experts();
   DSV4_CHECK(layout.tokens() == T, "MoE {}: layout {} x {} does not cover the {} input rows", prefix_, layout.batch,
              layout.seq, T);
   check_weight(gate_weight, Shape{E, D});
@@ -295,6 +342,16 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
     check_expert_weight(shared, 3, Shape{I, D});
     check_expert_weight(shared, 2, Shape{D, I});
   }
+  const Communicator* tpg = parallel_ ? parallel_->tp() : nullptr;
+  const Communicator* epg = parallel_ ? parallel_->ep() : nullptr;
+  // ---- this rank's token rows (sequence-parallel over tp) ----
+  std::vector<int64_t> tp_rows = split_rows(tpg, T);
+  const int64_t tpr = group_rank(tpg);
+  int64_t t0 = 0;
+  for (int64_t r = 0; r < tpr; ++r) t0 += tp_rows[static_cast<size_t>(r)];
+  const int64_t TL = tp_rows[static_cast<size_t>(tpr)];
+  const Tensor xl = take_rows(tpg, x_TD, tp_rows);
+
   // LoRA dropout draws (see MoECtx::lora_draws); empty when no adapter is attached.
   bool any_lora = gate_lora.has_value() || (has_shared_ && shared.has_lora());
   for (const auto& ew : experts) any_lora = any_lora || ew.has_lora();
@@ -302,33 +359,35 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
   if (any_lora) {
     DSV4_CHECK(!gate_lora || (gate_lora->in_features() == D && gate_lora->out_features() == E),
                "MoE {}: adapter {} must be A [r, {}], B [{}, r]", prefix_, gate_lora->unit, D, E);
-    draws.assign(static_cast<size_t>(1 + 4 * (E + 1)), 0);
+    draws.assign(static_cast<size_t>(1 + 4 * (EL + 1)), 0);
     draws[0] = gate_lora ? gate_lora->next_draw() : 0;
-    for (int64_t e = 0; e < E; ++e) {
+    for (int64_t e = 0; e < EL; ++e) {
       check_expert_lora(experts[static_cast<size_t>(e)], D, I);
       expert_lora_draws(experts[static_cast<size_t>(e)], draws.data() + 1 + 4 * e);
     }
     if (has_shared_) {
       check_expert_lora(shared, D, I);
-      expert_lora_draws(shared, draws.data() + 1 + 4 * E);
+      expert_lora_draws(shared, draws.data() + 1 + 4 * EL);
     }
   }
-  auto expert_draws = [&](int64_t e) -> const uint64_t* {  // e = E: the shared expert
+  auto expert_draws = [&](int64_t e) -> const uint64_t* {  // local index; e = EL: the shared expert
     return draws.empty() ? nullptr : draws.data() + 1 + 4 * e;
   };
 
-  const float* x = x_TD.data<float>();
-  Tensor s = Tensor::empty({T, E}, DType::F32);
-  Tensor aff = Tensor::empty({T, E}, DType::F32);
-  Tensor idx = Tensor::empty({T, K}, DType::I64);
-  Tensor w = Tensor::empty({T, K}, DType::F32);
-  cpu_gemm(false, true, T, E, D, 1.0f, x, D, gate_weight.value.data<float>(), D, 0.0f, s.data<float>(), E);
-  if (gate_lora) {
-    std::vector<float> z(static_cast<size_t>(T * gate_lora->rank()));
-    lora_down(*gate_lora, T, x, D, draws[0], 0, z.data());
-    lora_up(*gate_lora, T, z.data(), 0, E, s.data<float>(), E);
+  const float* x = xl.data<float>();
+  Tensor s = Tensor::empty({TL, E}, DType::F32);
+  Tensor aff = Tensor::empty({TL, E}, DType::F32);
+  Tensor idx = Tensor::empty({TL, K}, DType::I64);
+  Tensor w = Tensor::empty({TL, K}, DType::F32);
+  if (TL > 0) {
+    cpu_gemm(false, true, TL, E, D, 1.0f, x, D, gate_weight.value.data<float>(), D, 0.0f, s.data<float>(), E);
+    if (gate_lora) {
+      std::vector<float> z(static_cast<size_t>(TL * gate_lora->rank()));
+      lora_down(*gate_lora, TL, x, D, draws[0], static_cast<uint64_t>(t0 * D), z.data());
+      lora_up(*gate_lora, TL, z.data(), 0, E, s.data<float>(), E);
+    }
+    sqrt_softplus_rows<float>(s.data<float>(), aff.data<float>(), TL * E);
   }
-  sqrt_softplus_rows<float>(s.data<float>(), aff.data<float>(), T * E);
 
   // ---- routing ----
   std::vector<int64_t> fixed;
@@ -342,12 +401,12 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
                "MoE {}: {} must be a contiguous I64 [{}, {}] tensor, got {}", prefix_, tid2eid.name, vocab_, K,
                tid2eid.value.str());
     const Tensor ids = input_ids_T.contiguous();
-    const int64_t* id = ids.data<int64_t>();
+    const int64_t* id = ids.data<int64_t>() + t0;
     const int64_t* table = tid2eid.value.data<int64_t>();
-    fixed.resize(static_cast<size_t>(T * K));
-    for (int64_t t = 0; t < T; ++t) {
-      DSV4_CHECK(id[t] >= 0 && id[t] < vocab_, "MoE {}: input id {} at position {} outside [0, {})", prefix_, id[t], t,
-                 vocab_);
+    fixed.resize(static_cast<size_t>(TL * K));
+    for (int64_t t = 0; t < TL; ++t) {
+      DSV4_CHECK(id[t] >= 0 && id[t] < vocab_, "MoE {}: input id {} at position {} outside [0, {})", prefix_, id[t],
+                 t0 + t, vocab_);
       for (int64_t j = 0; j < K; ++j) {
         const int64_t e = table[id[t] * K + j];
         DSV4_CHECK(e >= 0 && e < E, "MoE {}: {}[{}, {}] = {} is not an expert id in [0, {})", prefix_, tid2eid.name,
@@ -362,17 +421,26 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
                gate_bias.value.str());
   }
   moe_route_rows<float>(aff.data<float>(), hash_ ? nullptr : gate_bias.value.data<float>(),
-                        hash_ ? fixed.data() : nullptr, T, E, K, route_scale_, idx.data<int64_t>(), w.data<float>());
+                        hash_ ? fixed.data() : nullptr, TL, E, K, route_scale_, idx.data<int64_t>(), w.data<float>());
 
-  // ---- stats ----
+  // ---- stats: local loads; balance term from the tp-summed row statistics ----
   const int64_t* ip = idx.data<int64_t>();
   MoEStats st;
   st.load.assign(static_cast<size_t>(E), 0);
-  for (int64_t n = 0; n < T * K; ++n) ++st.load[static_cast<size_t>(ip[n])];
-  st.balance_term = moe_balance_term<float>(aff.data<float>(), ip, layout.batch, layout.seq, E, K);
+  for (int64_t n = 0; n < TL * K; ++n) ++st.load[static_cast<size_t>(ip[n])];
+  std::vector<double> bstat;  // [counts B*E | psum B*E]
+  const int64_t BE = std::max<int64_t>(layout.batch, 0) * E;
+  if (layout.batch > 0 && layout.seq > 0) {
+    bstat.assign(static_cast<size_t>(2 * BE), 0.0);
+    moe_balance_partials<float>(aff.data<float>(), ip, t0, TL, layout.batch, layout.seq, E, K, bstat.data(),
+                                bstat.data() + BE);
+    group_sum(tpg, bstat);
+    st.balance_term = moe_balance_term_from(bstat.data(), bstat.data() + BE, layout.batch, layout.seq, E, K);
+  }
 
-  // ---- dispatch: counting sort of the N = T*K slots by expert (token-ascending inside an expert) ----
-  const int64_t N = T * K;
+  // ---- dispatch: counting sort of the N = TL*K slots by expert (token-ascending inside an expert). Experts are
+  // contiguous per owner, so this order is also grouped by destination ep rank: it is the send order. ----
+  const int64_t N = TL * K;
   std::vector<int64_t> offsets(static_cast<size_t>(E + 1), 0);
   for (int64_t e = 0; e < E; ++e)
     offsets[static_cast<size_t>(e + 1)] = offsets[static_cast<size_t>(e)] + st.load[static_cast<size_t>(e)];
@@ -381,15 +449,53 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
     std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
     for (int64_t n = 0; n < N; ++n) sorted_slot[static_cast<size_t>(fill[static_cast<size_t>(ip[n])]++)] = n;
   }
+  const int64_t EP = group_size(epg);
+  std::vector<int64_t> send_rows(static_cast<size_t>(EP), 0);
+  for (int64_t e = 0; e < E; ++e)
+    send_rows[static_cast<size_t>(epg ? parallel_->expert_owner(E, e) : 0)] += st.load[static_cast<size_t>(e)];
+  const std::vector<int64_t> recv_rows = epg ? epg->exchange_counts(send_rows) : send_rows;
+  // payload: [x row | w] per slot, and the slot's global expert id
+  Tensor send_x = Tensor::empty({N, D + 1}, DType::F32);
+  Tensor send_e = Tensor::empty({N}, DType::I64);
+  {
+    float* px = send_x.data<float>();
+    int64_t* pe = send_e.data<int64_t>();
+    const float* wp = w.data<float>();
+    for (int64_t p = 0; p < N; ++p) {
+      const int64_t slot = sorted_slot[static_cast<size_t>(p)];
+      std::copy(x + (slot / K) * D, x + (slot / K + 1) * D, px + p * (D + 1));
+      px[p * (D + 1) + D] = wp[slot];
+      pe[p] = ip[slot];
+    }
+  }
+  const Tensor recv_x = exchange(epg, send_x, send_rows, recv_rows);
+  const Tensor recv_e = exchange(epg, send_e, send_rows, recv_rows);
+  const int64_t NR = recv_x.size(0);
+  // received slots grouped by local expert (stable: source rank, then the sender's order)
+  std::vector<int64_t> recv_offsets(static_cast<size_t>(EL + 1), 0);
+  std::vector<int64_t> recv_sorted(static_cast<size_t>(NR));
+  {
+    const int64_t* re = recv_e.data<int64_t>();
+    for (int64_t n = 0; n < NR; ++n) {
+      const int64_t le = re[n] - expert_begin_;
+      DSV4_CHECK(le >= 0 && le < EL, "MoE {}: received a slot for expert {}, not held here", prefix_, re[n]);
+      ++recv_offsets[static_cast<size_t>(le + 1)];
+    }
+    for (int64_t e = 0; e < EL; ++e) recv_offsets[static_cast<size_t>(e + 1)] += recv_offsets[static_cast<size_t>(e)];
+    std::vector<int64_t> fill(recv_offsets.begin(), recv_offsets.end() - 1);
+    for (int64_t n = 0; n < NR; ++n)
+      recv_sorted[static_cast<size_t>(fill[static_cast<size_t>(re[n] - expert_begin_)]++)] = n;
+  }
   int64_t max_rows = 0;
-  for (int64_t e = 0; e < E; ++e) max_rows = std::max(max_rows, st.load[static_cast<size_t>(e)]);
+  for (int64_t e = 0; e < EL; ++e)
+    max_rows = std::max(max_rows, recv_offsets[static_cast<size_t>(e + 1)] - recv_offsets[static_cast<size_t>(e)]);
 
-  Tensor y = Tensor::zeros({T, D}, DType::F32);
-  float* yp = y.data<float>();
+  // ---- local experts on the received slots ----
+  Tensor out_recv = Tensor::empty({NR, D}, DType::F32);
   Tensor g_all, u_all;
   if (ctx) {
-    g_all = Tensor::empty({N, I}, DType::F32);
-    u_all = Tensor::empty({N, I}, DType::F32);
+    g_all = Tensor::empty({NR, I}, DType::F32);
+    u_all = Tensor::empty({NR, I}, DType::F32);
   }
   {
     std::vector<float> Xe(static_cast<size_t>(max_rows * D)), Ye(static_cast<size_t>(max_rows * D));
@@ -399,53 +505,79 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
       Gt.resize(static_cast<size_t>(max_rows * I));
       Ut.resize(static_cast<size_t>(max_rows * I));
     }
-    std::vector<int64_t> tok(static_cast<size_t>(max_rows));
-    const float* wp = w.data<float>();
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t o = offsets[static_cast<size_t>(e)], n = offsets[static_cast<size_t>(e + 1)] - o;
+    const float* rx = recv_x.data<float>();
+    float* po = out_recv.data<float>();
+    for (int64_t e = 0; e < EL; ++e) {
+      const int64_t o = recv_offsets[static_cast<size_t>(e)], n = recv_offsets[static_cast<size_t>(e + 1)] - o;
       if (n == 0) continue;
       for (int64_t r = 0; r < n; ++r) {
-        const int64_t slot = sorted_slot[static_cast<size_t>(o + r)];
-        tok[static_cast<size_t>(r)] = slot / K;
-        we[static_cast<size_t>(r)] = wp[slot];
+        const int64_t row = recv_sorted[static_cast<size_t>(o + r)];
+        std::copy(rx + row * (D + 1), rx + row * (D + 1) + D, Xe.data() + r * D);
+        we[static_cast<size_t>(r)] = rx[row * (D + 1) + D];
       }
-      gather_rows(x, D, tok.data(), n, Xe.data());
       float* G = ctx ? g_all.data<float>() + o * I : Gt.data();
       float* U = ctx ? u_all.data<float>() + o * I : Ut.data();
       expert_forward(experts[static_cast<size_t>(e)], Xe.data(), we.data(), n, D, I, limit_, G, U, He.data(),
                      Ye.data(), expert_draws(e));
-      scatter_add_rows(Ye.data(), D, tok.data(), n, yp);
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t row = recv_sorted[static_cast<size_t>(o + r)];
+        std::copy(Ye.data() + r * D, Ye.data() + (r + 1) * D, po + row * D);
+      }
+    }
+  }
+  // ---- combine on the source rank in the send (= ascending expert) order ----
+  const Tensor back = exchange(epg, out_recv, recv_rows, send_rows);
+  Tensor yl = Tensor::zeros({TL, D}, DType::F32);
+  float* yp = yl.data<float>();
+  {
+    const float* pb = back.data<float>();
+    for (int64_t p = 0; p < N; ++p) {
+      float* d = yp + (sorted_slot[static_cast<size_t>(p)] / K) * D;
+      const float* src = pb + p * D;
+      for (int64_t i = 0; i < D; ++i) d[i] += src[i];
     }
   }
 
   // ---- shared expert ----
   Tensor sg, su;
   if (has_shared_) {
-    sg = Tensor::empty({T, I}, DType::F32);
-    su = Tensor::empty({T, I}, DType::F32);
-    Tensor sh = Tensor::empty({T, I}, DType::F32);
-    Tensor sy = Tensor::empty({T, D}, DType::F32);
-    expert_forward(shared, x, nullptr, T, D, I, limit_, sg.data<float>(), su.data<float>(), sh.data<float>(),
-                   sy.data<float>(), expert_draws(E));
-    const float* syp = sy.data<float>();
-    for (int64_t i = 0; i < T * D; ++i) yp[i] += syp[i];
+    sg = Tensor::empty({TL, I}, DType::F32);
+    su = Tensor::empty({TL, I}, DType::F32);
+    if (TL > 0) {
+      Tensor sh = Tensor::empty({TL, I}, DType::F32);
+      Tensor sy = Tensor::empty({TL, D}, DType::F32);
+      expert_forward(shared, x, nullptr, TL, D, I, limit_, sg.data<float>(), su.data<float>(), sh.data<float>(),
+                     sy.data<float>(), expert_draws(EL), t0);
+      const float* syp = sy.data<float>();
+      for (int64_t i = 0; i < TL * D; ++i) yp[i] += syp[i];
+    }
   }
+  Tensor y = gather_rows(tpg, yl, tp_rows);
 
   if (stats) *stats = st;
   if (ctx) {
-    ctx->x = x_TD;
+    ctx->x = xl;
     ctx->s = s;
     ctx->aff = aff;
     ctx->idx = idx;
     ctx->w = w;
     ctx->offsets = std::move(offsets);
     ctx->sorted_slot = std::move(sorted_slot);
+    ctx->tp_rows = std::move(tp_rows);
+    ctx->t0 = t0;
+    ctx->send_rows = std::move(send_rows);
+    ctx->recv_rows = recv_rows;
+    ctx->recv_x = recv_x;
+    ctx->recv_offsets = std::move(recv_offsets);
+    ctx->recv_sorted = std::move(recv_sorted);
     ctx->g = g_all;
     ctx->u = u_all;
     ctx->shared_g = sg;
     ctx->shared_u = su;
     ctx->batch = layout.batch;
     ctx->seq = layout.seq;
+    bstat.resize(static_cast<size_t>(BE));
+    ctx->balance_counts = std::move(bstat);
     ctx->stats = std::move(st);
     ctx->lora_draws = std::move(draws);
   }
@@ -455,85 +587,124 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
 Tensor MoE::backward(const Tensor& dy_TD, const MoECtx& ctx, double balance_alpha) {
   check_rows("MoE.backward", dy_TD, dim_);
   const int64_t T = dy_TD.size(0), D = dim_, E = n_experts_, K = top_k_, I = inter_;
-  DSV4_CHECK(
-      ctx.x.defined() && ctx.x.size(0) == T && ctx.idx.defined() && static_cast<int64_t>(ctx.offsets.size()) == E + 1,
-      "MoE {}: backward dy {} does not match the forward context (x {})", prefix_, dy_TD.str(),
-      ctx.x.defined() ? ctx.x.str() : std::string("none"));
+  const int64_t EL = n_local_experts();
+  int64_t T_ctx = 0;
+  for (int64_t r : ctx.tp_rows) T_ctx += r;
+  DSV4_CHECK(ctx.x.defined() && T_ctx == T && ctx.idx.defined() &&
+                 static_cast<int64_t>(ctx.offsets.size()) == E + 1 &&
+                 static_cast<int64_t>(ctx.recv_offsets.size()) == EL + 1,
+             "MoE {}: backward dy {} does not match the forward context (x {})", prefix_, dy_TD.str(),
+             ctx.x.defined() ? ctx.x.str() : std::string("none"));
+  const Communicator* tpg = parallel_ ? parallel_->tp() : nullptr;
+  const Communicator* epg = parallel_ ? parallel_->ep() : nullptr;
+  const int64_t TL = ctx.x.size(0), t0 = ctx.t0;
+  const Tensor dyl = take_rows(tpg, dy_TD, ctx.tp_rows);
   const float* x = ctx.x.data<float>();
-  const float* dy = dy_TD.data<float>();
-  const float* wp = ctx.w.data<float>();
+  const float* dy = dyl.data<float>();
   const int64_t* ip = ctx.idx.data<int64_t>();
-  const int64_t N = T * K;
+  const int64_t N = TL * K;
   bool any_lora = gate_lora.has_value() || (has_shared_ && shared.has_lora());
   for (const auto& ew : experts) any_lora = any_lora || ew.has_lora();
-  DSV4_CHECK(!any_lora || ctx.lora_draws.size() == static_cast<size_t>(1 + 4 * (E + 1)),
+  DSV4_CHECK(!any_lora || ctx.lora_draws.size() == static_cast<size_t>(1 + 4 * (EL + 1)),
              "MoE {}: backward through adapters without their forward context", prefix_);
   auto expert_draws = [&](int64_t e) -> const uint64_t* {
     return ctx.lora_draws.empty() ? nullptr : ctx.lora_draws.data() + 1 + 4 * e;
   };
 
-  Tensor dx = Tensor::zeros({T, D}, DType::F32);
-  float* dxp = dx.data<float>();
-  std::vector<float> dw(static_cast<size_t>(N), 0.0f);  // d loss / d w, slot order t*K+j
+  // ---- dy of each slot to the expert's rank ----
+  Tensor send_dy = Tensor::empty({N, D}, DType::F32);
+  {
+    float* pd = send_dy.data<float>();
+    for (int64_t p = 0; p < N; ++p) {
+      const int64_t t = ctx.sorted_slot[static_cast<size_t>(p)] / K;
+      std::copy(dy + t * D, dy + (t + 1) * D, pd + p * D);
+    }
+  }
+  const Tensor recv_dy = exchange(epg, send_dy, ctx.send_rows, ctx.recv_rows);
+  const int64_t NR = ctx.recv_x.size(0);
 
-  // ---- routed experts ----
+  // ---- local experts: [dx | dw] per received slot ----
+  Tensor back_recv = Tensor::empty({NR, D + 1}, DType::F32);
   int64_t max_rows = 0;
-  for (int64_t e = 0; e < E; ++e)
-    max_rows = std::max(max_rows, ctx.offsets[static_cast<size_t>(e + 1)] - ctx.offsets[static_cast<size_t>(e)]);
+  for (int64_t e = 0; e < EL; ++e)
+    max_rows =
+        std::max(max_rows, ctx.recv_offsets[static_cast<size_t>(e + 1)] - ctx.recv_offsets[static_cast<size_t>(e)]);
   {
     std::vector<float> Xe(static_cast<size_t>(max_rows * D)), dYe(static_cast<size_t>(max_rows * D)),
         dXe(static_cast<size_t>(max_rows * D));
     std::vector<float> H(static_cast<size_t>(max_rows * I)), dH(static_cast<size_t>(max_rows * I)),
         dG(static_cast<size_t>(max_rows * I)), dU(static_cast<size_t>(max_rows * I));
     std::vector<float> we(static_cast<size_t>(max_rows)), dwe(static_cast<size_t>(max_rows));
-    std::vector<int64_t> tok(static_cast<size_t>(max_rows));
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t o = ctx.offsets[static_cast<size_t>(e)], n = ctx.offsets[static_cast<size_t>(e + 1)] - o;
+    const float* rx = ctx.recv_x.data<float>();
+    const float* rdy = recv_dy.data<float>();
+    float* pb = back_recv.data<float>();
+    for (int64_t e = 0; e < EL; ++e) {
+      const int64_t o = ctx.recv_offsets[static_cast<size_t>(e)], n = ctx.recv_offsets[static_cast<size_t>(e + 1)] - o;
       if (n == 0) continue;
       for (int64_t r = 0; r < n; ++r) {
-        const int64_t slot = ctx.sorted_slot[static_cast<size_t>(o + r)];
-        tok[static_cast<size_t>(r)] = slot / K;
-        we[static_cast<size_t>(r)] = wp[slot];
+        const int64_t row = ctx.recv_sorted[static_cast<size_t>(o + r)];
+        std::copy(rx + row * (D + 1), rx + row * (D + 1) + D, Xe.data() + r * D);
+        we[static_cast<size_t>(r)] = rx[row * (D + 1) + D];
+        std::copy(rdy + row * D, rdy + (row + 1) * D, dYe.data() + r * D);
       }
-      gather_rows(x, D, tok.data(), n, Xe.data());
-      gather_rows(dy, D, tok.data(), n, dYe.data());
       expert_backward(experts[static_cast<size_t>(e)], Xe.data(), ctx.g.data<float>() + o * I,
                       ctx.u.data<float>() + o * I, we.data(), dYe.data(), n, D, I, limit_, H.data(), dH.data(),
                       dG.data(), dU.data(), dwe.data(), dXe.data(), expert_draws(e));
-      scatter_add_rows(dXe.data(), D, tok.data(), n, dxp);
-      for (int64_t r = 0; r < n; ++r)
-        dw[static_cast<size_t>(ctx.sorted_slot[static_cast<size_t>(o + r)])] = dwe[static_cast<size_t>(r)];
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t row = ctx.recv_sorted[static_cast<size_t>(o + r)];
+        std::copy(dXe.data() + r * D, dXe.data() + (r + 1) * D, pb + row * (D + 1));
+        pb[row * (D + 1) + D] = dwe[static_cast<size_t>(r)];
+      }
+    }
+  }
+  const Tensor back = exchange(epg, back_recv, ctx.recv_rows, ctx.send_rows);
+  Tensor dxl = Tensor::zeros({TL, D}, DType::F32);
+  float* dxp = dxl.data<float>();
+  std::vector<float> dw(static_cast<size_t>(N), 0.0f);  // d loss / d w, slot order t*K+j
+  {
+    const float* pb = back.data<float>();
+    for (int64_t p = 0; p < N; ++p) {
+      const int64_t slot = ctx.sorted_slot[static_cast<size_t>(p)];
+      float* d = dxp + (slot / K) * D;
+      const float* src = pb + p * (D + 1);
+      for (int64_t i = 0; i < D; ++i) d[i] += src[i];
+      dw[static_cast<size_t>(slot)] = src[D];
     }
   }
 
   // ---- shared expert ----
-  if (has_shared_) {
-    std::vector<float> H(static_cast<size_t>(T * I)), dH(static_cast<size_t>(T * I)), dG(static_cast<size_t>(T * I)),
-        dU(static_cast<size_t>(T * I)), dXs(static_cast<size_t>(T * D));
-    expert_backward(shared, x, ctx.shared_g.data<float>(), ctx.shared_u.data<float>(), nullptr, dy, T, D, I, limit_,
-                    H.data(), dH.data(), dG.data(), dU.data(), nullptr, dXs.data(), expert_draws(E));
-    for (int64_t i = 0; i < T * D; ++i) dxp[i] += dXs[static_cast<size_t>(i)];
+  if (has_shared_ && TL > 0) {
+    std::vector<float> H(static_cast<size_t>(TL * I)), dH(static_cast<size_t>(TL * I)),
+        dG(static_cast<size_t>(TL * I)), dU(static_cast<size_t>(TL * I)), dXs(static_cast<size_t>(TL * D));
+    expert_backward(shared, x, ctx.shared_g.data<float>(), ctx.shared_u.data<float>(), nullptr, dy, TL, D, I, limit_,
+                    H.data(), dH.data(), dG.data(), dU.data(), nullptr, dXs.data(), expert_draws(EL), t0);
+    for (int64_t i = 0; i < TL * D; ++i) dxp[i] += dXs[static_cast<size_t>(i)];
   }
 
   // ---- router: w -> aff (+ balance loss) -> s -> (gate.weight, x) ----
-  Tensor daff = Tensor::zeros({T, E}, DType::F32);
-  moe_route_backward_rows<float>(ctx.aff.data<float>(), ip, dw.data(), T, E, K, route_scale_, daff.data<float>());
-  if (balance_alpha != 0.0)
-    moe_balance_backward<float>(ctx.aff.data<float>(), ip, ctx.batch, ctx.seq, E, K, balance_alpha, daff.data<float>());
-  Tensor ds = Tensor::empty({T, E}, DType::F32);
-  sqrt_softplus_backward_rows<float>(ctx.s.data<float>(), ctx.aff.data<float>(), daff.data<float>(), ds.data<float>(),
-                                     T * E);
-  if (gate_weight.trainable)
-    cpu_gemm(true, false, E, D, T, 1.0f, ds.data<float>(), E, x, D, 1.0f, gate_weight.grad_buffer().data<float>(), D);
-  cpu_gemm(false, false, T, D, E, 1.0f, ds.data<float>(), E, gate_weight.value.data<float>(), D, 1.0f, dxp, D);
-  if (gate_lora) {
-    const int64_t r = gate_lora->rank();
-    std::vector<float> z(static_cast<size_t>(T * r)), dz(static_cast<size_t>(T * r), 0.0f);
-    lora_down(*gate_lora, T, x, D, ctx.lora_draws[0], 0, z.data());
-    lora_up_backward(*gate_lora, T, ds.data<float>(), E, z.data(), 0, E, dz.data());
-    lora_down_backward(*gate_lora, T, dz.data(), x, D, ctx.lora_draws[0], 0, dxp, D);
+  if (TL > 0) {
+    Tensor daff = Tensor::zeros({TL, E}, DType::F32);
+    moe_route_backward_rows<float>(ctx.aff.data<float>(), ip, dw.data(), TL, E, K, route_scale_, daff.data<float>());
+    if (balance_alpha != 0.0 && !ctx.balance_counts.empty())
+      moe_balance_backward_rows<float>(ctx.aff.data<float>(), ctx.balance_counts.data(), t0, TL, ctx.batch, ctx.seq,
+                                       E, K, balance_alpha, daff.data<float>());
+    Tensor ds = Tensor::empty({TL, E}, DType::F32);
+    sqrt_softplus_backward_rows<float>(ctx.s.data<float>(), ctx.aff.data<float>(), daff.data<float>(),
+                                       ds.data<float>(), TL * E);
+    if (gate_weight.trainable)
+      cpu_gemm(true, false, E, D, TL, 1.0f, ds.data<float>(), E, x, D, 1.0f, gate_weight.grad_buffer().data<float>(),
+               D);
+    cpu_gemm(false, false, TL, D, E, 1.0f, ds.data<float>(), E, gate_weight.value.data<float>(), D, 1.0f, dxp, D);
+    if (gate_lora) {
+      const int64_t r = gate_lora->rank();
+      const uint64_t mo = static_cast<uint64_t>(t0 * D);
+      std::vector<float> z(static_cast<size_t>(TL * r)), dz(static_cast<size_t>(TL * r), 0.0f);
+      lora_down(*gate_lora, TL, x, D, ctx.lora_draws[0], mo, z.data());
+      lora_up_backward(*gate_lora, TL, ds.data<float>(), E, z.data(), 0, E, dz.data());
+      lora_down_backward(*gate_lora, TL, dz.data(), x, D, ctx.lora_draws[0], mo, dxp, D);
+    }
   }
-  return dx;
+  return gather_rows(tpg, dxl, ctx.tp_rows);
 }
 
 }  // namespace dsv4

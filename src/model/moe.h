@@ -193,6 +193,63 @@ void moe_balance_backward(const T* aff, const int64_t* idx, int64_t batch, int64
   }
 }
 
+// Row statistics of the balance loss over `rows` tokens starting at global token t0 (tokens of a sequence row may be
+// split over ranks; sum the statistics over those ranks before forming the term). Accumulates into
+// counts [B*E] (slots of row b routed to e) and psum [B*E] (sum over the row's tokens of p_{t,e}).
+template <typename T>
+void moe_balance_partials(const T* aff, const int64_t* idx, int64_t t0, int64_t rows, int64_t batch, int64_t seq,
+                          int64_t E, int64_t K, double* counts, double* psum) {
+  if (batch <= 0 || seq <= 0) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = (t0 + r) / seq;
+    for (int64_t j = 0; j < K; ++j) counts[b * E + idx[r * K + j]] += 1.0;
+    const T* a = aff + r * E;
+    double Z = 0;
+    for (int64_t e = 0; e < E; ++e) Z += static_cast<double>(a[e]);
+    if (Z == 0) continue;
+    for (int64_t e = 0; e < E; ++e) psum[b * E + e] += static_cast<double>(a[e]) / Z;
+  }
+}
+
+// The unscaled balance term from complete row statistics (same arithmetic as moe_balance_term).
+inline double moe_balance_term_from(const double* counts, const double* psum, int64_t batch, int64_t seq, int64_t E,
+                                    int64_t K) {
+  if (batch <= 0 || seq <= 0) return 0.0;
+  double total = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    double term = 0;
+    for (int64_t e = 0; e < E; ++e)
+      term += static_cast<double>(E) / static_cast<double>(K * seq) * counts[b * E + e] *
+              (psum[b * E + e] / static_cast<double>(seq));
+    total += term;
+  }
+  return total / static_cast<double>(batch);
+}
+
+// moe_balance_backward for `rows` tokens starting at global token t0, given the complete counts [B*E].
+template <typename T>
+void moe_balance_backward_rows(const T* aff, const double* counts, int64_t t0, int64_t rows, int64_t batch,
+                               int64_t seq, int64_t E, int64_t K, double alpha, T* daff) {
+  if (batch <= 0 || seq <= 0 || alpha == 0) return;
+  std::vector<double> c(static_cast<size_t>(E));
+  int64_t cb = -1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = (t0 + r) / seq;
+    if (b != cb) {
+      cb = b;
+      for (int64_t e = 0; e < E; ++e)
+        c[static_cast<size_t>(e)] = alpha / static_cast<double>(batch) * static_cast<double>(E) /
+                                    static_cast<double>(K * seq) * counts[b * E + e] / static_cast<double>(seq);
+    }
+    const T* a = aff + r * E;
+    double Z = 0, cp = 0;
+    for (int64_t e = 0; e < E; ++e) Z += static_cast<double>(a[e]);
+    if (Z == 0) continue;
+    for (int64_t e = 0; e < E; ++e) cp += c[static_cast<size_t>(e)] * static_cast<double>(a[e]) / Z;
+    for (int64_t e = 0; e < E; ++e) daff[r * E + e] += static_cast<T>((c[static_cast<size_t>(e)] - cp) / Z);
+  }
+}
+
 // ---- clamped SwiGLU core ---------------------------------------------------------------------------------------
 // h[r, i] = w[r] * (silu(min(g, L)) * clamp(u, -L, L)) over rows of width I; w may be null (shared expert),
 // limit <= 0 disables the clamp. silu(x) = x / (1 + exp(-x)) as torch computes it.
@@ -287,24 +344,36 @@ struct ExpertWeights {
 };
 
 struct MoEStats {
-  std::vector<int64_t> load;  // [E] routed slots per expert in this call (sums to T*K): the aux-loss-free signal
-  double balance_term = 0;    // unscaled sequence-wise balance term; the loss is alpha * balance_term
+  // [E] routed slots per expert of THIS rank's tokens in this call (sums to T_local*K; with tensor parallelism the
+  // tokens are split over tp, so the trainer sums loads over the world): the aux-loss-free signal
+  std::vector<int64_t> load;
+  double balance_term = 0;    // unscaled sequence-wise balance term (complete: identical on every tp rank)
   double balance_loss(double alpha) const { return alpha * balance_term; }
 };
 
+// Forward context. With a parallel layout every tensor is about this rank's token rows [t0, t0 + T_local) of the
+// T input rows (tp split) and, for the expert side, about the slots this rank received (ep dispatch).
 struct MoECtx {
-  Tensor x;                          // [T, D] input
-  Tensor s, aff;                     // [T, E] gate logits and sqrt-softplus affinities
-  Tensor idx;                        // I64 [T, K] selected experts (learned: descending by aff+bias)
-  Tensor w;                          // [T, K] routing weights (normalised, times route_scale)
-  std::vector<int64_t> offsets;      // [E+1] expert segments of the expert-sorted slot order
-  std::vector<int64_t> sorted_slot;  // [N] slot t*K+j at each sorted position (token-ascending within an expert)
-  Tensor g, u;                       // [N, I] routed w1/w3 pre-activations (before the clamp), sorted order
-  Tensor shared_g, shared_u;         // [T, I] shared expert pre-activations
+  Tensor x;                          // [T_local, D] this rank's input rows
+  Tensor s, aff;                     // [T_local, E] gate logits and sqrt-softplus affinities
+  Tensor idx;                        // I64 [T_local, K] selected experts (learned: descending by aff+bias)
+  Tensor w;                          // [T_local, K] routing weights (normalised, times route_scale)
+  std::vector<int64_t> offsets;      // [E+1] expert segments of the expert-sorted slot order (= the send order)
+  std::vector<int64_t> sorted_slot;  // [N_local] slot t*K+j at each sorted position (token-ascending within an expert)
+  std::vector<int64_t> tp_rows;      // [tp] token rows of each tp rank (split_rows); sum = T
+  int64_t t0 = 0;                    // first global token row of this rank
+  std::vector<int64_t> send_rows;    // [ep] slots sent to each ep rank (sorted positions, grouped by owner)
+  std::vector<int64_t> recv_rows;    // [ep] slots received from each ep rank
+  Tensor recv_x;                     // [N_recv, D+1] received slot payload: token row x, routing weight w (last col)
+  std::vector<int64_t> recv_offsets; // [E_local+1] local-expert segments of the received slots
+  std::vector<int64_t> recv_sorted;  // [N_recv] received row at each local-expert-sorted position
+  Tensor g, u;                       // [N_recv, I] routed w1/w3 pre-activations (before the clamp), recv_sorted order
+  Tensor shared_g, shared_u;         // [T_local, I] shared expert pre-activations
   int64_t batch = 0, seq = 0;        // the layout's rows, for the balance loss
+  std::vector<double> balance_counts;  // [B*E] complete (tp-summed) slot counts per sequence row
   MoEStats stats;
-  // LoRA dropout draws of this forward: [0] the gate adapter, then 4 per routed expert (w1, w2, w3, w13), then 4 for
-  // the shared expert (empty without adapters).
+  // LoRA dropout draws of this forward: [0] the gate adapter, then 4 per LOCAL routed expert (w1, w2, w3, w13), then 4
+  // for the shared expert (empty without adapters).
   std::vector<uint64_t> lora_draws;
 };
 
@@ -315,7 +384,11 @@ class MoE {
   // Hash layers own gate.tid2eid (an I64 [vocab, K] value in a Param with trainable = false, so loaders find it by
   // name; it never gets a gradient); learned layers own gate.bias (F32 [E], trainable = false: it is moved by the
   // aux-loss-free rule, not by gradients).
-  // parallel (may be null): routed experts split over parallel->ep(), tokens split over parallel->tp().
+  // parallel (may be null; must outlive the module): routed experts split over parallel->ep() (this rank holds the
+  // contiguous global experts [expert_begin(), expert_begin() + experts.size())), tokens split over parallel->tp()
+  // (sequence-parallel: each tp rank routes and computes split_rows(tp, T)[tp_rank] rows; the output and dx are
+  // gathered back to all T rows on every tp rank). Routed expert parameters are Placement::Expert; with tp > 1 the
+  // router and shared-expert parameters (and their adapters) are Placement::TpPartial.
   MoE(std::string prefix, const ModelConfig& cfg, bool hash_routed, const Parallel* parallel = nullptr);
 
   // x_TD: CPU F32 [T, D]; input_ids_T: I64 [T] (needed by hash layers, may be undefined for learned ones);
@@ -325,10 +398,18 @@ class MoE {
   // Returns dx [T, D] for the loss  <dy, y> + balance_alpha * balance_term; accumulates the gradients of
   // gate.weight and every expert/shared weight (those with trainable = true).
   Tensor backward(const Tensor& dy_TD, const MoECtx& ctx, double balance_alpha = 0.0);
+  // Visits the router, the LOCAL routed experts and the shared expert. Sets the placement of attached adapters first
+  // (routed: Expert; router / shared: TpPartial when tp > 1).
   void visit(const ParamVisitor& f);
 
   bool hash_routed() const { return hash_; }
-  int64_t n_experts() const { return n_experts_; }
+  int64_t n_experts() const { return n_experts_; }  // global E
+  // Global index of experts[0]; experts[i] is global expert expert_begin() + i.
+  int64_t expert_begin() const { return expert_begin_; }
+  int64_t n_local_experts() const { return static_cast<int64_t>(experts.size()); }
+  // Whether global expert e is held by this rank.
+  bool holds_expert(int64_t e) const { return e >= expert_begin_ && e < expert_begin_ + n_local_experts(); }
+  const Parallel* parallel() const { return parallel_; }
   int64_t top_k() const { return top_k_; }
   int64_t dim() const { return dim_; }
   int64_t inter_dim() const { return inter_; }
@@ -340,11 +421,15 @@ class MoE {
   std::optional<LoraAdapter> gate_lora;  // prefix + "gate.lora_{A,B}": A [r, D], B [E, r] (LoRA on the router)
   Param gate_bias;                     // prefix + "gate.bias"    [E] F32 (learned layers only)
   Param tid2eid;                       // prefix + "gate.tid2eid" I64 [vocab, K] (hash layers only)
-  std::vector<ExpertWeights> experts;  // prefix + "experts.{e}.w{1,2,3}.weight"
+  std::vector<ExpertWeights> experts;  // LOCAL experts: prefix + "experts.{expert_begin() + i}.w{1,2,3}.weight"
   ExpertWeights shared;                // prefix + "shared_experts.w{1,2,3}.weight" (when n_shared_experts == 1)
 
  private:
+  void sync_placements();
+
   std::string prefix_;
+  const Parallel* parallel_ = nullptr;
+  int64_t expert_begin_ = 0;
   int64_t dim_ = 0, n_experts_ = 0, top_k_ = 0, inter_ = 0, vocab_ = 0;
   double route_scale_ = 1.0, limit_ = 0.0;
   bool hash_ = false, has_shared_ = true;

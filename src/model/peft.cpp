@@ -646,6 +646,7 @@ void install_adapter_set(Model& model, const AdapterSet& set, const std::string&
   std::vector<LoraAdapter*> existing = lora_adapters(model);
   if (existing.empty()) {
     for (const AdapterTensors& a : set.adapters) {
+      if (model.foreign_expert(a.unit + ".lora_A")) continue;  // another rank's routed expert (expert parallelism)
       LoraAdapter& ad = attach_lora(model, a.unit, a.A.size(0), a.scale, set.dropout, lora_dropout_key(seed, a.unit));
       DSV4_CHECK(ad.A.value.shape() == a.A.shape() && ad.B.value.shape() == a.B.shape(),
                  "{}: adapter {} is A {}, B {}; the model's site needs A {}, B {}", source, a.unit, a.A.str(), a.B.str(),
@@ -661,6 +662,7 @@ void install_adapter_set(Model& model, const AdapterSet& set, const std::string&
   std::vector<std::string> problems;
   for (const AdapterTensors& a : set.adapters) {
     auto it = by_unit.find(a.unit);
+    if (it == by_unit.end() && model.foreign_expert(a.unit + ".lora_A")) continue;
     if (it == by_unit.end()) {
       problems.push_back(a.unit + " (in the file, not in the model)");
       continue;
@@ -681,6 +683,7 @@ void install_adapter_set(Model& model, const AdapterSet& set, const std::string&
     DSV4_FAIL("{}: the adapters do not match the model's: {}", source, list);
   }
   for (const AdapterTensors& a : set.adapters) {
+    if (!by_unit.count(a.unit)) continue;  // a foreign expert's adapter
     LoraAdapter& ad = *by_unit.at(a.unit);
     ops::copy(a.A, ad.A.value);
     ops::copy(a.B, ad.B.value);
