@@ -374,10 +374,38 @@ TpPart tp_local_part(const Param& p, const Shape& local_shape, const Tensor& w, 
 namespace {
 
 // Copies / converts one checkpoint tensor (w, with its scale s) into the model: for a TpSplit parameter only this
-// rank's slice (tp_local_part; a view over the mapping, so only the slice's pages are read).
+// rank's slice (tp_local_part: a view over the mapping, so only the slice's pages are read; a frozen quantized weight
+// sliced in storage precision with its scales; a quantized weight loaded as F32 dequantised from its rows, which
+// needs no scale-block alignment).
 void load_entry(WeightSlot& slot, const ParamEntry& e, const Tensor& w_full, const Tensor& s_full, LoadMode mode,
                 bool frozen_wo_a, LoadReport& r) {
   Param& p = *slot.param;
+  const bool quantized = w_full.dtype() == DType::F8_E4M3 || w_full.dtype() == DType::I8 || w_full.dtype() == DType::U8;
+  const bool frozen = mode == LoadMode::FrozenQuantized && e.role != TensorRole::Index &&
+                      (e.holder != WeightHolder::Param || (frozen_wo_a && slot.attn));
+  if (quantized && !frozen && p.placement == Placement::TpSplit) {
+    // Dequantised into an F32 slice: from the whole weight's rows (no scale-block alignment needed).
+    const QuantizedWeight q = QuantizedWeight::from_tensors(w_full, s_full, e.name);
+    Tensor& dst = slot.f32_value();
+    const int64_t off = p.shard_offset, n = slot.shape[p.shard_dim];
+    DSV4_CHECK(q.shape().ndim() == 2 && p.shard_dim >= 0 && p.shard_dim < 2 && off + n <= q.shape()[p.shard_dim],
+               "{}: tp slice [{}, {}) of dim {} does not fit the checkpoint weight {}", e.name, off, off + n,
+               p.shard_dim, q.str());
+    if (p.shard_dim == 0) {
+      q.dequant_rows(off, off + n, dst.data<float>());
+    } else {
+      const int64_t cols = q.cols(), chunk = 128;
+      std::vector<float> rows(static_cast<size_t>(chunk * cols));
+      for (int64_t r0 = 0; r0 < q.rows(); r0 += chunk) {
+        const int64_t r1 = std::min(q.rows(), r0 + chunk);
+        q.dequant_rows(r0, r1, rows.data());
+        for (int64_t i = r0; i < r1; ++i)
+          std::memcpy(dst.data<float>() + i * n, rows.data() + (i - r0) * cols + off, static_cast<size_t>(n) * 4);
+      }
+    }
+    p.trainable = e.trainable;
+    return;
+  }
   const TpPart part = tp_local_part(p, slot.shape, w_full, s_full, e.name);
   const Tensor& w = part.data;
   const Tensor& s = part.scale;
@@ -395,8 +423,7 @@ void load_entry(WeightSlot& slot, const ParamEntry& e, const Tensor& w_full, con
     p.trainable = false;
     return;
   }
-  const bool quantized = w.dtype() == DType::F8_E4M3 || w.dtype() == DType::I8 || w.dtype() == DType::U8;
-  if (mode == LoadMode::FrozenQuantized && (e.holder != WeightHolder::Param || (frozen_wo_a && slot.attn))) {
+  if (frozen) {
     const Tensor data = w.dtype() == DType::F16 ? w.to(DType::F32) : w.contiguous();
     QuantizedWeight q = QuantizedWeight::from_tensors(data, quantized ? s : Tensor(), e.name).clone();
     ++r.frozen_weights;

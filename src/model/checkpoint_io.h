@@ -116,7 +116,9 @@ struct LoadReport {
 // `local_shape`: w itself unless p is TpSplit, else the slice along p.shard_dim — a view for plain tensors; FP8
 // (128x128 scale blocks) and FP4 (1x32 column blocks, packed I8/U8 or F4_E2M1) are sliced in storage precision
 // together with their scales (contiguous copies of the slice only). Throws a one-line error naming the tensor, the
-// split and the block size when a slice boundary is not aligned to a scale block. Every loader applies it.
+// split and the block size when a slice boundary is not aligned to a scale block. The loaders (release and
+// transformers layouts) apply it to every TpSplit parameter, except that a quantized weight loaded as an F32 Param is
+// dequantised from the whole weight's rows (no alignment needed there).
 struct TpPart {
   Tensor data, scale;
 };
