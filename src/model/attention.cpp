@@ -48,7 +48,25 @@ Attention::Attention(std::string prefix, const ModelConfig& cfg, int64_t layer, 
   DSV4_CHECK(rope_dim_ > 0 && rope_dim_ % 2 == 0 && rope_dim_ <= head_dim_,
              "Attention {}: rope dim {} must be even and <= head_dim {}", prefix_, rope_dim_, head_dim_);
   DSV4_CHECK(window_ > 0, "Attention {}: window_size {} must be positive", prefix_, window_);
-  const int64_t HC = heads_ * head_dim_;
+  const int64_t tp = opts_.parallel ? opts_.parallel->tp_size() : 1;
+  const int64_t H = heads_, G = groups_;  // global counts
+  if (tp > 1) {
+    DSV4_CHECK(H % tp == 0, "Attention {}: config 'n_heads' = {} is not divisible by the tensor-parallel degree tp = {}",
+               prefix_, H, tp);
+    DSV4_CHECK(G % tp == 0, "Attention {}: config 'o_groups' = {} is not divisible by the tensor-parallel degree tp = {}",
+               prefix_, G, tp);
+    DSV4_CHECK(ratio_ != 4 || cfg.index_n_heads % tp == 0,
+               "Attention {}: config 'index_n_heads' = {} is not divisible by the tensor-parallel degree tp = {}",
+               prefix_, cfg.index_n_heads, tp);
+    const int64_t r = opts_.parallel->tp_rank();
+    tp_ = opts_.parallel->tp();
+    heads_ = H / tp;
+    groups_ = G / tp;
+    head0_ = r * heads_;
+    group0_ = r * groups_;
+  }
+  const int64_t HC = heads_ * head_dim_;  // this rank's heads
+  const int64_t K = H * head_dim_ / G;    // wo_a's input width (one group's heads)
   wq_a = Linear(prefix_ + "wq_a.weight", dim_, cfg.q_lora_rank);
   q_norm = RMSNorm(prefix_ + "q_norm.weight", cfg.q_lora_rank, eps_);
   wq_b = Linear(prefix_ + "wq_b.weight", cfg.q_lora_rank, HC);
@@ -57,7 +75,7 @@ Attention::Attention(std::string prefix, const ModelConfig& cfg, int64_t layer, 
   if (DeferredWeightStorage::active())  // a loader fills it (as a Param or frozen)
     wo_a.name = prefix_ + "wo_a.weight";
   else
-    wo_a = Param(prefix_ + "wo_a.weight", Shape{groups_ * o_lora_, HC / groups_});
+    wo_a = Param(prefix_ + "wo_a.weight", Shape{groups_ * o_lora_, K});
   wo_b = Linear(prefix_ + "wo_b.weight", groups_ * o_lora_, dim_);
   attn_sink = Param(prefix_ + "attn_sink", Shape{heads_});
   if (ratio_ > 0)
@@ -67,7 +85,52 @@ Attention::Attention(std::string prefix, const ModelConfig& cfg, int64_t layer, 
     DSV4_CHECK(cfg.index_head_dim >= rope_dim_ && cfg.index_n_heads > 0 && cfg.index_topk > 0,
                "Attention {}: bad indexer shape (heads {}, head dim {}, topk {})", prefix_, cfg.index_n_heads,
                cfg.index_head_dim, cfg.index_topk);
-    indexer = Indexer(prefix_ + "indexer.", cfg, opts_.simulate_release_quant);
+    indexer = Indexer(prefix_ + "indexer.", cfg, opts_.simulate_release_quant, opts_.parallel);
+  }
+  if (tp > 1) {
+    wq_b.weight.set_tp_split(0, head0_ * head_dim_, H * head_dim_);
+    attn_sink.set_tp_split(0, head0_, H);
+    wo_a.set_tp_split(0, group0_ * o_lora_, G * o_lora_);
+    wo_b.weight.set_tp_split(1, group0_ * o_lora_, G * o_lora_);
+    wo_b.set_row_parallel(tp_, opts_.parallel->tp_rank() == 0);
+    auto partial = [](Param& p) { p.placement = Placement::TpPartial; };
+    wq_a.visit(partial);
+    q_norm.visit(partial);
+    wkv.visit(partial);
+    kv_norm.visit(partial);
+    if (ratio_ > 0) compressor.visit(partial);
+  }
+}
+
+void Attention::place_adapters() {
+  if (!tp_) return;
+  const int64_t tp = opts_.parallel->tp_size();
+  auto partial = [](LoraAdapter& ad) {
+    ad.A.placement = Placement::TpPartial;
+    ad.B.placement = Placement::TpPartial;
+  };
+  if (wq_a.lora) partial(*wq_a.lora);
+  if (wkv.lora) partial(*wkv.lora);
+  if (ratio_ > 0) {
+    if (compressor.wkv.lora) partial(*compressor.wkv.lora);
+    if (compressor.wgate.lora) partial(*compressor.wgate.lora);
+  }
+  if (wq_b.lora) {
+    wq_b.lora->A.placement = Placement::TpPartial;
+    wq_b.lora->B.set_tp_split(0, head0_ * head_dim_, heads_ * tp * head_dim_);
+  }
+  if (wo_b.lora) {
+    wo_b.lora->A.set_tp_split(1, group0_ * o_lora_, groups_ * tp * o_lora_);
+    wo_b.lora->B.placement = Placement::Replicated;
+  }
+  if (wo_a_lora.shared) {
+    wo_a_lora.shared->A.placement = Placement::TpPartial;
+    wo_a_lora.shared->B.set_tp_split(0, group0_ * o_lora_, groups_ * tp * o_lora_);
+  }
+  if (ratio_ == 4) {
+    const int64_t nI = indexer.local_heads(), cI = indexer.head_dim(), i0 = opts_.parallel->tp_rank() * nI;
+    if (indexer.wq_b.lora) indexer.wq_b.lora->B.set_tp_split(0, i0 * cI, nI * tp * cI);
+    if (indexer.weights_proj.lora) indexer.weights_proj.lora->B.set_tp_split(0, i0, nI * tp);
   }
 }
 
@@ -210,7 +273,7 @@ Tensor Attention::forward(const Tensor& x_TD, const SeqLayout& layout, Attention
       if (!ad && wo_a_lora.groups[static_cast<size_t>(g)]) ad = &*wo_a_lora.groups[static_cast<size_t>(g)];
       if (!ad) continue;
       const uint64_t draw = wo_a_lora.shared ? shared_draw : ad->next_draw();
-      const uint64_t offset = wo_a_lora.shared ? static_cast<uint64_t>(g * T * K) : 0;
+      const uint64_t offset = wo_a_lora.shared ? static_cast<uint64_t>((group0_ + g) * T * K) : 0;
       Tensor z = Tensor::empty({T, ad->rank()}, DType::F32);
       lora_down(*ad, T, c.o_rot.data<float>() + g * K, HC, draw, offset, z.data<float>());
       lora_up(*ad, T, z.data<float>(), wo_a_lora.shared ? g * R : 0, R, y.data<float>() + g * R, G * R);
@@ -218,7 +281,9 @@ Tensor Attention::forward(const Tensor& x_TD, const SeqLayout& layout, Attention
       c.wo_a_lora_draws[static_cast<size_t>(g)] = draw;
     }
   }
-  return wo_b.forward(y, &c.wo_b);
+  Tensor out = wo_b.forward(y, &c.wo_b);
+  if (tp_) group_sum(tp_, out);  // row-parallel wo_b: each tp rank holds a partial sum over its groups
+  return out;
 }
 
 Tensor Attention::backward(const Tensor& dout_TD, const AttentionCtx& c) {
@@ -255,7 +320,7 @@ Tensor Attention::backward(const Tensor& dout_TD, const AttentionCtx& c) {
       DSV4_CHECK(z.defined() && z.size(0) == T && z.size(1) == ad->rank(),
                  "Attention {}: backward through adapter {} without its forward context", prefix_, ad->unit);
       const uint64_t draw = c.wo_a_lora_draws[static_cast<size_t>(g)];
-      const uint64_t offset = wo_a_lora.shared ? static_cast<uint64_t>(g * T * K) : 0;
+      const uint64_t offset = wo_a_lora.shared ? static_cast<uint64_t>((group0_ + g) * T * K) : 0;
       std::vector<float> dz(static_cast<size_t>(T * ad->rank()), 0.0f);
       lora_up_backward(*ad, T, dy.data<float>() + g * R, G * R, z.data<float>(), wo_a_lora.shared ? g * R : 0, R,
                        dz.data());
@@ -299,6 +364,9 @@ Tensor Attention::backward(const Tensor& dout_TD, const AttentionCtx& c) {
                                dq_raw.data<float>(), nullptr, T * H, C);
   const Tensor dqr = wq_b.backward(dq_raw, c.wq_b);
   add_into(dx, wq_a.backward(q_norm.backward(dqr, c.q_norm), c.wq_a));
+  // Under tp every rank back-propagated only its heads through the replicated parts: dx (linear in dout) is a partial
+  // sum, completed here once (the TpPartial parameter gradients are completed by the trainer).
+  if (tp_) group_sum(tp_, dx);
   return dx;
 }
 

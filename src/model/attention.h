@@ -34,6 +34,13 @@ struct AttentionOptions {
   // BF16 index scores. Gradients pass straight through the fake quantisers.
   bool simulate_release_quant = false;
   // Tensor parallelism (heads, output groups and indexer heads split over parallel->tp()); null: one rank.
+  // With tp = parallel->tp_size() > 1 (n_heads, o_groups and index_n_heads divisible by tp) tp rank i holds
+  //   heads [i*H/tp, (i+1)*H/tp): wq_b rows and attn_sink (TpSplit dim 0), output groups [i*G/tp, ...): wo_a rows
+  //   (TpSplit dim 0) and wo_b columns (TpSplit dim 1, row-parallel: its output is summed over tp in forward),
+  //   indexer heads: indexer.wq_b / weights_proj rows (TpSplit dim 0; scores summed over tp before the top-k).
+  // wq_a, q_norm, wkv, kv_norm and the compressor are replicated and computed on every tp rank; each rank
+  // back-propagates only its heads, so their gradients are TpPartial and backward sums dx over tp once at the end.
+  // Adapters: see Attention::place_adapters.
   const Parallel* parallel = nullptr;
 };
 
@@ -81,9 +88,21 @@ class Attention {
   // dequantise-on-the-fly tiles like a frozen Linear: no F32 copy, no gradient, skipped by visit(). Throws naming the
   // weight on a shape mismatch.
   void set_wo_a_frozen(QuantizedWeight w);
+  // Output groups / heads held by this rank (all of them without tensor parallelism) and the first one's global index.
   int64_t o_groups() const { return groups_; }
+  int64_t o_group_offset() const { return group0_; }
+  int64_t local_heads() const { return heads_; }
+  int64_t head_offset() const { return head0_; }
   int64_t o_lora_rank() const { return o_lora_; }
   int64_t wo_a_in() const { return heads_ * head_dim_ / groups_; }
+  // Sets the placement of every attached adapter from the tp layout (a no-op without tensor parallelism); the LoRA
+  // API (lora.cpp) calls it after attaching at any of this attention's sites. Under tp:
+  //   wq_a, wkv, compressor.*: A, B TpPartial;  wq_b (column-parallel): A TpPartial, B TpSplit dim 0;
+  //   wo_b (row-parallel): A TpSplit dim 1, B Replicated (z = A x_local is summed over tp, s B z added once);
+  //   wo_a shared-A: A TpPartial, B TpSplit dim 0 (this rank's group rows); wo_a per-group adapters exist only on
+  //   the rank holding their group (global unit names "wo_a.{g}"), Replicated (sum over dp);
+  //   indexer.wq_b / weights_proj: B TpSplit dim 0 (no gradients); indexer.compressor.*: Replicated (no gradients).
+  void place_adapters();
 
   Linear wq_a;      // [Q, D]
   RMSNorm q_norm;   // [Q]
@@ -103,6 +122,8 @@ class Attention {
 
   std::string prefix_;
   AttnKind kind_ = AttnKind::SlidingWindow;
+  const Communicator* tp_ = nullptr;  // null without tensor parallelism
+  int64_t head0_ = 0, group0_ = 0;    // global index of this rank's first head / output group
   int64_t ratio_ = 0, dim_ = 0, heads_ = 0, head_dim_ = 0, rope_dim_ = 0, groups_ = 0, o_lora_ = 0, window_ = 0,
           index_topk_ = 0;
   double eps_ = 1e-6;

@@ -338,10 +338,77 @@ void convert_to_f32(const Tensor& src, Tensor& dst) {
   }
 }
 
-// Copies / converts one checkpoint tensor (w, with its scale s) into the model.
-void load_entry(WeightSlot& slot, const ParamEntry& e, const Tensor& w, const Tensor& s, LoadMode mode, bool frozen_wo_a,
-                LoadReport& r) {
+}  // namespace
+
+TpPart tp_local_part(const Param& p, const Shape& local_shape, const Tensor& w, const Tensor& s, const std::string& name) {
+  if (p.placement != Placement::TpSplit) return {w, s};
+  const int dim = p.shard_dim;
+  DSV4_CHECK(dim >= 0 && dim < w.ndim() && dim < local_shape.ndim(), "{}: tp split dim {} outside the tensor {}", name,
+             dim, w.str());
+  const int64_t off = p.shard_offset, n = local_shape[dim], global = w.size(dim);
+  DSV4_CHECK(global == p.global_dim && off >= 0 && off + n <= global,
+             "{}: tp slice [{}, {}) of dim {} does not fit the checkpoint tensor {} (global size {})", name, off, off + n,
+             dim, w.str(), p.global_dim);
+  const bool fp8 = w.dtype() == DType::F8_E4M3;
+  const bool fp4 = w.dtype() == DType::F4_E2M1 || w.dtype() == DType::I8 || w.dtype() == DType::U8;
+  if (!fp8 && !fp4) return {w.slice(dim, off, off + n), s};
+  DSV4_CHECK(w.ndim() == 2 && s.defined() && s.ndim() == 2, "{}: a quantized weight {} needs a 2-D scale, got {}",
+             name, w.str(), s.defined() ? s.str() : std::string("none"));
+  // FP8: 128x128 scale blocks; FP4: 1x32 blocks along the columns (rows are independent).
+  const int64_t block = fp8 ? 128 : (dim == 1 ? 32 : 1);
+  DSV4_CHECK(off % block == 0 && ((off + n) % block == 0 || off + n == global),
+             "{}: the tp slice [{}, {}) of dim {} (size {}) is not aligned to the {} scale block of {}", name, off,
+             off + n, dim, global, fp8 ? "FP8 128x128" : "FP4 1x32", block);
+  const int64_t s0 = off / block, s1 = (off + n + block - 1) / block;
+  Tensor data;
+  if (fp4 && dim == 1 && w.dtype() != DType::F4_E2M1) {
+    // packed bytes [out, in/2] with a logical width of 2 * size(1)
+    DSV4_CHECK(off % 2 == 0 && n % 2 == 0, "{}: tp slice [{}, {}) splits a packed FP4 byte", name, off, off + n);
+    data = w.slice(1, off / 2, (off + n) / 2);
+  } else {
+    data = w.slice(dim, off, off + n);
+  }
+  return {data.contiguous(), s.slice(dim, s0, s1).contiguous()};
+}
+
+namespace {
+
+// Copies / converts one checkpoint tensor (w, with its scale s) into the model: for a TpSplit parameter only this
+// rank's slice (tp_local_part: a view over the mapping, so only the slice's pages are read; a frozen quantized weight
+// sliced in storage precision with its scales; a quantized weight loaded as F32 dequantised from its rows, which
+// needs no scale-block alignment).
+void load_entry(WeightSlot& slot, const ParamEntry& e, const Tensor& w_full, const Tensor& s_full, LoadMode mode,
+                bool frozen_wo_a, LoadReport& r) {
   Param& p = *slot.param;
+  const bool quantized = w_full.dtype() == DType::F8_E4M3 || w_full.dtype() == DType::I8 || w_full.dtype() == DType::U8;
+  const bool frozen = mode == LoadMode::FrozenQuantized && e.role != TensorRole::Index &&
+                      (e.holder != WeightHolder::Param || (frozen_wo_a && slot.attn));
+  if (quantized && !frozen && p.placement == Placement::TpSplit) {
+    // Dequantised into an F32 slice: from the whole weight's rows (no scale-block alignment needed).
+    const QuantizedWeight q = QuantizedWeight::from_tensors(w_full, s_full, e.name);
+    Tensor& dst = slot.f32_value();
+    const int64_t off = p.shard_offset, n = slot.shape[p.shard_dim];
+    DSV4_CHECK(q.shape().ndim() == 2 && p.shard_dim >= 0 && p.shard_dim < 2 && off + n <= q.shape()[p.shard_dim],
+               "{}: tp slice [{}, {}) of dim {} does not fit the checkpoint weight {}", e.name, off, off + n,
+               p.shard_dim, q.str());
+    if (p.shard_dim == 0) {
+      q.dequant_rows(off, off + n, dst.data<float>());
+    } else {
+      const int64_t cols = q.cols(), chunk = 128;
+      std::vector<float> rows(static_cast<size_t>(chunk * cols));
+      for (int64_t r0 = 0; r0 < q.rows(); r0 += chunk) {
+        const int64_t r1 = std::min(q.rows(), r0 + chunk);
+        q.dequant_rows(r0, r1, rows.data());
+        for (int64_t i = r0; i < r1; ++i)
+          std::memcpy(dst.data<float>() + i * n, rows.data() + (i - r0) * cols + off, static_cast<size_t>(n) * 4);
+      }
+    }
+    p.trainable = e.trainable;
+    return;
+  }
+  const TpPart part = tp_local_part(p, slot.shape, w_full, s_full, e.name);
+  const Tensor& w = part.data;
+  const Tensor& s = part.scale;
   if (e.role == TensorRole::Index) {  // tid2eid: I64 in the release; I32 cast on load
     DSV4_CHECK(p.value.dtype() == DType::I64 && p.value.shape() == w.shape() && p.value.is_contiguous(),
                "{}: the model holds {}, the checkpoint {}", e.name, p.value.str(), w.str());
@@ -356,9 +423,8 @@ void load_entry(WeightSlot& slot, const ParamEntry& e, const Tensor& w, const Te
     p.trainable = false;
     return;
   }
-  const bool quantized = w.dtype() == DType::F8_E4M3 || w.dtype() == DType::I8 || w.dtype() == DType::U8;
-  if (mode == LoadMode::FrozenQuantized && (e.holder != WeightHolder::Param || (frozen_wo_a && slot.attn))) {
-    const Tensor data = w.dtype() == DType::F16 ? w.to(DType::F32) : w;
+  if (frozen) {
+    const Tensor data = w.dtype() == DType::F16 ? w.to(DType::F32) : w.contiguous();
     QuantizedWeight q = QuantizedWeight::from_tensors(data, quantized ? s : Tensor(), e.name).clone();
     ++r.frozen_weights;
     r.frozen_bytes += q.nbytes();

@@ -112,6 +112,19 @@ struct LoadReport {
   std::vector<std::string> not_in_checkpoint;  // parameters left as they were (MTP of a transformers checkpoint)
 };
 
+// This rank's part of a checkpoint tensor w (with its scale s when quantized) for parameter p, whose local shape is
+// `local_shape`: w itself unless p is TpSplit, else the slice along p.shard_dim — a view for plain tensors; FP8
+// (128x128 scale blocks) and FP4 (1x32 column blocks, packed I8/U8 or F4_E2M1) are sliced in storage precision
+// together with their scales (contiguous copies of the slice only). Throws a one-line error naming the tensor, the
+// split and the block size when a slice boundary is not aligned to a scale block. The loaders (release and
+// transformers layouts) apply it to every TpSplit parameter, except that a quantized weight loaded as an F32 Param is
+// dequantised from the whole weight's rows (no alignment needed there).
+struct TpPart {
+  Tensor data, scale;
+};
+TpPart tp_local_part(const Param& p, const Shape& local_shape, const Tensor& w, const Tensor& s,
+                     const std::string& name);
+
 // Detects the layout from the tensor names: transformers names start with "model." or "lm_head.".
 CheckpointLayout detect_layout(const std::vector<std::string>& names);
 // Loads DIR (a directory with model.safetensors.index.json or model.safetensors) into `model`, whose config must

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include "model/quant_sim.h"
@@ -9,12 +10,27 @@
 
 namespace dsv4 {
 
-Indexer::Indexer(const std::string& prefix, const ModelConfig& cfg, bool simulate_release_quant)
-    : wq_b(prefix + "wq_b.weight", cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim),
-      weights_proj(prefix + "weights_proj.weight", cfg.dim, cfg.index_n_heads),
-      compressor(prefix + "compressor.", cfg, 4, cfg.index_head_dim, /*rotate=*/true, simulate_release_quant),
-      n_heads_(cfg.index_n_heads), head_dim_(cfg.index_head_dim), topk_(cfg.index_topk),
-      simulate_(simulate_release_quant) {
+namespace {
+int64_t tp_of(const Parallel* p) { return p ? p->tp_size() : 1; }
+}  // namespace
+
+Indexer::Indexer(const std::string& prefix, const ModelConfig& cfg, bool simulate_release_quant,
+                 const Parallel* parallel)
+    : n_heads_(cfg.index_n_heads / tp_of(parallel)), head_dim_(cfg.index_head_dim), topk_(cfg.index_topk),
+      global_heads_(cfg.index_n_heads), simulate_(simulate_release_quant) {
+  const int64_t tp = tp_of(parallel);
+  DSV4_CHECK(cfg.index_n_heads % tp == 0,
+             "Indexer {}: config 'index_n_heads' = {} is not divisible by the tensor-parallel degree tp = {}", prefix,
+             cfg.index_n_heads, tp);
+  wq_b = Linear(prefix + "wq_b.weight", cfg.q_lora_rank, n_heads_ * head_dim_);
+  weights_proj = Linear(prefix + "weights_proj.weight", cfg.dim, n_heads_);
+  compressor = Compressor(prefix + "compressor.", cfg, 4, cfg.index_head_dim, /*rotate=*/true, simulate_release_quant);
+  if (tp > 1) {
+    tp_ = parallel->tp();
+    const int64_t h0 = parallel->tp_rank() * n_heads_;
+    wq_b.weight.set_tp_split(0, h0 * head_dim_, global_heads_ * head_dim_);
+    weights_proj.weight.set_tp_split(0, h0, global_heads_);
+  }
   visit([](Param& p) { p.trainable = false; });  // no gradient reaches them from the LM loss
 }
 
@@ -47,7 +63,7 @@ IndexScores Indexer::scores(const Tensor& x_TD, const Tensor& qr_TQ, const std::
   const float* kp = k.data<float>();
   const float* wp = w.data<float>();
   const float score_scale = static_cast<float>(std::pow(static_cast<double>(cI), -0.5));
-  const float weight_scale = static_cast<float>(std::pow(static_cast<double>(nI), -0.5));
+  const float weight_scale = static_cast<float>(std::pow(static_cast<double>(global_heads_), -0.5));
 
   IndexScores s;
   s.offsets.assign(static_cast<size_t>(T + 1), 0);
@@ -76,12 +92,20 @@ IndexScores Indexer::scores(const Tensor& x_TD, const Tensor& qr_TQ, const std::
           const float* d = dots.data() + ((t - t0) * nI + h) * nv;
           for (int64_t e = 0; e < n; ++e) out[e] += (std::max(d[e], 0.0f) * score_scale) * wt;
         }
-        if (simulate_)
-          for (int64_t e = 0; e < n; ++e) out[e] = round_bf16(out[e]);
       }
     }
     t0 = t1;
   }
+  // Under tp: the sums over this rank's heads, completed over the tp group (identical on every tp rank).
+  if (tp_ && !s.values.empty()) {
+    const int64_t n = static_cast<int64_t>(s.values.size());
+    Tensor all = Tensor::empty({n}, DType::F32);
+    std::memcpy(all.data<float>(), s.values.data(), static_cast<size_t>(n) * sizeof(float));
+    group_sum(tp_, all);
+    std::memcpy(s.values.data(), all.data<float>(), static_cast<size_t>(n) * sizeof(float));
+  }
+  if (simulate_)  // elementwise, so rounding here equals rounding each query's scores as they are completed
+    for (float& v : s.values) v = round_bf16(v);
   return s;
 }
 

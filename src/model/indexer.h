@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "model/compressor.h"
+#include "runtime/parallel.h"
 
 namespace dsv4 {
 
@@ -30,8 +31,11 @@ struct IndexScores {
 class Indexer {
  public:
   Indexer() = default;
-  // prefix: "layers.{i}.attn.indexer."
-  Indexer(const std::string& prefix, const ModelConfig& cfg, bool simulate_release_quant);
+  // prefix: "layers.{i}.attn.indexer.". With parallel->tp_size() = tp > 1 (index_n_heads divisible by tp) tp rank i
+  // holds heads [i*nI/tp, (i+1)*nI/tp): wq_b and weights_proj rows (TpSplit dim 0); scores() sums the per-head terms
+  // locally and then over tp before any rounding, so every tp rank selects the same entries.
+  Indexer(const std::string& prefix, const ModelConfig& cfg, bool simulate_release_quant,
+          const Parallel* parallel = nullptr);
 
   // x_TD: the attention input; qr_TQ: q_norm(wq_a(x)); pos: the tokens' (document-relative) positions.
   IndexScores scores(const Tensor& x_TD, const Tensor& qr_TQ, const std::vector<int64_t>& pos,
@@ -41,12 +45,17 @@ class Indexer {
                           std::vector<int64_t>& ids);
   void visit(const ParamVisitor& f);
 
+  int64_t local_heads() const { return n_heads_; }
+  int64_t head_dim() const { return head_dim_; }
+
   Linear wq_b;          // [nI*cI, Q]
   Linear weights_proj;  // [nI, D]
   Compressor compressor;
 
  private:
-  int64_t n_heads_ = 0, head_dim_ = 0, topk_ = 0;
+  int64_t n_heads_ = 0, head_dim_ = 0, topk_ = 0;  // n_heads_: this rank's heads
+  int64_t global_heads_ = 0;
+  const Communicator* tp_ = nullptr;
   bool simulate_ = false;
 };
 

@@ -88,7 +88,8 @@ Tensor Linear::forward(const Tensor& x_TI, LinearCtx* ctx) const {
     const uint64_t draw = lora->next_draw();
     Tensor z = Tensor::empty({T, lora->rank()}, DType::F32);
     lora_down(*lora, T, x.data<float>(), in_, draw, 0, z.data<float>());
-    lora_up(*lora, T, z.data<float>(), 0, out_, y.data<float>(), out_);
+    if (row_group_) group_sum(row_group_, z);  // row-parallel: the partial sums of z over the input slices
+    if (row_adds_) lora_up(*lora, T, z.data<float>(), 0, out_, y.data<float>(), out_);
     if (ctx) {
       ctx->x = x;
       ctx->lora_z = z;

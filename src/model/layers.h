@@ -14,6 +14,7 @@
 #include "model/lora.h"
 #include "model/param.h"
 #include "model/quant.h"
+#include "runtime/parallel.h"
 
 namespace dsv4 {
 
@@ -130,6 +131,14 @@ class Linear {
   // Back to an F32 parameter holding the dequantised frozen values (trainable = true).
   void unfreeze();
   bool is_frozen() const { return frozen.defined(); }
+  // Row-parallel under tensor parallelism (input features split over the group g, outputs summed over g by the
+  // caller): the adapter's z = A x_local is a partial sum, summed over g before s B z is added to the output, which
+  // only the rank with adds_adapter_output does (so the caller's sum holds it once). B's gradient is then identical on
+  // the ranks of g, A's is this rank's column slice. Null g: an ordinary Linear.
+  void set_row_parallel(const Communicator* g, bool adds_adapter_output) {
+    row_group_ = g;
+    row_adds_ = adds_adapter_output;
+  }
 
   Param weight;            // [out, in] F32 (undefined value while frozen)
   QuantizedWeight frozen;  // defined while frozen
@@ -137,6 +146,8 @@ class Linear {
 
  private:
   int64_t in_ = 0, out_ = 0;
+  const Communicator* row_group_ = nullptr;
+  bool row_adds_ = true;
 };
 
 }  // namespace dsv4

@@ -270,7 +270,8 @@ struct Site {
   int k = 0;                        // 1, 2, 3, 13
   bool routed = false;
   Attention* attn = nullptr;        // wo_a units
-  int64_t group = -1;               // wo_a: group index, -1 = the shared-A unit
+  int64_t group = -1;               // wo_a: group index (global), -1 = the shared-A unit
+  Attention* owner = nullptr;       // every site of an attention: sets the adapter placements after attaching
 };
 
 void add_linear(std::vector<Site>& out, const std::string& prefix, Linear& l, bool explicit_only) {
@@ -285,6 +286,7 @@ void add_linear(std::vector<Site>& out, const std::string& prefix, Linear& l, bo
 }
 
 void add_attention(std::vector<Site>& out, const std::string& p, Attention& a, bool mtp) {
+  const size_t first = out.size();
   add_linear(out, p + "wq_a", a.wq_a, mtp);
   add_linear(out, p + "wq_b", a.wq_b, mtp);
   add_linear(out, p + "wkv", a.wkv, mtp);
@@ -297,12 +299,13 @@ void add_attention(std::vector<Site>& out, const std::string& p, Attention& a, b
     s.attn = &a;
     out.push_back(std::move(s));
   }
-  for (int64_t g = 0; g < G; ++g) {
+  for (int64_t g = 0; g < G; ++g) {  // this rank's groups (all without tensor parallelism), named by global index
+    const int64_t global = a.o_group_offset() + g;
     Site s;
-    s.info = LoraSite{p + "wo_a." + std::to_string(g), p + "wo_a.weight", K, R, true, mtp};
+    s.info = LoraSite{p + "wo_a." + std::to_string(global), p + "wo_a.weight", K, R, true, mtp};
     s.slot = &a.wo_a_lora.groups[static_cast<size_t>(g)];
     s.attn = &a;
-    s.group = g;
+    s.group = global;
     out.push_back(std::move(s));
   }
   add_linear(out, p + "wo_b", a.wo_b, mtp);
@@ -316,6 +319,7 @@ void add_attention(std::vector<Site>& out, const std::string& p, Attention& a, b
     add_linear(out, p + "indexer.compressor.wkv", a.indexer.compressor.wkv, true);
     add_linear(out, p + "indexer.compressor.wgate", a.indexer.compressor.wgate, true);
   }
+  for (size_t i = first; i < out.size(); ++i) out[i].owner = &a;
 }
 
 void add_expert(std::vector<Site>& out, const std::string& p, ExpertWeights& ew, int64_t D, int64_t I, bool routed,
@@ -390,7 +394,19 @@ LoraAdapter& attach_at(Site& s, LoraAdapter ad) {
              "LoRA: adapter {} is A {}, B {}; the site needs A [r, {}], B [{}, r]", s.info.unit, ad.A.value.str(),
              ad.B.value.str(), s.info.in, s.info.out);
   s.slot->emplace(std::move(ad));
+  if (s.owner) s.owner->place_adapters();  // tensor parallelism: which part of the global adapter this rank holds
   return **s.slot;
+}
+
+// PEFT's A init (kaiming_uniform_like_torch on the global [r, in]); a TpSplit A keeps its slice of the global draw.
+void init_lora_A(LoraAdapter& ad, uint32_t torch_seed) {
+  if (ad.A.placement != Placement::TpSplit) {
+    kaiming_uniform_like_torch(ad.A.value, torch_seed);
+    return;
+  }
+  Tensor full = Tensor::empty(ad.A.global_shape(), DType::F32);
+  kaiming_uniform_like_torch(full, torch_seed);
+  ops::copy(ad.A.local_part(full), ad.A.value);
 }
 
 void for_each_adapter(Model& model, const std::function<void(LoraAdapter&)>& f) {
@@ -510,7 +526,7 @@ int64_t apply_lora(Model& model, const LoraConfig& cfg) {
     if (!selected.count(u)) continue;
     if (s.attn && s.group < 0) {
       if (cfg.wo_a_per_group) {
-        for (int64_t g = 0; g < s.attn->o_groups(); ++g) add(u + "." + std::to_string(g));
+        for (int64_t g = 0; g < s.attn->o_groups(); ++g) add(u + "." + std::to_string(s.attn->o_group_offset() + g));
       } else {
         add(u);
       }
@@ -533,9 +549,9 @@ int64_t apply_lora(Model& model, const LoraConfig& cfg) {
   const double scale = cfg.scale();
   for (const std::string& u : units) {
     Site& s = sites.at(by_unit.at(u));
-    LoraAdapter ad(u, cfg.rank, s.info.in, s.info.out, scale, cfg.dropout, lora_dropout_key(cfg.seed, u));
-    kaiming_uniform_like_torch(ad.A.value, lora_init_seed(cfg.seed, u));
-    attach_at(s, std::move(ad));
+    LoraAdapter& ad =
+        attach_at(s, LoraAdapter(u, cfg.rank, s.info.in, s.info.out, scale, cfg.dropout, lora_dropout_key(cfg.seed, u)));
+    init_lora_A(ad, lora_init_seed(cfg.seed, u));  // after attaching: the placement says which slice to keep
   }
 
   // 4. Freeze everything else.

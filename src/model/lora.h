@@ -44,6 +44,13 @@
 //   Examples: "wq_a", "attn.wo_{a,b}", "layers.{0,1}.attn.*", "experts.*.w{1,3}", "shared_experts.*", "ffn.gate",
 //   "wo_a.1" (one group only). "**" selects every non-explicit site (MoE routers included).
 //
+// Tensor parallelism (AttentionOptions::parallel with tp > 1): attention adapters hold this rank's part of the
+// single-rank adapter and carry its Param::placement (set by Attention::place_adapters when attached, see attention.h);
+// apply_lora draws each A over its global shape and keeps this rank's slice, so the adapters equal the single-rank ones.
+// Per-group wo_a adapters exist only on the rank holding their group ("wo_a.{g}" keeps the global g; a pattern
+// naming one group matches no site on the other ranks). Dropout masks of the row-parallel wo_b adapter are drawn
+// over the local input columns (a valid dropout, not the single-rank mask).
+//
 // Parameter names: "<unit>.lora_A" / "<unit>.lora_B" (e.g. "layers.3.attn.wq_a.lora_A",
 // "layers.3.attn.wo_a.1.lora_B", "layers.1.ffn.experts.5.w13.lora_A"). They are ordinary trainable F32 Params,
 // visited by Model::visit right after their base weight, so optimizers and trainer checkpoints see them.
