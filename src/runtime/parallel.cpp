@@ -1,6 +1,7 @@
 #include "runtime/parallel.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "runtime/error.h"
 #include "runtime/ops.h"
@@ -69,17 +70,19 @@ void group_max(const Communicator* g, Tensor& x) {
 
 void group_sum(const Communicator* g, std::vector<double>& v) {
   if (!g || g->size() == 1 || v.empty()) return;
-  // The communicators reduce F32, not F64: each double travels as a float plus its float remainder.
+  // The communicators do not reduce F64: gather every rank's doubles (as raw 64-bit words) and add them in rank
+  // order, so the sum is full double precision and bit-identical on every rank.
   const int64_t n = static_cast<int64_t>(v.size());
-  Tensor hl = Tensor::empty({2, n}, DType::F32);
-  float* p = hl.data<float>();
+  Tensor mine = Tensor::empty({1, n}, DType::I64);
+  std::memcpy(mine.raw_data(), v.data(), static_cast<size_t>(n) * sizeof(double));
+  Tensor all = Tensor::empty({g->size(), n}, DType::I64);
+  g->all_gather(mine, all);
+  const double* d = static_cast<const double*>(all.raw_data());
   for (int64_t i = 0; i < n; ++i) {
-    const float h = static_cast<float>(v[static_cast<size_t>(i)]);
-    p[i] = h;
-    p[n + i] = static_cast<float>(v[static_cast<size_t>(i)] - static_cast<double>(h));
+    double s = 0;
+    for (int64_t r = 0; r < g->size(); ++r) s += d[r * n + i];
+    v[static_cast<size_t>(i)] = s;
   }
-  g->all_reduce(hl, CommReduce::Sum);
-  for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = static_cast<double>(p[i]) + static_cast<double>(p[n + i]);
 }
 
 void group_sum(const Communicator* g, std::vector<int64_t>& v) {

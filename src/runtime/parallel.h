@@ -85,7 +85,7 @@ class Parallel {
 void group_sum(const Communicator* g, Tensor& x);
 // x = max of x over the group, in place.
 void group_max(const Communicator* g, Tensor& x);
-// Sums doubles over the group (each travels as an F32 pair, ~48 significant bits).
+// Sums doubles over the group in full double precision (gathered, added in rank order: the same bits everywhere).
 void group_sum(const Communicator* g, std::vector<double>& v);
 void group_sum(const Communicator* g, std::vector<int64_t>& v);
 // Rows of x_local [n_r, ...] of every rank r concatenated in rank order: [sum n_r, ...]. rows[r] = n_r must be the
