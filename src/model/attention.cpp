@@ -123,6 +123,11 @@ void Attention::place_adapters() {
     wo_b.lora->A.set_tp_split(1, group0_ * o_lora_, groups_ * tp * o_lora_);
     wo_b.lora->B.placement = Placement::Replicated;
   }
+  for (auto& g : wo_a_lora.groups)  // per-group adapters live only on the tp rank holding their group
+    if (g) {
+      g->A.placement = Placement::TpLocal;
+      g->B.placement = Placement::TpLocal;
+    }
   if (wo_a_lora.shared) {
     wo_a_lora.shared->A.placement = Placement::TpPartial;
     wo_a_lora.shared->B.set_tp_split(0, group0_ * o_lora_, groups_ * tp * o_lora_);

@@ -17,6 +17,7 @@ enum class Placement : uint8_t {
   Replicated,  // the whole tensor on every rank; tp ranks compute identical gradients: sum over dp
   TpPartial,   // the whole tensor on every rank; each tp rank's gradient is a partial sum: sum over dp and tp
   TpSplit,     // a slice along shard_dim over the tp group: sum over dp
+  TpLocal,     // a whole tensor only this tp rank has (the adapter of an output group it holds): sum over dp
   Expert,      // a routed expert's tensor, held by one rank of each ep group: sum over edp
 };
 

@@ -61,6 +61,8 @@ Optimizer::Optimizer(std::vector<Param*> params, OptimizerConfig cfg, OptimizerS
   std::vector<int64_t> dense_load(static_cast<size_t>(par ? par->dp_size() : 1), 0);
   std::vector<int64_t> expert_load(static_cast<size_t>(par ? par->edp_size() : 1), 0);
   std::vector<int64_t> tp_load(static_cast<size_t>(par ? par->tp_size() : 1), 0);
+  // Tensors only this tp rank has (TpLocal) are balanced apart, so the shared sequence stays identical on every tp rank.
+  std::vector<int64_t> local_load(static_cast<size_t>(par ? par->dp_size() : 1), 0);
   for (Param* p : params) {
     DSV4_CHECK(p != nullptr, "optimizer: null parameter");
     DSV4_CHECK(index_.emplace(p->name, slots_.size()).second, "optimizer: parameter {} given twice", p->name);
@@ -70,7 +72,8 @@ Optimizer::Optimizer(std::vector<Param*> params, OptimizerConfig cfg, OptimizerS
     if (s.group != OptGroup::None && par) {
       const bool expert = p->placement == Placement::Expert;
       s.replicas = expert ? par->edp() : par->dp();
-      std::vector<int64_t>& load = expert ? expert_load : dense_load;
+      std::vector<int64_t>& load =
+          expert ? expert_load : p->placement == Placement::TpLocal ? local_load : dense_load;
       const int64_t cost = p->global_shape().numel();
       if (sharding_.zero1) {
         s.owner = std::min_element(load.begin(), load.end()) - load.begin();

@@ -191,7 +191,10 @@ void Trainer::sync_gradients() {
     std::function<bool(const Param&)> member;
   };
   const Kind kinds[] = {
-      {par_->dp(), [](const Param& p) { return p.placement == Placement::Replicated || p.placement == Placement::TpSplit; }},
+      {par_->dp(), [](const Param& p) {
+         return p.placement == Placement::Replicated || p.placement == Placement::TpSplit ||
+                p.placement == Placement::TpLocal;
+       }},
       {par_->world(), [](const Param& p) { return p.placement == Placement::TpPartial; }},
       {par_->edp(), [](const Param& p) { return p.placement == Placement::Expert; }},
   };
@@ -298,9 +301,9 @@ StepRecord Trainer::train_step() {
   // experts on edp rank 0.
   std::vector<Param*> counted;
   for (Param* p : params_) {
-    const bool here = p->placement == Placement::Expert    ? par_->edp_rank() == 0
-                      : p->placement == Placement::TpSplit ? par_->dp_rank() == 0
-                                                           : par_->rank() == 0;
+    const bool here = p->placement == Placement::Expert ? par_->edp_rank() == 0
+                      : p->placement == Placement::TpSplit || p->placement == Placement::TpLocal ? par_->dp_rank() == 0
+                                                                                                 : par_->rank() == 0;
     if (here) counted.push_back(p);
   }
   const ClipResult clip = clip_grad_norm(params_, cfg_.optim.clip_grad_norm, counted, par_->world());
@@ -371,9 +374,9 @@ std::vector<StateSlice> Trainer::model_slices() const {
   std::vector<StateSlice> out;
   model_->visit([&](Param& p) {
     if (cfg_.lora.enabled && !p.trainable && p.name.find("gate.bias") == std::string::npos) return;
-    const bool writer = p.placement == Placement::Expert    ? par_->edp_rank() == 0
-                        : p.placement == Placement::TpSplit ? par_->dp_rank() == 0
-                                                            : par_->rank() == 0;
+    const bool writer = p.placement == Placement::Expert ? par_->edp_rank() == 0
+                        : p.placement == Placement::TpSplit || p.placement == Placement::TpLocal ? par_->dp_rank() == 0
+                                                                                                 : par_->rank() == 0;
     if (writer) out.push_back(slice_of(p, p.name, p.value));
   });
   return out;
@@ -394,8 +397,8 @@ std::vector<StateSlice> Trainer::optimizer_slices() const {
     const Param& p = *by_name.at(pname);
     const bool expert = p.placement == Placement::Expert;
     const bool replica0 = cfg_.parallel.zero1 || (expert ? par_->edp_rank() == 0 : par_->dp_rank() == 0);
-    const bool tp_part = expert || (p.placement == Placement::TpSplit && value.shape() == p.value.shape()) ||
-                         par_->tp_rank() == 0;
+    const bool tp_part = expert || p.placement == Placement::TpLocal ||
+                         (p.placement == Placement::TpSplit && value.shape() == p.value.shape()) || par_->tp_rank() == 0;
     if (replica0 && tp_part) out.push_back(slice_of(p, key, value));
   }
   return out;
