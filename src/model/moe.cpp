@@ -33,20 +33,6 @@ void check_weight(const Param& p, const Shape& shape) {
       "MoE: parameter {} must be a contiguous CPU F32 {} tensor, got {}", p.name, shape.str(), p.value.str());
 }
 
-// rows of src [*, D] picked by `rows` -> dst [n, D]
-void gather_rows(const float* src, int64_t D, const int64_t* rows, int64_t n, float* dst) {
-  for (int64_t r = 0; r < n; ++r) std::copy(src + rows[r] * D, src + (rows[r] + 1) * D, dst + r * D);
-}
-
-// dst[rows[r]] += src[r]
-void scatter_add_rows(const float* src, int64_t D, const int64_t* rows, int64_t n, float* dst) {
-  for (int64_t r = 0; r < n; ++r) {
-    float* d = dst + rows[r] * D;
-    const float* s = src + r * D;
-    for (int64_t i = 0; i < D; ++i) d[i] += s[i];
-  }
-}
-
 ExpertWeights make_expert(const std::string& base, int64_t D, int64_t I) {
   ExpertWeights w;
   if (DeferredWeightStorage::active()) {  // names only: a loader fills them (layers.h)

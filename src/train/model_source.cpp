@@ -3,7 +3,6 @@
 #include <filesystem>
 
 #include "model/checkpoint_io.h"
-#include "model/lora.h"
 #include "model/peft.h"
 #include "runtime/safetensors.h"
 #include "train/checkpoint_dir.h"
@@ -42,26 +41,6 @@ OpenedModel open_model(const std::string& dir_in) {
   if (fs::exists(dir / "trainer.json")) {  // a dsv4 training checkpoint (one-rank or per-rank slice files)
     CheckpointDir::verify(dir.string());
     const ShardedState st = ShardedState::open(dir.string(), "model");
-    const TrainConfig tc = load_train_config((dir / "config.yaml").string());
-    if (tc.lora.enabled) {  // adapters of a parallel LoRA run (no PEFT copy): base + the same adapter layout
-      DSV4_CHECK(!tc.model.checkpoint.empty(), "'{}': a LoRA checkpoint whose config names no base model.checkpoint",
-                 dir.string());
-      LoadOptions lo;
-      lo.mode = LoadMode::FrozenQuantized;
-      lo.frozen_wo_a = true;
-      out.model = load_model(tc.model.checkpoint, lo);
-      LoraConfig lc;
-      lc.rank = tc.lora.rank;
-      lc.alpha = tc.lora.alpha;
-      lc.rslora = tc.lora.rslora;
-      lc.targets = tc.lora.targets;
-      const int64_t n = apply_lora(*out.model, lc);
-      out.model->visit([&](Param& p) {
-        if (p.trainable || p.name.find("gate.bias") != std::string::npos) st.read_into(p.name, p.value);
-      });
-      out.description = fmt::format("{} (LoRA checkpoint: {} adapters over {})", dir.string(), n, tc.model.checkpoint);
-      return out;
-    }
     const ModelConfig cfg = load_model_config((dir / "config.json").string());
     out.model = std::make_unique<Model>(cfg);
     std::map<std::string, Tensor> state;

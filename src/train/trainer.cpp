@@ -489,12 +489,23 @@ void Trainer::save_checkpoint() {
         DSV4_CHECK(error.empty(), "writing the checkpoint failed: {}", error);
         DSV4_CHECK(failed[0] == 0, "another rank failed to write its part of the checkpoint; step {} is not saved",
                    step_);
-        if (cfg_.lora.enabled) {  // the same adapters in PEFT's format, loadable by transformers + peft
-          if (W == 1) {
-            const fs::path peft = fs::path(dir) / "adapter";
-            fs::create_directories(peft);
-            save_peft_adapter(*model_, peft.string(), PeftSaveOptions{lora_config_, cfg_.model.checkpoint});
+        if (cfg_.lora.enabled) {
+          // The same adapters in PEFT's format (loadable by transformers + peft), assembled from every rank's slices.
+          const ShardedState st = ShardedState::open(dir, "model");
+          AdapterSet set;
+          for (const std::string& n : st.names()) {
+            if (n.size() < 7 || n.compare(n.size() - 7, 7, ".lora_A") != 0) continue;
+            const std::string unit = n.substr(0, n.size() - 7);
+            set.adapters.push_back({unit, st.read(n), st.read(unit + ".lora_B"), lora_config_->scale()});
           }
+          std::sort(set.adapters.begin(), set.adapters.end(),
+                    [](const AdapterTensors& a, const AdapterTensors& b) { return a.unit < b.unit; });
+          set.dropout = lora_config_->dropout;
+          set.r = lora_config_->rank;
+          set.lora_alpha = lora_config_->alpha;
+          set.use_rslora = lora_config_->rslora;
+          set.base_model_name_or_path = cfg_.model.checkpoint;
+          write_peft_adapter((fs::path(dir) / "adapter").string(), set, model_cfg_);
         }
         std::ostringstream rng;
         rng << rng_;

@@ -60,6 +60,13 @@ for layout in "2 2 1" "4 2 2" "8 2 4"; do
   same lora-ref "$name"
 done
 
+# The PEFT copy of a parallel LoRA run's adapters (assembled from every rank's slices) evaluates like one rank's.
+evl() { "$bin/dsv4-eval" --model "$work/$1" --data "$work/chat.h5" --max-batches 2 --json | grep -o '"loss": *[0-9.e+-]*' | grep -o '[0-9.e+-]*$'; }
+[ -f "$work/lora-np8-tp2-ep4/checkpoints/step_00000005/adapter/adapter_config.json" ] || { echo "FAIL: no PEFT adapter"; exit 1; }
+awk -v a="$(evl lora-ref)" -v b="$(evl lora-np8-tp2-ep4)" 'BEGIN { d = a - b; if (d < 0) d = -d
+  printf "eval of the PEFT adapters: %s (one rank) vs %s (tp2·ep4)\n", a, b; if (a == "" || d / a > 1e-5) exit 1 }' ||
+  { echo "FAIL: the tp2·ep4 PEFT adapter evaluates differently"; exit 1; }
+
 # Resharding: checkpoint at step 3 under one layout, resume under another.
 run pre-ck-a 4 2 2 "${pretrain[@]}" checkpoint.interval=3
 run pre-rs-a 4 1 4 "${pretrain[@]}" train.resume="$work/pre-ck-a/checkpoints/step_00000003"
