@@ -14,6 +14,7 @@
 #include "model/lora.h"
 #include "model/peft.h"
 #include "optim/clip.h"
+#include "optim/grad_sync.h"
 #include "optim/moe_bias.h"
 #include "runtime/cpu_blas.h"
 #include "runtime/crc32c.h"
@@ -183,49 +184,6 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
     metrics_ = std::make_unique<MetricsLogger>(cfg_.train.out_dir, cfg_.logging.metrics_jsonl, cfg_.logging.tensorboard);
 }
 
-void Trainer::sync_gradients() {
-  // Flat buckets of at most 64 Mi floats per group: one all-reduce per bucket.
-  constexpr int64_t kBucket = int64_t{64} << 20;
-  struct Kind {
-    const Communicator* group;
-    std::function<bool(const Param&)> member;
-  };
-  const Kind kinds[] = {
-      {par_->dp(), [](const Param& p) {
-         return p.placement == Placement::Replicated || p.placement == Placement::TpSplit ||
-                p.placement == Placement::TpLocal;
-       }},
-      {par_->world(), [](const Param& p) { return p.placement == Placement::TpPartial; }},
-      {par_->edp(), [](const Param& p) { return p.placement == Placement::Expert; }},
-  };
-  for (const Kind& k : kinds) {
-    if (!k.group) continue;
-    std::vector<Param*> bucket;
-    int64_t n = 0;
-    auto flush = [&] {
-      if (bucket.empty()) return;
-      Tensor flat = Tensor::empty({n}, DType::F32);
-      float* f = flat.data<float>();
-      for (Param* p : bucket) f = std::copy_n(p->grad.data<float>(), p->grad.numel(), f);
-      k.group->all_reduce(flat, CommReduce::Sum);
-      f = flat.data<float>();
-      for (Param* p : bucket) {
-        std::copy_n(f, p->grad.numel(), p->grad.data<float>());
-        f += p->grad.numel();
-      }
-      bucket.clear();
-      n = 0;
-    };
-    for (Param* p : params_) {
-      if (!p->grad.defined() || !k.member(*p)) continue;
-      if (n > 0 && n + p->grad.numel() > kBucket) flush();
-      bucket.push_back(p);
-      n += p->grad.numel();
-    }
-    flush();
-  }
-}
-
 void Trainer::check_replicas_in_sync() const {
   // Dense parameters must agree across dp replicas, experts across edp replicas.
   for (const bool expert : {false, true}) {
@@ -285,7 +243,7 @@ StepRecord Trainer::train_step() {
     accumulate_moe_loads(loads, r.output.moe_stats);
   }
   if (par_->world_size() > 1) {
-    sync_gradients();
+    complete_gradients(*par_, params_);
     // Losses are already whole on every tp rank (vocab-parallel CE, tp-summed balance rows): sum over dp only.
     std::vector<double> stats = {rec.loss, rec.lm, rec.mtp, rec.balance, static_cast<double>(rec.tokens)};
     group_sum(par_->dp(), stats);
@@ -300,12 +258,8 @@ StepRecord Trainer::train_step() {
   // Each distinct gradient element counts once in the norm: replicated parameters on rank 0, tp slices on dp rank 0,
   // experts on edp rank 0.
   std::vector<Param*> counted;
-  for (Param* p : params_) {
-    const bool here = p->placement == Placement::Expert ? par_->edp_rank() == 0
-                      : p->placement == Placement::TpSplit || p->placement == Placement::TpLocal ? par_->dp_rank() == 0
-                                                                                                 : par_->rank() == 0;
-    if (here) counted.push_back(p);
-  }
+  for (Param* p : params_)
+    if (canonical_copy(*par_, *p)) counted.push_back(p);
   const ClipResult clip = clip_grad_norm(params_, cfg_.optim.clip_grad_norm, counted, par_->world());
   rec.grad_norm = clip.norm;
   if (!clip.finite || !std::isfinite(rec.loss)) {
@@ -374,10 +328,7 @@ std::vector<StateSlice> Trainer::model_slices() const {
   std::vector<StateSlice> out;
   model_->visit([&](Param& p) {
     if (cfg_.lora.enabled && !p.trainable && p.name.find("gate.bias") == std::string::npos) return;
-    const bool writer = p.placement == Placement::Expert ? par_->edp_rank() == 0
-                        : p.placement == Placement::TpSplit || p.placement == Placement::TpLocal ? par_->dp_rank() == 0
-                                                                                                 : par_->rank() == 0;
-    if (writer) out.push_back(slice_of(p, p.name, p.value));
+    if (canonical_copy(*par_, p)) out.push_back(slice_of(p, p.name, p.value));
   });
   return out;
 }

@@ -85,8 +85,6 @@ class Trainer {
   void resume_from(const std::string& checkpoint);
   void print(const std::string& line);
   bool is_root() const { return par_->rank() == 0; }
-  // Completes every gradient across the ranks that share its parameter (Param::placement), in flat buckets.
-  void sync_gradients();
   // Fails when replicas of the same parameters are not bit-identical (they drifted apart).
   void check_replicas_in_sync() const;
   // The slices of the model / optimizer state this rank writes into a checkpoint.
