@@ -31,7 +31,7 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--checkpoint-format", ckpt_format, "format of model.checkpoint when it is not on this machine")
       ->check(CLI::IsMember({"instruct", "base", "bf16", "f32"}));
-  app.add_flag("--zero1", zero1, "shard F32 masters and optimizer states over dp (estimate: ZeRO-1 is not built yet)");
+  app.add_flag("--zero1", zero1, "plan with ZeRO-1 even when the config sets parallel.zero1=false");
   app.add_flag("--json", json, "print the plan as JSON");
   CLI11_PARSE(app, argc, argv);
   try {
@@ -46,7 +46,7 @@ int main(int argc, char** argv) {
       cfg = dsv4::load_train_config(config, o);
     }
     dsv4::PlanSetup setup = dsv4::plan_setup(cfg, config, ckpt_format);
-    setup.zero1 = zero1;
+    setup.zero1 = setup.zero1 || zero1;
     setup.world = world;
     dsv4::HardwareSpec hw = dsv4::HardwareSpec::named(gpu);
     if (mem_gib > 0) {

@@ -127,6 +127,7 @@ PlanSetup plan_setup(const TrainConfig& cfg, const std::string& source, const st
   s.micro_batch = cfg.data.micro_batch;
   s.grad_accum = cfg.data.grad_accum;
   s.recompute = cfg.train.recompute;
+  s.zero1 = cfg.parallel.zero1;
   s.mtp_backward = cfg.loss.mtp_weight != 0 || cfg.loss.mtp_weight_after_decay != 0 || cfg.loss.balance_alpha != 0;
   s.optimizer = cfg.optim.type;
   s.lora = cfg.lora;
@@ -146,9 +147,8 @@ void validate_layout(const ModelConfig& m, int64_t dp, int64_t tp, int64_t ep, i
     if (m.o_groups % tp != 0) bad.push_back(fmt::format("o_groups {} is not divisible by tp {}", m.o_groups, tp));
     if (m.index_n_heads % tp != 0)
       bad.push_back(fmt::format("index_n_heads {} is not divisible by tp {}", m.index_n_heads, tp));
-    if (m.vocab_size % tp != 0)
-      bad.push_back(fmt::format("vocab_size {} is not divisible by tp {} (vocab-parallel embedding and head)",
-                                m.vocab_size, tp));
+    if (m.vocab_size < tp)
+      bad.push_back(fmt::format("vocab_size {} is smaller than tp {} (vocab-parallel embedding and head)", m.vocab_size, tp));
     if (m.n_routed_experts % ep != 0)
       bad.push_back(fmt::format("n_routed_experts {} is not divisible by ep {}", m.n_routed_experts, ep));
     if (world % ep != 0)
@@ -543,7 +543,10 @@ PlanReport plan(const PlanSetup& setup, const HardwareSpec& hw) {
   r.edp = r.world / ep;
   r.experts_per_rank = c.n_routed_experts / ep;
   const bool lora = setup.lora.enabled;
-  const bool zero1 = setup.zero1 && hw.gpu;
+  // ZeRO-1 as built shards the optimizer states (one owner per tensor among its replicas); on a GPU the plan also
+  // assumes the design's BF16 working weights with an F32 master shard (the GPU trainer is not built yet).
+  const bool zero1 = setup.zero1;
+  const bool zero1_masters = setup.zero1 && hw.gpu;
   const bool quantized_base = lora && setup.checkpoint.has_value();
 
   // Every ParamTable entry; frozen flags as the model has them.
@@ -580,7 +583,7 @@ PlanReport plan(const PlanSetup& setup, const HardwareSpec& hw) {
       if (e.scale)
         wb[static_cast<size_t>(WeightClass::Scales)] +=
             static_cast<double>(dtype_nbytes(e.scale->dtype, e.scale->shape.numel())) * frac;
-    } else if (zero1 && trainable && reps > 1) {  // one replica: the F32 master is the working weight
+    } else if (zero1_masters && trainable && reps > 1) {  // one replica: the F32 master is the working weight
       wb[static_cast<size_t>(WeightClass::BF16)] += numel * 2 * frac;  // working copy
       wb[static_cast<size_t>(WeightClass::F32)] += numel * 4 * frac / reps;
       master += numel * 4 * frac / reps;
@@ -682,7 +685,7 @@ PlanReport plan(const PlanSetup& setup, const HardwareSpec& hw) {
   const double ga = static_cast<double>(setup.grad_accum);
   const double T = static_cast<double>(r.act.tokens), Tm = static_cast<double>(r.act.moe_tokens);
   const double ab = static_cast<double>(hw.act_bytes);
-  const double D = static_cast<double>(c.dim), Q = static_cast<double>(c.q_lora_rank);
+  const double D = static_cast<double>(c.dim);
   const double blocks = static_cast<double>(c.n_layers + c.n_mtp_layers);
   const double fwd_passes = setup.recompute ? 2.0 : 1.0;
   {  // data parallel gradient synchronisation (once per step)
@@ -701,7 +704,13 @@ PlanReport plan(const PlanSetup& setup, const HardwareSpec& hw) {
       if (g.size <= 1 || bytes <= 0) continue;
       const bool inter = spans_nodes(g.size, g.stride);
       const double part = (g.size - 1) / g.size;
-      if (zero1) {
+      if (zero1 && !hw.gpu) {  // as built on CPU: all-reduce F32 gradients, owners broadcast their new F32 weights
+        const double ar = 2 * part * bytes, bc = part * bytes;
+        add(fmt::format("gradient all-reduce over {} {}{} (F32, ring)", g.name, g.size, g.what), ar, ar / bw(inter),
+            link(inter));
+        add(fmt::format("ZeRO-1 owner broadcasts over {} {}{} (F32)", g.name, g.size, g.what), bc, bc / bw(inter),
+            link(inter));
+      } else if (zero1) {
         const double rs = part * bytes, agb = part * bytes / 2;  // reduce-scatter F32 grads, all-gather BF16 weights
         add(fmt::format("ZeRO-1 gradient reduce-scatter over {} {}{} (F32)", g.name, g.size, g.what), rs, rs / bw(inter),
             link(inter));
@@ -722,13 +731,15 @@ PlanReport plan(const PlanSetup& setup, const HardwareSpec& hw) {
     double csa = 0;
     for (int64_t l = 0; l < c.n_layers + c.n_mtp_layers; ++l)
       if (c.compress_ratio(l) == 4) csa += 2 * part * T * mean_visible(setup.seq_len, 4) * 4;
-    const double ar_bwd = blocks * 2 * part * T * Q * ab + (1 + static_cast<double>(c.n_mtp_layers)) * 2 * part * T * D * ab;
+    // Backward: the attention input gradient [T, D] summed over tp once per block (the replicated projections keep
+    // partial gradients, summed with the data-parallel sync), the head's d(hidden) per output head.
+    const double ar_bwd = blocks * 2 * part * T * D * ab + (1 + static_cast<double>(c.n_mtp_layers)) * 2 * part * T * D * ab;
     const double ag_bwd = blocks * part * T * D * ab;
     const double fwd = (ar_fwd + ag_fwd + csa) * fwd_passes * ga, bwd = (ar_bwd + ag_bwd) * ga;
     add(fmt::format("TP forward{}: all-reduce wo_b out, embedding [T,D]; all-gather MoE out [T,D]; CSA scores",
                     setup.recompute ? " x2" : ""),
         fwd, fwd / bw(inter), link(inter));
-    add("TP backward: all-reduce d(qr) [T,Q], head d(hidden) [T,D]; all-gather d(MoE in) [T,D]", bwd,
+    add("TP backward: all-reduce d(attn in) [T,D], head d(hidden) [T,D]; all-gather d(MoE in) [T,D]", bwd,
         bwd / bw(inter), link(inter));
   }
   if (ep > 1) {  // expert parallel all-to-all, per micro-batch
@@ -784,11 +795,14 @@ PlanReport plan(const PlanSetup& setup, const HardwareSpec& hw) {
     as.push_back("LoRA: the base is frozen (no weight gradients: hardware FLOPs = 2 x forward), adapters are F32 "
                  "with F32 gradients; MoE adapter activations are not counted");
   if (setup.zero1)
-    as.push_back("ZeRO-1 is an estimate for a feature not yet built: F32 master weights and optimizer states sharded "
-                 "over the replicas of each tensor (dp; world/ep for routed experts), BF16 working weights");
+    as.push_back(hw.gpu ? "ZeRO-1: optimizer states and F32 master weights sharded over the replicas of each tensor (dp; "
+                          "world/ep for routed experts) with BF16 working weights (the GPU design; the CPU trainer "
+                          "shards the optimizer states only)"
+                        : "ZeRO-1 (parallel.zero1): each tensor's optimizer state held by one owner among its replicas "
+                          "(dp; world/ep for routed experts); F32 weights on every replica");
   if (setup.recompute)
-    as.push_back("per-layer recomputation (train.recompute) is a planned feature: each block keeps its input streams "
-                 "and reruns its forward in the backward (+1 forward of FLOPs and forward communication)");
+    as.push_back("per-layer recomputation (train.recompute): each block keeps its input streams and reruns its "
+                 "forward in the backward (+1 forward of FLOPs and forward communication)");
   return r;
 }
 
@@ -857,7 +871,7 @@ std::string format_plan(const PlanReport& r) {
                      num(static_cast<double>(r.trainable_total)), num(static_cast<double>(r.trainable_rank)),
                      s.checkpoint ? " (from the checkpoint)" : " (from scratch)",
                      s.optimizer == "muon" ? "Muon (matrices) + AdamW (the rest)" : "AdamW",
-                     s.zero1 ? ", ZeRO-1 (estimate)" : "");
+                     s.zero1 ? ", ZeRO-1" : "");
   }
   o += fmt::format("target    {}\n", r.hw.description);
 
@@ -875,7 +889,7 @@ std::string format_plan(const PlanReport& r) {
             fmt::format("Muon momentum {}, AdamW moments {}", format_bytes(static_cast<double>(r.opt_muon)),
                         format_bytes(static_cast<double>(r.opt_adamw))));
   if (!s.lora.enabled && r.hw.gpu && s.dp * s.tp > 1)
-    o += line(s.zero1 ? "  (without ZeRO-1)" : "  (with ZeRO-1, estimate: not built yet)",
+    o += line(s.zero1 ? "  (without ZeRO-1)" : "  (with ZeRO-1: parallel.zero1=true)",
               static_cast<double>(s.zero1 ? r.optimizer_unsharded : r.optimizer_zero1));
   if (s.lora.enabled) {
     o += line("LoRA adapters (F32)", static_cast<double>(r.lora_weights));

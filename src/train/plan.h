@@ -6,8 +6,8 @@
 //
 // What a rank holds (uniform layout: every rank holds the same amounts; rank 0 is computed):
 //   weights      Full training: every parameter as an F32 master (gate.tid2eid I64), as the trainer loads them
-//                (LoadMode::TrainableF32). With ZeRO-1 on a GPU (an estimate: ZeRO-1 is not built yet): a BF16 working
-//                copy of each trainable weight plus an F32 master shard of 1/replicas.
+//                (LoadMode::TrainableF32). With ZeRO-1 on a GPU (the GPU design; the CPU trainer keeps F32 weights on every
+//                replica): a BF16 working copy of each trainable weight plus an F32 master shard of 1/replicas.
 //                LoRA on a release checkpoint: Linear and expert weights stay in the checkpoint's precision (FP8 +
 //                block scales, packed FP4 + scales, BF16), the other tensors are F32 (LoadMode::FrozenQuantized);
 //                LoRA without a checkpoint: the F32 model, frozen.
@@ -66,7 +66,7 @@ struct PlanSetup {
   bool mtp_backward = true;                     // the MTP blocks are back-propagated (an MTP or balance loss weight)
   std::string optimizer = "muon";               // muon (matrices) + adamw | adamw
   LoraSection lora;
-  bool zero1 = false;                           // ZeRO-1 over dp (estimate; not built yet)
+  bool zero1 = false;                           // ZeRO-1 (parallel.zero1): optimizer states sharded over replicas
 };
 
 // From a training config: the model (preset, config.json, or the checkpoint's config.json; a preset given next to
@@ -76,7 +76,8 @@ struct PlanSetup {
 PlanSetup plan_setup(const TrainConfig& cfg, const std::string& source, const std::string& checkpoint_format = "");
 
 // Throws one dsv4::Error naming every factor that does not fit the model: dp * tp = world, n_heads, o_groups,
-// index_n_heads and vocab_size divisible by tp, n_routed_experts divisible by ep, world divisible by ep.
+// index_n_heads divisible by tp (the vocabulary is split in balanced ranges: any size >= tp), n_routed_experts
+// divisible by ep, world divisible by ep.
 void validate_layout(const ModelConfig& model, int64_t dp, int64_t tp, int64_t ep, int64_t world);
 
 // Weight storage classes (per-rank and on-disk byte counts).

@@ -15,6 +15,7 @@
 #include "model/peft.h"
 #include "optim/clip.h"
 #include "optim/grad_sync.h"
+#include "train/plan.h"
 #include "optim/moe_bias.h"
 #include "runtime/cpu_blas.h"
 #include "runtime/crc32c.h"
@@ -70,16 +71,7 @@ void Trainer::install_signal_handlers() {
 ParallelDims resolve_layout(const TrainConfig& cfg, const ModelConfig& model, int64_t world) {
   ParallelDims d{cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.ep};
   if (d.dp == 1 && world > 1 && d.tp * d.dp != world && world % d.tp == 0) d.dp = world / d.tp;  // dp fills the rest
-  DSV4_CHECK(d.world() == world,
-             "parallel.dp ({}) x parallel.tp ({}) = {} must equal the number of ranks ({}); parallel.ep folds onto the "
-             "same ranks", d.dp, d.tp, d.world(), world);
-  DSV4_CHECK(world % d.ep == 0, "parallel.ep ({}) must divide the number of ranks ({})", d.ep, world);
-  DSV4_CHECK(model.n_heads % d.tp == 0, "parallel.tp ({}) must divide the model's n_heads ({})", d.tp, model.n_heads);
-  DSV4_CHECK(model.o_groups % d.tp == 0, "parallel.tp ({}) must divide the model's o_groups ({})", d.tp, model.o_groups);
-  DSV4_CHECK(model.index_n_heads % d.tp == 0, "parallel.tp ({}) must divide the model's index_n_heads ({})", d.tp,
-             model.index_n_heads);
-  DSV4_CHECK(model.n_routed_experts % d.ep == 0, "parallel.ep ({}) must divide the model's n_routed_experts ({})", d.ep,
-             model.n_routed_experts);
+  validate_layout(model, d.dp, d.tp, d.ep, world);
   return d;
 }
 
