@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cinttypes>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -500,7 +502,13 @@ int64_t Trainer::run() {
   auto t_last = t_start;
   int64_t tokens_since = 0, last_saved = -1;
   Allocator& host = allocator_for(Device::cpu());
+  // Fault injection for the launch tests: DSV4_FAULT=RANK:STEP makes that rank fail as step STEP begins.
+  int64_t fault_rank = -1, fault_step = -1;
+  if (const char* f = std::getenv("DSV4_FAULT"))
+    DSV4_CHECK(std::sscanf(f, "%" SCNd64 ":%" SCNd64, &fault_rank, &fault_step) == 2, "DSV4_FAULT='{}': expected RANK:STEP", f);
   while (step_ < cfg_.train.steps) {
+    DSV4_CHECK(!(par_->rank() == fault_rank && step_ + 1 == fault_step), "injected fault (DSV4_FAULT={}:{})",
+               fault_rank, fault_step);
     const StepRecord rec = train_step();
     tokens_since += rec.tokens;
     std::map<std::string, double> m = {{"loss", rec.loss}, {"loss/lm", rec.lm},   {"loss/mtp", rec.mtp},

@@ -78,4 +78,15 @@ same pre-ref pre-rs-b 4
 run lora-ck 4 2 2 "${lora[@]}" checkpoint.interval=3
 run lora-rs 2 2 1 "${lora[@]}" train.resume="$work/lora-ck/checkpoints/step_00000003"
 same lora-ref lora-rs 4
+# A rank that fails ends the whole job (no hang) with a message naming it; the checkpoint before the failure resumes.
+set +e
+timeout 300 "$mpiexec" -np 4 --oversubscribe --bind-to none "${root[@]}" -x DSV4_FAULT=3:4 "$bin/dsv4-train" \
+  "${pretrain[@]}" parallel.tp=2 parallel.ep=2 data.micro_batch=2 checkpoint.interval=3 train.out_dir="$work/fault" \
+  > "$work/fault.log" 2>&1
+rc=$?
+set -e
+[ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || { tail -5 "$work/fault.log"; echo "FAIL: rank failure gave exit code $rc"; exit 1; }
+grep -q "rank 3 of 4: error: injected fault" "$work/fault.log" || { tail -5 "$work/fault.log"; echo "FAIL: no rank named"; exit 1; }
+run pre-fault-rs 1 1 1 "${pretrain[@]}" train.resume="$work/fault/checkpoints/step_00000003"
+same pre-ref pre-fault-rs 4
 echo "layouts: every layout and every resharded resume equals the single-rank run"
