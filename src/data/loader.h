@@ -32,8 +32,8 @@
 //   layout     SeqLayout{rows, seq_len, doc_start}: doc_start[t] = position in the row where t's document begins
 //                        (0 for a document continuing from the previous row), so attention stays inside a
 //                        document and positions restart at each document.
-// Note: the MTP targets the model derives by shifting labels by 2 can still pair the last token of a document
-// with the second token of the next one; only the shift-by-one targets are masked at document starts.
+// Note: the model (make_targets in model.cpp) also drops, in packed rows, every shifted target that belongs to another
+// document than its position, so the MTP targets (labels shifted by 2) never pair two documents either.
 #pragma once
 
 #include <cstdint>

@@ -225,10 +225,21 @@ struct Targets {
 Targets make_targets(const Tensor& labels_T, const SeqLayout& layout, size_t n_mtp) {
   DSV4_CHECK(labels_T.dtype() == DType::I64 && labels_T.numel() == layout.tokens(),
              "labels must be I64 [{}], got {}", layout.tokens(), labels_T.str());
+  // Packed rows: a target from another document than its position's is not predicted (for the LM the loader already
+  // masks document starts; MTP's shift by 2 would otherwise pair a document's last token with the next one's second).
+  auto within_documents = [&](Tensor targets, int64_t shift) {
+    if (!layout.packed()) return targets;
+    int64_t* y = targets.data<int64_t>();
+    for (int64_t t = 0; t < layout.tokens(); ++t)
+      if (t % layout.seq + shift < layout.seq && layout.doc_begin(t + shift) != layout.doc_begin(t)) y[t] = kIgnoreIndex;
+    return targets;
+  };
   Targets t;
-  t.lm = shift_targets(labels_T, layout.batch, layout.seq, 1);
-  for (size_t j = 0; j < n_mtp; ++j)
-    t.mtp.push_back(shift_targets(labels_T, layout.batch, layout.seq, static_cast<int64_t>(j) + 2));
+  t.lm = within_documents(shift_targets(labels_T, layout.batch, layout.seq, 1), 1);
+  for (size_t j = 0; j < n_mtp; ++j) {
+    const int64_t shift = static_cast<int64_t>(j) + 2;
+    t.mtp.push_back(within_documents(shift_targets(labels_T, layout.batch, layout.seq, shift), shift));
+  }
   return t;
 }
 

@@ -145,7 +145,8 @@ class Model {
   void backward(const Tensor& dlogits_TV, const std::vector<Tensor>& dmtp_logits_TV, const ModelCtx& ctx,
                 double balance_alpha);
   // Forward + backward of the training loss on labels [T] (next-token targets are labels shifted by one
-  // within each row, as HF does; MTP block j targets labels shifted by j + 2). Gradients accumulate.
+  // within each row, as HF does; MTP block j targets labels shifted by j + 2; in packed rows a target from another
+  // document than its position's is ignored). Gradients accumulate.
   LossResult forward_backward(const Tensor& ids_T, const Tensor& labels_T, const SeqLayout& layout,
                               const LossWeights& weights);
   // Loss only (no gradients).

@@ -397,10 +397,9 @@ void Trainer::save_checkpoint() {
                         {"layout", par_->dims().str()}});
     write_state_slices(dir, "optimizer", R, W, optimizer_slices());
   };
-  if (!is_root()) {
-    Tensor path = Tensor::zeros({4096}, DType::U8);
-    world->broadcast(path, 0);
-    const std::string dir(reinterpret_cast<const char*>(path.data<uint8_t>()));
+  // Every rank writes its files; past the agreement every rank has finished (or some failed: all throw, nothing is
+  // committed and the previous checkpoint stays `latest`).
+  auto write_all = [&](const std::string& dir) {
     std::string error;
     try {
       write_mine(dir);
@@ -409,8 +408,13 @@ void Trainer::save_checkpoint() {
     }
     std::vector<double> failed = {error.empty() ? 0.0 : 1.0};
     group_sum(world, failed);
-    DSV4_CHECK(error.empty(), "rank {}: writing the checkpoint failed: {}", R, error);
-    DSV4_CHECK(failed[0] == 0, "rank {}: another rank failed to write its part of the checkpoint", R);
+    DSV4_CHECK(error.empty(), "rank {}: writing the checkpoint of step {} failed: {}", R, step_, error);
+    DSV4_CHECK(failed[0] == 0, "rank {}: another rank failed to write its part of the checkpoint of step {}", R, step_);
+  };
+  if (!is_root()) {
+    Tensor path = Tensor::zeros({4096}, DType::U8);
+    world->broadcast(path, 0);
+    write_all(std::string(reinterpret_cast<const char*>(path.data<uint8_t>())));
     world->barrier();  // rank 0 commits
     return;
   }
@@ -423,17 +427,7 @@ void Trainer::save_checkpoint() {
           std::copy(dir.begin(), dir.end(), buf.data<uint8_t>());
           world->broadcast(buf, 0);
         }
-        std::string error;
-        try {
-          write_mine(dir);
-        } catch (const std::exception& e) {
-          error = e.what();
-        }
-        std::vector<double> failed = {error.empty() ? 0.0 : 1.0};
-        group_sum(world, failed);  // every rank has finished writing (or failed) past this point
-        DSV4_CHECK(error.empty(), "writing the checkpoint failed: {}", error);
-        DSV4_CHECK(failed[0] == 0, "another rank failed to write its part of the checkpoint; step {} is not saved",
-                   step_);
+        write_all(dir);
         if (cfg_.lora.enabled) {
           // The same adapters in PEFT's format (loadable by transformers + peft), assembled from every rank's slices.
           const ShardedState st = ShardedState::open(dir, "model");

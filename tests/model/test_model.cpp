@@ -105,6 +105,28 @@ TEST_F(TinyModel, PackedDocumentsEqualSeparateSequences) {
   EXPECT_LE(err, 1e-5 * scale) << "logits scale " << scale;  // FP32 rounding of different GEMM shapes
 }
 
+TEST_F(TinyModel, PackedTargetsNeverCrossDocuments) {
+  // One row of two documents (positions 0-4 and 5-9), every label valid: the LM target of position 4 and the MTP
+  // (shift 2) targets of positions 3 and 4 belong to the second document and are not counted; the loss equals the
+  // two documents' losses as separate rows.
+  SeqLayout packed(1, 10);
+  for (int64_t t = 0; t < 10; ++t) packed.doc_start.push_back(t < 5 ? 0 : 5);
+  const Tensor ids = random_ids(10, cfg.vocab_size, 4);
+  const TargetCounts c = count_targets(ids, packed, 1);
+  EXPECT_EQ(c.lm, 8);
+  ASSERT_EQ(c.mtp.size(), 1u);
+  EXPECT_EQ(c.mtp[0], 6);
+  const TargetCounts unpacked = count_targets(ids, SeqLayout(1, 10), 1);
+  EXPECT_EQ(unpacked.lm, 9);
+  EXPECT_EQ(unpacked.mtp[0], 8);
+  const LossWeights w{0.3, 0.0};
+  const LossResult whole = model->evaluate(ids, ids, packed, w);
+  const Tensor a = ids.slice(0, 0, 5).contiguous(), b = ids.slice(0, 5, 10).contiguous();
+  const LossResult ra = model->evaluate(a, a, SeqLayout(1, 5), w), rb = model->evaluate(b, b, SeqLayout(1, 5), w);
+  EXPECT_NEAR(whole.lm, (ra.lm * 4 + rb.lm * 4) / 8, 1e-5);
+  EXPECT_NEAR(whole.mtp[0], (ra.mtp[0] * 3 + rb.mtp[0] * 3) / 6, 1e-5);
+}
+
 TEST_F(TinyModel, BackwardIsDeterministicAndAccumulates) {
   {  // Two fresh backward passes give bit-identical gradients.
     const SeqLayout l(1, 12);
