@@ -259,34 +259,11 @@ QuantizedWeight fp4_to_fp8(const QuantizedWeight& fp4, const std::string& name) 
 // ---- quantisers ------------------------------------------------------------------------------------------
 QuantizedWeight quantize_fp8_block(const Tensor& w_in, ScaleFormat scale_fmt, const std::string& name) {
   const Tensor w = f32_contiguous(w_in, name);
-  const int64_t out = w.size(0), in = w.size(1);
+  Fp8Tensor t = fp8_quantize_blocks(w, scale_fmt);  // the shared rule of runtime/fp8.h (CPU reference)
   QuantizedWeight q;
   q.format = WeightFormat::FP8;
-  q.data = Tensor::empty({out, in}, DType::F8_E4M3);
-  const Shape ss = fp8_scale_shape(out, in);
-  q.scale = Tensor::empty(ss, scale_fmt == ScaleFormat::E8M0 ? DType::F8_E8M0 : DType::F32);
-  const float* wp = w.data<float>();
-  uint8_t* qp = q.data.data_u8();
-  for (int64_t br = 0; br < ss[0]; ++br) {
-    const int64_t r0 = br * kFp8Block, r1 = std::min(out, r0 + kFp8Block);
-    for (int64_t bc = 0; bc < ss[1]; ++bc) {
-      const int64_t c0 = bc * kFp8Block, c1 = std::min(in, c0 + kFp8Block);
-      float amax = 0.0f;
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::abs(wp[r * in + c]));
-      float s = 1.0f;
-      if (scale_fmt == ScaleFormat::E8M0) {
-        const uint8_t code = amax > 0.0f ? e8m0_ceil_from_f32(amax / kE4M3Max) : uint8_t{127};
-        q.scale.data_u8()[br * ss[1] + bc] = code;
-        s = e8m0_to_f32(code);
-      } else {
-        s = amax > 0.0f ? amax / kE4M3Max : 1.0f;
-        q.scale.data<float>()[br * ss[1] + bc] = s;
-      }
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = c0; c < c1; ++c) qp[r * in + c] = f32_to_e4m3(wp[r * in + c] / s);
-    }
-  }
+  q.data = std::move(t.q);
+  q.scale = std::move(t.scale);
   return q;
 }
 

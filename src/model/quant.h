@@ -28,6 +28,7 @@
 // An all-zero block gets scale 1 (code 127). Non-finite weights are errors naming the tensor. Conversions are
 // dtype.h's saturating round-to-nearest-even. With power-of-two scales re-quantising dequantised values gives
 // the same values back (the codes may differ where a block's largest code was exactly half the maximum).
+// quantize_fp8_block is runtime/fp8.h's fp8_quantize_blocks (the CPU reference of the CUDA quantiser).
 //
 // QuantizedWeight holds one matrix in any of these formats; qgemm_* multiply with it, dequantising tiles of
 // kQTileRows rows on the fly into a scratch of kQTileRows x in floats (never a full F32/BF16 copy), on the CPU
@@ -39,6 +40,7 @@
 #include <string>
 #include <string_view>
 
+#include "runtime/fp8.h"
 #include "runtime/tensor.h"
 
 namespace dsv4 {
@@ -48,7 +50,7 @@ inline constexpr int64_t kFp4Group = 32;   // FP4 scales: 1 x 32 along the input
 inline constexpr int64_t kQTileRows = 128; // rows dequantised at a time by the GEMMs (one FP8 block row)
 
 enum class WeightFormat : uint8_t { F32, BF16, FP8, FP4 };
-enum class ScaleFormat : uint8_t { E8M0, F32 };  // of FP8 block scales (FP4 scales are always E8M0)
+// ScaleFormat (E8M0 | F32, of FP8 block scales; FP4 scales are always E8M0) is runtime/fp8.h's.
 
 std::string_view weight_format_name(WeightFormat f);  // "f32", "bf16", "fp8", "fp4"
 std::string_view scale_format_name(ScaleFormat f);    // "ue8m0", "fp32"

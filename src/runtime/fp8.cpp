@@ -1,0 +1,101 @@
+// Frontends of the block-scaled FP8 ops (runtime/fp8.h): validation, allocation and device dispatch.
+#include "runtime/fp8.h"
+
+#include "runtime/error.h"
+
+namespace dsv4 {
+namespace {
+
+#if defined(DSV4_WITH_CUDA)
+#define DSV4_FP8_DISPATCH(device, name, ...) \
+  ((device).is_cuda() ? ::dsv4::cuda::name(__VA_ARGS__) : ::dsv4::cpu::name(__VA_ARGS__))
+#else
+#define DSV4_FP8_DISPATCH(device, name, ...)                                                        \
+  ((device).is_cuda() ? DSV4_FAIL("op " #name " on {}: dsv4 was built without CUDA", (device).str()) \
+                      : ::dsv4::cpu::name(__VA_ARGS__))
+#endif
+
+DType scale_dtype(ScaleFormat f) { return f == ScaleFormat::F32 ? DType::F32 : DType::F8_E8M0; }
+
+// The input of a quantiser: 2-D float; the CPU computes in F32 (BF16 is widened exactly), CUDA reads F32 or BF16.
+Tensor quantiser_input(const Tensor& x, const char* op) {
+  DSV4_CHECK(x.defined() && x.ndim() == 2, "{}: expected a 2-D tensor, got {}", op, x.defined() ? x.str() : "none");
+  DSV4_CHECK(x.dtype() == DType::F32 || x.dtype() == DType::BF16, "{}: expected F32 or BF16, got {}", op,
+             dtype_name(x.dtype()));
+  if (x.device().is_cpu() && x.dtype() != DType::F32) return x.to(DType::F32);
+  return x;
+}
+
+void check_fp8(const Fp8Tensor& t, const char* op, const char* arg) {
+  DSV4_CHECK(t.q.defined() && t.q.ndim() == 2 && t.q.dtype() == DType::F8_E4M3 && t.q.is_contiguous(),
+             "{}: {} codes must be a contiguous 2-D F8_E4M3 tensor, got {}", op, arg, t.q.defined() ? t.q.str() : "none");
+  DSV4_CHECK(t.scale.defined() && (t.scale.dtype() == DType::F32 || t.scale.dtype() == DType::F8_E8M0) &&
+                 t.scale.is_contiguous(),
+             "{}: {} scales must be contiguous F32 or F8_E8M0, got {}", op, arg, t.scale.defined() ? t.scale.str() : "none");
+  const Shape want = fp8_scale_shape(t.rows(), t.cols(), t.layout);
+  DSV4_CHECK(t.scale.shape() == want, "{}: {} codes {} need {} scales of shape {}, got {}", op, arg,
+             t.q.shape().str(), t.layout == Fp8Layout::Rows1x128 ? "1x128" : "128x128", want.str(), t.scale.shape().str());
+  DSV4_CHECK(t.q.device() == t.scale.device(), "{}: {} codes on {} but scales on {}", op, arg, t.q.device().str(),
+             t.scale.device().str());
+}
+
+Fp8Tensor alloc(int64_t rows, int64_t cols, Fp8Layout layout, ScaleFormat fmt, Device device) {
+  Fp8Tensor t;
+  t.layout = layout;
+  t.q = Tensor::empty({rows, cols}, DType::F8_E4M3, device);
+  t.scale = Tensor::empty(fp8_scale_shape(rows, cols, layout), scale_dtype(fmt), device);
+  return t;
+}
+
+}  // namespace
+
+Fp8Tensor fp8_quantize_rows(const Tensor& x_in, ScaleFormat fmt) {
+  const Tensor x = quantiser_input(x_in, "fp8_quantize_rows");
+  Fp8Tensor t = alloc(x.size(0), x.size(1), Fp8Layout::Rows1x128, fmt, x.device());
+  if (x.numel() > 0) DSV4_FP8_DISPATCH(x.device(), fp8_quantize_rows, x, t.q, t.scale);
+  return t;
+}
+
+Fp8Tensor fp8_quantize_rows_t(const Tensor& x_in, ScaleFormat fmt) {
+  const Tensor x = quantiser_input(x_in, "fp8_quantize_rows_t");
+  Fp8Tensor t = alloc(x.size(1), x.size(0), Fp8Layout::Rows1x128, fmt, x.device());
+  if (x.numel() > 0) DSV4_FP8_DISPATCH(x.device(), fp8_quantize_rows_t, x, t.q, t.scale);
+  return t;
+}
+
+Fp8Tensor fp8_quantize_blocks(const Tensor& w_in, ScaleFormat fmt) {
+  const Tensor w = quantiser_input(w_in, "fp8_quantize_blocks");
+  Fp8Tensor t = alloc(w.size(0), w.size(1), Fp8Layout::Blocks128x128, fmt, w.device());
+  if (w.numel() > 0) DSV4_FP8_DISPATCH(w.device(), fp8_quantize_blocks, w, t.q, t.scale);
+  return t;
+}
+
+Tensor fp8_dequantize(const Fp8Tensor& t) {
+  check_fp8(t, "fp8_dequantize", "input");
+  Tensor out = Tensor::empty(t.q.shape(), DType::F32, t.q.device());
+  if (out.numel() > 0) DSV4_FP8_DISPATCH(t.q.device(), fp8_dequantize, t.q, t.scale, t.layout, out);
+  return out;
+}
+
+void fp8_gemm(const Fp8Tensor& a, const Fp8Tensor& b, Tensor& c, Fp8GemmImpl impl) {
+  check_fp8(a, "fp8_gemm", "a");
+  check_fp8(b, "fp8_gemm", "b");
+  DSV4_CHECK(a.layout == Fp8Layout::Rows1x128, "fp8_gemm: a (activations) must have 1x128 scales");
+  DSV4_CHECK(a.cols() == b.cols(), "fp8_gemm: a {} and b {} differ in K (c = a b^T)", a.q.shape().str(),
+             b.q.shape().str());
+  DSV4_CHECK(a.q.device() == b.q.device(), "fp8_gemm: a on {} but b on {}", a.q.device().str(), b.q.device().str());
+  DSV4_CHECK(c.defined() && c.dtype() == DType::F32 && c.is_contiguous() && c.shape() == Shape({a.rows(), b.rows()}) &&
+                 c.device() == a.q.device(),
+             "fp8_gemm: c must be a contiguous F32 [{}, {}] tensor on {}, got {}", a.rows(), b.rows(),
+             a.q.device().str(), c.defined() ? c.str() : "none");
+  if (c.numel() == 0) return;
+  DSV4_FP8_DISPATCH(c.device(), fp8_gemm, a.q, a.scale, b.q, b.scale, b.layout, impl, c);
+}
+
+Tensor fp8_matmul(const Fp8Tensor& a, const Fp8Tensor& b, Fp8GemmImpl impl) {
+  Tensor c = Tensor::empty({a.q.defined() ? a.rows() : 0, b.q.defined() ? b.rows() : 0}, DType::F32, a.q.device());
+  fp8_gemm(a, b, c, impl);
+  return c;
+}
+
+}  // namespace dsv4
