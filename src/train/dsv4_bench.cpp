@@ -2,17 +2,31 @@
 //   dsv4-bench model --preset tiny|small|proxy-2b --batch B --seq S --steps N [--threads T]
 // Runs forward and forward+backward of the CPU reference model and prints time per token, tokens/s and the
 // achieved FLOP rate (FLOP convention of shared/design/BENCHMARKS.md, model/flops.h).
+//   dsv4-bench gemm [--tokens M] [--iters N] [--shapes N:K,...] [--fallback]
+// On a GPU: times BF16 GEMM (cuBLAS, BF16 out, FP32 accumulation) and the block-scaled FP8 GEMM (runtime/fp8.h:
+// 1x128 activations x 128x128 weights, F32 out; cuBLASLt where it accepts the shape, else the fallback kernel)
+// at DeepSeek-V4 projection shapes, c [M, N] = x [M, K] W[N, K]^T, and prints TFLOP/s (2 M N K per GEMM),
+// also with the activation quantisation included. --fallback also times the CUDA-core fallback kernel.
+// Without a GPU it says so and exits 0.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <random>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "model/flops.h"
 #include "model/model.h"
 #include "runtime/build_info.h"
 #include "runtime/cpu_blas.h"
+#include "runtime/device.h"
+#include "runtime/fp8.h"
+#include "runtime/ops.h"
+#if defined(DSV4_WITH_CUDA)
+#include "kernels/cuda_runtime_api.h"
+#endif
 
 namespace {
 
@@ -67,6 +81,99 @@ int run_model_bench(const std::string& preset, int64_t batch, int64_t seq, int s
   return 0;
 }
 
+struct GemmShape {
+  std::string name;
+  int64_t n = 0, k = 0;
+};
+
+// "N:K" items separated by commas; default: the V4 projections (wq_a, wq_b, wo_b, expert w1).
+std::vector<GemmShape> parse_shapes(const std::string& spec) {
+  if (spec.empty())
+    return {{"wq_a", 1024, 4096}, {"wq_b", 32768, 1024}, {"wo_b", 4096, 8192}, {"expert_w1", 2048, 4096}};
+  std::vector<GemmShape> out;
+  size_t pos = 0;
+  while (pos <= spec.size()) {
+    const size_t end = std::min(spec.find(',', pos), spec.size());
+    const std::string item = spec.substr(pos, end - pos);
+    const size_t colon = item.find(':');
+    if (colon == std::string::npos) throw std::runtime_error("--shapes: expected N:K, got '" + item + "'");
+    out.push_back({item, std::stoll(item.substr(0, colon)), std::stoll(item.substr(colon + 1))});
+    pos = end + 1;
+  }
+  return out;
+}
+
+int run_gemm_bench(int64_t tokens, int iters, const std::string& shapes_spec, bool fallback) {
+  using namespace dsv4;
+  const std::vector<GemmShape> shapes = parse_shapes(shapes_spec);
+  if (cuda_device_count() == 0) {
+    std::printf("dsv4-bench gemm: no CUDA device visible%s; nothing to time\n",
+#if defined(DSV4_WITH_CUDA)
+                ""
+#else
+                " (built without CUDA)"
+#endif
+    );
+    return 0;
+  }
+#if defined(DSV4_WITH_CUDA)
+  const Device gpu = Device::cuda(0);
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  const auto rand_gpu = [&](int64_t r, int64_t c) {
+    std::vector<float> v(static_cast<size_t>(r * c));
+    for (auto& x : v) x = u(rng);
+    return Tensor::from_floats({r, c}, v).to(gpu);
+  };
+  // Median seconds of `iters` timed calls after 2 warm-up calls (host clock around a device synchronise).
+  const auto time_it = [&](auto&& f) {
+    std::vector<double> t;
+    for (int i = 0; i < iters + 2; ++i) {
+      cuda::synchronize(0);
+      const auto t0 = std::chrono::steady_clock::now();
+      f();
+      cuda::synchronize(0);
+      if (i >= 2) t.push_back(seconds_since(t0));
+    }
+    return median(t);
+  };
+  std::printf("dsv4-bench gemm M=%lld tokens, median of %d (TFLOP/s = 2 M N K / time)\n",
+              static_cast<long long>(tokens), iters);
+  std::printf("  %-12s %6s %6s | %-22s | %-22s | %-22s%s\n", "shape", "N", "K", "bf16 cuBLAS", "fp8 gemm",
+              "fp8 quant x + gemm", fallback ? " | fp8 fallback kernel" : "");
+  for (const GemmShape& s : shapes) {
+    const int64_t M = tokens, N = s.n, K = s.k;
+    const double flop = 2.0 * double(M) * double(N) * double(K);
+    const Tensor x32 = rand_gpu(M, K), w32 = rand_gpu(N, K);
+    const Tensor x16 = x32.to(DType::BF16), w16 = w32.to(DType::BF16);
+    Tensor c16 = Tensor::empty({M, N}, DType::BF16, gpu);
+    const double t_bf16 = time_it([&] { ops::gemm(x16, false, w16, true, 1.0f, 0.0f, c16); });
+    const Fp8Tensor a = fp8_quantize_rows(x16, ScaleFormat::F32);
+    const Fp8Tensor b = fp8_quantize_blocks(w32, ScaleFormat::F32);  // frozen FP8 weight: quantised once
+    Tensor c = Tensor::empty({M, N}, DType::F32, gpu);
+    const bool lt = cuda::fp8_gemm_cublaslt_accepts(a.q, b.q, b.layout, c);
+    const double t_fp8 = time_it([&] { fp8_gemm(a, b, c); });
+    const double t_fp8q = time_it([&] {
+      const Fp8Tensor aq = fp8_quantize_rows(x16, ScaleFormat::F32);
+      fp8_gemm(aq, b, c);
+    });
+    std::printf("  %-12s %6lld %6lld | %7.3f ms %7.1f TF/s | %7.3f ms %7.1f TF/s | %7.3f ms %7.1f TF/s", s.name.c_str(),
+                static_cast<long long>(N), static_cast<long long>(K), t_bf16 * 1e3, flop / t_bf16 / 1e12, t_fp8 * 1e3,
+                flop / t_fp8 / 1e12, t_fp8q * 1e3, flop / t_fp8q / 1e12);
+    if (fallback) {
+      const double t_fb = time_it([&] { fp8_gemm(a, b, c, Fp8GemmImpl::Fallback); });
+      std::printf(" | %8.2f ms %6.1f TF/s", t_fb * 1e3, flop / t_fb / 1e12);
+    }
+    std::printf("  (fp8 via %s)\n", lt ? "cuBLASLt" : "fallback kernel");
+  }
+#else
+  (void)tokens;
+  (void)iters;
+  (void)fallback;
+#endif
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -82,10 +189,21 @@ int main(int argc, char** argv) {
   model->add_option("--steps", steps, "timed steps")->capture_default_str()->check(CLI::PositiveNumber);
   model->add_option("--warmup", warmup, "untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
   model->add_option("--threads", threads, "OpenBLAS threads (0: library default)")->capture_default_str();
+  auto* gemm = app.add_subcommand("gemm", "GPU: BF16 (cuBLAS) vs block-scaled FP8 GEMM at V4 shapes, TFLOP/s");
+  int64_t tokens = 4096;
+  int iters = 10;
+  std::string shapes;
+  bool fallback = false;
+  gemm->add_option("--tokens", tokens, "M (tokens)")->capture_default_str()->check(CLI::PositiveNumber);
+  gemm->add_option("--iters", iters, "timed calls per GEMM")->capture_default_str()->check(CLI::PositiveNumber);
+  gemm->add_option("--shapes", shapes, "N:K,... (default: wq_a 1024:4096, wq_b 32768:1024, wo_b 4096:8192, "
+                                       "expert w1 2048:4096)");
+  gemm->add_flag("--fallback", fallback, "also time the CUDA-core fallback FP8 kernel (slow)");
   CLI11_PARSE(app, argc, argv);
   try {
     dsv4::set_cpu_threads(threads);
     if (*model) return run_model_bench(preset, batch, seq, steps, warmup);
+    if (*gemm) return run_gemm_bench(tokens, iters, shapes, fallback);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "dsv4-bench: %s\n", e.what());
     return 1;
