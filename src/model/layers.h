@@ -4,8 +4,9 @@
 // backward follows) and backward(dy, ctx) that returns dx and accumulates parameter gradients.
 // Shapes: x_TD is [T, D] with T = tokens (batch and sequence flattened); all math FP32.
 //
-// The raw-pointer cores (rmsnorm_forward_rows / rmsnorm_backward_rows) are templates so tests can run
-// them in double precision for finite-difference checks; the Tensor layers instantiate them for float.
+// The raw-pointer cores (rmsnorm_forward_rows / rmsnorm_backward_rows, in runtime/model_math.h, shared with the
+// runtime-level ops) are templates so tests can run them in double precision for finite-difference checks; the
+// Tensor layers instantiate them for float.
 #pragma once
 
 #include <cmath>
@@ -14,44 +15,10 @@
 #include "model/lora.h"
 #include "model/param.h"
 #include "model/quant.h"
+#include "runtime/model_math.h"  // rmsnorm_forward_rows / rmsnorm_backward_rows
 #include "runtime/parallel.h"
 
 namespace dsv4 {
-
-// ---- RMSNorm core: y = w * x * rstd, rstd = 1/sqrt(mean(x^2) + eps), over rows of length dim ----------
-// w may be null (unweighted). rstd_out[rows] receives the per-row rstd.
-template <typename T>
-void rmsnorm_forward_rows(const T* x, const T* w, T* y, T* rstd_out, int64_t rows, int64_t dim, double eps) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * dim;
-    double ss = 0;
-    for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(xr[i]) * static_cast<double>(xr[i]);
-    const T rstd = static_cast<T>(1.0 / std::sqrt(ss / static_cast<double>(dim) + eps));
-    rstd_out[r] = rstd;
-    T* yr = y + r * dim;
-    for (int64_t i = 0; i < dim; ++i) yr[i] = w ? w[i] * (xr[i] * rstd) : xr[i] * rstd;
-  }
-}
-
-// dx = rstd * (g - x * rstd^2 * mean(g * x)) with g = dy * w; dw += sum_rows dy * x * rstd (if dw).
-template <typename T>
-void rmsnorm_backward_rows(const T* dy, const T* x, const T* w, const T* rstd, T* dx, T* dw, int64_t rows,
-                           int64_t dim) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* dyr = dy + r * dim;
-    const T* xr = x + r * dim;
-    const T s = rstd[r];
-    double dot = 0;
-    for (int64_t i = 0; i < dim; ++i) dot += static_cast<double>(w ? dyr[i] * w[i] : dyr[i]) * static_cast<double>(xr[i]);
-    const T c = static_cast<T>(dot / static_cast<double>(dim)) * s * s;
-    T* dxr = dx + r * dim;
-    for (int64_t i = 0; i < dim; ++i) {
-      const T g = w ? dyr[i] * w[i] : dyr[i];
-      dxr[i] = s * (g - xr[i] * c);
-      if (dw) dw[i] += dyr[i] * xr[i] * s;
-    }
-  }
-}
 
 struct RMSNormCtx {
   Tensor x;     // [T, D] input

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "runtime/model_math.h"
 
 namespace dsv4 {
 
@@ -29,19 +30,7 @@ struct RopeTable {
 template <typename T>
 void rope_rows(T* x, int64_t rows, int64_t dim, int64_t row_stride, const int64_t* pos, const RopeTable& table,
                bool inverse) {
-  const int64_t half = table.rot_dim / 2;
-  for (int64_t r = 0; r < rows; ++r) {
-    T* v = x + r * row_stride + (dim - table.rot_dim);
-    const float p = static_cast<float>(pos[r]);
-    for (int64_t i = 0; i < half; ++i) {
-      const float angle = p * table.inv_freq[static_cast<size_t>(i)];
-      const T c = static_cast<T>(std::cos(angle));
-      const T s = inverse ? -static_cast<T>(std::sin(angle)) : static_cast<T>(std::sin(angle));
-      const T a = v[2 * i], b = v[2 * i + 1];
-      v[2 * i] = a * c - b * s;
-      v[2 * i + 1] = b * c + a * s;
-    }
-  }
+  rope_rows_freq(x, rows, dim, row_stride, pos, table.inv_freq.data(), table.rot_dim, inverse);
 }
 
 }  // namespace dsv4

@@ -26,18 +26,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "runtime/newton_schulz.h"  // NsStage, hybrid_ns_schedule, NsPrecision, newton_schulz
+#include "runtime/update_math.h"    // the element-wise update rules shared with runtime/model_ops.h
+
 namespace dsv4 {
-
-struct NsStage {
-  int64_t steps = 0;
-  double a = 0, b = 0, c = 0;
-  bool operator==(const NsStage&) const = default;
-};
-
-// 8 x (3.4445, -4.7750, 2.0315) then 2 x (2, -1.5, 0.5).
-std::vector<NsStage> hybrid_ns_schedule();
-
-enum class NsPrecision : uint8_t { F32, BF16 };
 
 struct MuonConfig {
   double momentum = 0.95;
@@ -59,10 +51,6 @@ struct AdamWConfig {
 
   void validate() const;
 };
-
-// Orthogonalises x [rows, cols] (row-major, contiguous) into out (same shape; out may equal x).
-void newton_schulz(const float* x, float* out, int64_t rows, int64_t cols, const std::vector<NsStage>& schedule,
-                   double eps, NsPrecision precision = NsPrecision::F32);
 
 // One Muon step on W [rows, cols] with gradient g and momentum buffer (all contiguous, FP32).
 void muon_update(float* w, const float* g, float* momentum, int64_t rows, int64_t cols, int64_t row_blocks, double lr,

@@ -1,0 +1,127 @@
+// CUDA twins of the optimizer ops of runtime/model_ops.h (CPU reference src/runtime/cpu_model_ops.cpp): AdamW,
+// Muon's momentum and apply (the element rules of runtime/update_math.h; this file is built with --fmad=false, so
+// they compute the CPU's bits) and a batched Newton-Schulz on cuBLAS (FP32 GEMMs through runtime/ops.h's gemm,
+// strided-batched over the matrices; same schedule and operation order as runtime/newton_schulz.cpp's F32 path).
+#include "kernels/cuda_check.cuh"  // first: makes fmt usable under nvcc
+
+#include "kernels/ops_common.cuh"
+#include "runtime/model_ops.h"
+#include "runtime/ops.h"
+
+namespace dsv4::cuda {
+namespace {
+
+using detail::blocks_for;
+using detail::stream_of;
+constexpr int kThreads = 256;
+
+#define GRID_STRIDE(i, n) \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, AdamWScalars s, int64_t n) {
+  GRID_STRIDE(i, n) {
+    float wi = w[i], mi = m[i], vi = v[i];
+    adamw_element(wi, g[i], mi, vi, s);
+    w[i] = wi;
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
+__global__ void momentum_kernel(const float* g, float* m, float* u, float mu, bool nesterov, int64_t n) {
+  GRID_STRIDE(i, n) {
+    float mi = m[i], ui = 0.0f;
+    muon_momentum_element(g[i], mi, ui, mu, nesterov);
+    m[i] = mi;
+    u[i] = ui;
+  }
+}
+
+__global__ void apply_kernel(float* w, const float* o, MuonApplyScalars s, int64_t n) {
+  GRID_STRIDE(i, n) w[i] = muon_apply_element(w[i], o[i], s);
+}
+
+// X[b] *= float(1 / max(||X[b]||_F, eps)), the norm summed in double (one block per matrix).
+__global__ void ns_normalize_kernel(float* x, int64_t n, double eps) {
+  __shared__ double smem[kThreads];
+  float* xb = x + static_cast<int64_t>(blockIdx.x) * n;
+  double ss = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += static_cast<double>(xb[i]) * xb[i];
+  smem[threadIdx.x] = ss;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (static_cast<int>(threadIdx.x) < s) smem[threadIdx.x] += smem[threadIdx.x + s];
+    __syncthreads();
+  }
+  const float inv = static_cast<float>(1.0 / fmax(sqrt(smem[0]), eps));
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) xb[i] *= inv;
+}
+
+__global__ void scale_kernel(const float* x, float a, float* y, int64_t n) {
+  GRID_STRIDE(i, n) y[i] = a * x[i];
+}
+
+// Newton-Schulz on wide matrices X [B, r, c] (r <= c), in place.
+void ns_wide(Tensor& X, const std::vector<NsStage>& schedule, double eps) {
+  const int64_t B = X.size(0), r = X.size(1), c = X.size(2);
+  cudaStream_t st = stream_of(X);
+  ns_normalize_kernel<<<static_cast<unsigned>(B), kThreads, 0, st>>>(X.data<float>(), r * c, eps);
+  CUDA_CHECK_LAUNCH();
+  Tensor A = Tensor::empty({B, r, r}, DType::F32, X.device());
+  Tensor Bm = Tensor::empty({B, r, r}, DType::F32, X.device());
+  Tensor Y = Tensor::empty(X.shape(), DType::F32, X.device());
+  Tensor* x = &X;
+  Tensor* y = &Y;
+  for (const NsStage& s : schedule) {
+    const float a = static_cast<float>(s.a), b = static_cast<float>(s.b), cc = static_cast<float>(s.c);
+    for (int64_t k = 0; k < s.steps; ++k) {
+      dsv4::ops::gemm(*x, false, *x, true, 1.0f, 0.0f, A);  // A = X X^T
+      scale_kernel<<<blocks_for(A.numel()), kThreads, 0, st>>>(A.data<float>(), b, Bm.data<float>(), A.numel());
+      CUDA_CHECK_LAUNCH();
+      dsv4::ops::gemm(A, false, A, false, cc, 1.0f, Bm);  // B = b A + c A A
+      scale_kernel<<<blocks_for(x->numel()), kThreads, 0, st>>>(x->data<float>(), a, y->data<float>(), x->numel());
+      CUDA_CHECK_LAUNCH();
+      dsv4::ops::gemm(Bm, false, *x, false, 1.0f, 1.0f, *y);  // Y = a X + B X
+      std::swap(x, y);
+    }
+  }
+  if (x != &X) X.copy_from(*x);
+}
+
+}  // namespace
+
+void adamw_step(Tensor& w, const Tensor& g, Tensor& exp_avg, Tensor& exp_avg_sq, const AdamWScalars& s) {
+  detail::DeviceGuard guard(w.device().index);
+  adamw_kernel<<<blocks_for(w.numel()), kThreads, 0, stream_of(w)>>>(w.data<float>(), g.data<float>(),
+                                                                   exp_avg.data<float>(), exp_avg_sq.data<float>(), s,
+                                                                   w.numel());
+  CUDA_CHECK_LAUNCH();
+}
+
+void muon_momentum_step(const Tensor& g, Tensor& momentum, Tensor& u, float mu, bool nesterov) {
+  detail::DeviceGuard guard(g.device().index);
+  momentum_kernel<<<blocks_for(g.numel()), kThreads, 0, stream_of(g)>>>(g.data<float>(), momentum.data<float>(),
+                                                                      u.data<float>(), mu, nesterov, g.numel());
+  CUDA_CHECK_LAUNCH();
+}
+
+void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s) {
+  detail::DeviceGuard guard(w.device().index);
+  apply_kernel<<<blocks_for(w.numel()), kThreads, 0, stream_of(w)>>>(w.data<float>(), o.data<float>(), s, w.numel());
+  CUDA_CHECK_LAUNCH();
+}
+
+void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps) {
+  detail::DeviceGuard guard(x.device().index);
+  Tensor x3 = x.ndim() == 3 ? x : x.unsqueeze(0);
+  const int64_t r = x3.size(1), c = x3.size(2);
+  if (r <= c) {
+    ns_wide(x3, schedule, eps);
+    return;
+  }
+  Tensor t = x3.transpose(1, 2).contiguous();  // [B, c, r]
+  ns_wide(t, schedule, eps);
+  x3.copy_from(t.transpose(1, 2));
+}
+
+}  // namespace dsv4::cuda

@@ -1,0 +1,195 @@
+// GPU tests of runtime/model_ops.h: every CUDA twin against its CPU reference on random and odd shapes (widths that
+// are not multiples of 128, one token, empty expert segments, ties in top-k). Tolerances per op (see model_ops.h):
+//   bitwise     moe_route (same affinities), moe_sort_slots, moe_permute, moe_unpermute, ce_row_max, adamw_step,
+//               muon_momentum_step, muon_apply_step
+//   rtol 2e-6, atol 1e-6   rmsnorm y / rstd / dx, swiglu (+backward), sqrt_softplus (+backward), rope, ce sums / grad
+//   rtol 1e-5, atol 1e-5   rmsnorm dweight (FP32 sums over rows in another order)
+//   atol 2e-3              Newton-Schulz (cuBLAS vs CPU BLAS FP32 GEMMs over 10 iterations)
+// Skipped without a GPU.
+#include <cmath>
+#include <vector>
+
+#include "gpu_test_util.h"
+#include "runtime/model_ops.h"
+
+namespace dsv4 {
+namespace {
+
+using gputest::expect_close;
+using gputest::expect_same_bits;
+using gputest::kCpu;
+using gputest::kGpu;
+using gputest::rand_cpu;
+using gputest::rand_index;
+
+class GpuModelOps : public gputest::GpuTest {};
+
+Tensor G(const Tensor& t) { return t.defined() ? t.to(kGpu) : Tensor(); }
+
+TEST_F(GpuModelOps, RmsNormForwardBackward) {
+  for (auto [T, D] : {std::pair<int64_t, int64_t>{1, 7}, {3, 130}, {257, 1000}, {64, 4096}}) {
+    for (bool weighted : {true, false}) {
+      const Tensor x = rand_cpu({T, D}, -2, 2), dy = rand_cpu({T, D});
+      const Tensor w = weighted ? rand_cpu({D}, 0.5f, 1.5f) : Tensor();
+      const auto c = rmsnorm_forward(x, w, 1e-6);
+      const auto g = rmsnorm_forward(G(x), G(w), 1e-6);
+      expect_close(g.y, c.y, 2e-6, 1e-6, "rmsnorm y");
+      expect_close(g.rstd, c.rstd, 2e-6, 0, "rmsnorm rstd");
+      const auto cb = rmsnorm_backward(dy, x, w, c.rstd);
+      const auto gb = rmsnorm_backward(G(dy), G(x), G(w), G(c.rstd));
+      expect_close(gb.dx, cb.dx, 2e-6, 1e-6, "rmsnorm dx");
+      if (weighted) expect_close(gb.dw, cb.dw, 1e-5, 1e-5, "rmsnorm dw");
+    }
+  }
+}
+
+TEST_F(GpuModelOps, RopeForwardInverse) {
+  for (auto [P, H, dim, half] : {std::array<int64_t, 4>{1, 1, 8, 4}, {5, 3, 70, 16}, {33, 8, 192, 32}}) {
+    const Tensor x = rand_cpu({P * H, dim});
+    std::vector<int64_t> pv;
+    for (int64_t p = 0; p < P; ++p) pv.push_back(p * 977 + 3);
+    const Tensor pos = Tensor::from_vector<int64_t>({P}, pv);
+    std::vector<float> f;
+    for (int64_t i = 0; i < half; ++i) f.push_back(std::pow(10000.0f, -2.0f * static_cast<float>(i) / (2.0f * half)));
+    const Tensor inv = Tensor::from_vector<float>({half}, f);
+    for (bool inverse : {false, true}) {
+      Tensor c = x.clone(), g = G(x);
+      rope_apply(c, pos, inv, inverse);
+      rope_apply(g, G(pos), G(inv), inverse);
+      expect_close(g, c, 2e-6, 1e-6, inverse ? "rope inverse" : "rope");
+    }
+  }
+}
+
+TEST_F(GpuModelOps, SwigluForwardBackward) {
+  for (auto [T, I] : {std::pair<int64_t, int64_t>{1, 5}, {17, 300}, {128, 2048}}) {
+    for (double limit : {0.0, 1.5}) {
+      for (bool weighted : {true, false}) {
+        const Tensor g = rand_cpu({T, I}, -4, 4), u = rand_cpu({T, I}, -3, 3), dh = rand_cpu({T, I});
+        const Tensor w = weighted ? rand_cpu({T}, 0, 1) : Tensor();
+        expect_close(swiglu(G(g), G(u), G(w), limit), swiglu(g, u, w, limit), 2e-6, 1e-6, "swiglu");
+        const auto c = swiglu_backward(g, u, w, dh, limit);
+        const auto d = swiglu_backward(G(g), G(u), G(w), G(dh), limit);
+        expect_close(d.dg, c.dg, 2e-6, 1e-6, "swiglu dg");
+        expect_close(d.du, c.du, 2e-6, 1e-6, "swiglu du");
+        if (weighted) expect_close(d.dw, c.dw, 2e-6, 1e-6, "swiglu dw");
+      }
+    }
+  }
+}
+
+TEST_F(GpuModelOps, RouterScoresTopKAndBackward) {
+  for (auto [T, E, K] : {std::array<int64_t, 3>{1, 8, 2}, {37, 64, 6}, {200, 256, 8}, {5, 3, 3}}) {
+    const Tensor s = rand_cpu({T, E}, -25, 25);
+    const Tensor aff = sqrt_softplus(s);
+    expect_close(sqrt_softplus(G(s)), aff, 2e-6, 1e-6, "sqrt_softplus");
+    const Tensor daff_in = rand_cpu({T, E});
+    expect_close(sqrt_softplus_backward(G(s), G(aff), G(daff_in)), sqrt_softplus_backward(s, aff, daff_in), 2e-6, 1e-6,
+                 "sqrt_softplus backward");
+    // Ties: quantise the affinities so equal values are common; zero bias keeps them tied.
+    std::vector<float> av = aff.to_floats();
+    for (auto& v : av) v = std::round(v * 2.0f) / 2.0f;
+    const Tensor tied = Tensor::from_vector<float>({T, E}, av);
+    const Tensor bias = rand_cpu({E}, -0.1f, 0.1f), zero = Tensor::zeros({E}, DType::F32);
+    for (const Tensor* a : {&aff, &tied}) {
+      for (const Tensor* b : {&bias, &zero}) {
+        const auto c = moe_route(*a, *b, Tensor(), K, 2.5);
+        const auto g = moe_route(G(*a), G(*b), Tensor(), K, 2.5);
+        expect_same_bits(g.idx, c.idx, "route idx");
+        expect_same_bits(g.w, c.w, "route w");
+        const Tensor dw = rand_cpu({T, K});
+        expect_same_bits(moe_route_backward(G(*a), g.idx, G(dw), 2.5), moe_route_backward(*a, c.idx, dw, 2.5),
+                         "route backward");
+      }
+    }
+    const Tensor fixed = rand_index({T, K}, E);  // hash routing (duplicates allowed)
+    const auto c = moe_route(aff, Tensor(), fixed, K, 1.0);
+    const auto g = moe_route(G(aff), Tensor(), G(fixed), K, 1.0);
+    expect_same_bits(g.idx, c.idx, "hash idx");
+    expect_same_bits(g.w, c.w, "hash w");
+    const Tensor dw = rand_cpu({T, K});
+    expect_same_bits(moe_route_backward(G(aff), G(fixed), G(dw), 1.0), moe_route_backward(aff, fixed, dw, 1.0),
+                     "hash route backward");
+  }
+}
+
+TEST_F(GpuModelOps, PermuteUnpermute) {
+  for (auto [T, E, K, D] : {std::array<int64_t, 4>{1, 4, 2, 3}, {50, 16, 6, 129}, {300, 64, 8, 256}}) {
+    // Only the first E/2 experts used: empty segments at the end and in between (odd ids never chosen).
+    Tensor idx = rand_index({T, K}, E / 2);
+    std::vector<int64_t> iv(static_cast<size_t>(T * K));
+    std::memcpy(iv.data(), idx.data<int64_t>(), iv.size() * 8);
+    for (auto& e : iv) e = (e * 2) % E;
+    idx = Tensor::from_vector<int64_t>({T, K}, iv);
+    const auto c = moe_sort_slots(idx, E);
+    const auto g = moe_sort_slots(G(idx), E);
+    expect_same_bits(g.offsets, c.offsets, "offsets");
+    expect_same_bits(g.sorted_slot, c.sorted_slot, "sorted_slot");
+    const Tensor x = rand_cpu({T, D});
+    expect_same_bits(moe_permute(G(x), g.sorted_slot, K), moe_permute(x, c.sorted_slot, K), "permute");
+    const Tensor ys = rand_cpu({T * K, D}), w = rand_cpu({T, K});
+    expect_same_bits(moe_unpermute(G(ys), g.sorted_slot, Tensor(), T, K),
+                     moe_unpermute(ys, c.sorted_slot, Tensor(), T, K), "unpermute");
+    expect_same_bits(moe_unpermute(G(ys), g.sorted_slot, G(w), T, K), moe_unpermute(ys, c.sorted_slot, w, T, K),
+                     "unpermute weighted");
+  }
+}
+
+TEST_F(GpuModelOps, CrossEntropyPartials) {
+  for (auto [T, V, begin, vocab] : {std::array<int64_t, 4>{1, 7, 0, 7}, {19, 1000, 0, 1000}, {64, 3001, 3001, 9000}}) {
+    const Tensor z = rand_cpu({T, V}, -8, 8);
+    std::vector<int64_t> tv;
+    for (int64_t t = 0; t < T; ++t) tv.push_back(t % 5 == 4 ? kCeIgnoreIndex : (t * 7919) % vocab);
+    const Tensor y = Tensor::from_vector<int64_t>({T}, tv);
+    const Tensor mc = ce_row_max(z), mg = ce_row_max(G(z));
+    expect_same_bits(mg, mc, "row max");
+    const auto sc = ce_sums(z, y, mc, begin), sg = ce_sums(G(z), G(y), mg, begin);
+    ASSERT_EQ(sc.size(), sg.size());
+    for (size_t i = 0; i < sc.size(); ++i) EXPECT_NEAR(sg[i], sc[i], 1e-12 * std::fabs(sc[i]) + 1e-300) << i;
+    std::vector<double> lse(static_cast<size_t>(T));
+    for (int64_t t = 0; t < T; ++t) lse[t] = mc.data<float>()[t] + std::log(std::max(sc[t], 1e-300));
+    expect_close(ce_backward(G(z), G(y), lse, 13.0, begin), ce_backward(z, y, lse, 13.0, begin), 2e-6, 1e-9,
+                 "ce backward");
+  }
+}
+
+TEST_F(GpuModelOps, OptimizerElementRulesBitwise) {
+  for (int64_t n : {int64_t{1}, int64_t{1000}, int64_t{65537}}) {
+    const Tensor w0 = rand_cpu({n}), g = rand_cpu({n}), m0 = rand_cpu({n}, -0.1f, 0.1f), v0 = rand_cpu({n}, 0, 0.01f);
+    for (double beta1 : {0.9, 0.3}) {
+      const AdamWScalars s = adamw_scalars(beta1, 0.95, 1e-8, 0.1, 3, 1e-3);
+      Tensor wc = w0.clone(), mc = m0.clone(), vc = v0.clone();
+      Tensor wg = G(w0), mg = G(m0), vg = G(v0);
+      adamw_step(wc, g, mc, vc, s);
+      adamw_step(wg, G(g), mg, vg, s);
+      expect_same_bits(wg, wc, "adamw w");
+      expect_same_bits(mg, mc, "adamw m");
+      expect_same_bits(vg, vc, "adamw v");
+    }
+    for (bool nesterov : {true, false}) {
+      Tensor mc = m0.clone(), uc = Tensor::empty({n}, DType::F32), mg = G(m0), ug = Tensor::empty({n}, DType::F32, kGpu);
+      muon_momentum_step(g, mc, uc, 0.95f, nesterov);
+      muon_momentum_step(G(g), mg, ug, 0.95f, nesterov);
+      expect_same_bits(mg, mc, "muon momentum");
+      expect_same_bits(ug, uc, "muon u");
+    }
+    const MuonApplyScalars s = muon_apply_scalars(0.02, 0.1, 0.18, 64, 96);
+    Tensor wc = w0.clone(), wg = G(w0);
+    muon_apply_step(wc, g, s);
+    muon_apply_step(wg, G(g), s);
+    expect_same_bits(wg, wc, "muon apply");
+  }
+}
+
+TEST_F(GpuModelOps, NewtonSchulzBatched) {
+  for (auto [B, r, c] : {std::array<int64_t, 3>{1, 1, 5}, {3, 17, 40}, {2, 96, 33}, {1, 256, 256}}) {
+    const Tensor x = rand_cpu({B, r, c});
+    Tensor xc = x.clone(), xg = G(x);
+    newton_schulz_batched(xc, hybrid_ns_schedule(), 1e-7);
+    newton_schulz_batched(xg, hybrid_ns_schedule(), 1e-7);
+    expect_close(xg, xc, 0, 2e-3, "newton-schulz");
+  }
+}
+
+}  // namespace
+}  // namespace dsv4
