@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 
+#include "runtime/model_ops.h"
 #include "runtime/parallel.h"
 
 namespace dsv4 {
@@ -66,7 +67,6 @@ CrossEntropyResult cross_entropy(const Tensor& logits_TV, const Tensor& targets_
   const Tensor targets = targets_T.contiguous();
   const int64_t T = logits.size(0), V = logits.size(1);
   const int64_t vocab = shard.group ? shard.vocab : V, begin = shard.group ? shard.begin : 0;
-  const float* z = logits.data<float>();
   const int64_t* y = targets.data<int64_t>();
   CrossEntropyResult r;
   for (int64_t t = 0; t < T; ++t) {
@@ -74,40 +74,21 @@ CrossEntropyResult cross_entropy(const Tensor& logits_TV, const Tensor& targets_
                "cross_entropy: target {} at position {} outside [0, {})", y[t], t, vocab);
     r.counted += y[t] != kIgnoreIndex;
   }
-  // Row maxima over the whole vocabulary (vocab-parallel: over the group).
-  Tensor m = Tensor::empty({T}, DType::F32);
-  float* mp = m.data<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, z[t * V + v]);
-    mp[t] = mx;
-  }
+  // The partials of runtime/model_ops (CPU or CUDA twin by the logits' device), reduced over the vocab group.
+  Tensor m = ce_row_max(logits);
   group_max(shard.group, m);
-  // Exponential sums and target logits (the rank holding the target contributes it).
-  std::vector<double> sums(static_cast<size_t>(2 * T), 0.0);
-  for (int64_t t = 0; t < T; ++t) {
-    if (y[t] == kIgnoreIndex) continue;
-    double s = 0;
-    for (int64_t v = 0; v < V; ++v) s += std::exp(static_cast<double>(z[t * V + v] - mp[t]));
-    sums[static_cast<size_t>(t)] = s;
-    const int64_t local = y[t] - begin;
-    if (local >= 0 && local < V) sums[static_cast<size_t>(T + t)] = static_cast<double>(z[t * V + local]);
-  }
+  std::vector<double> sums = ce_sums(logits, targets, m, begin);
   group_sum(shard.group, sums);
   const double norm = normalizer > 0 ? normalizer : static_cast<double>(r.counted);
-  if (with_grad) r.dlogits_TV = Tensor::zeros({T, V}, DType::F32);
+  const Tensor m_host = m.to(Device::cpu());
+  std::vector<double> lse(static_cast<size_t>(T), 0.0);
   double total = 0;
   for (int64_t t = 0; t < T; ++t) {
     if (y[t] == kIgnoreIndex) continue;
-    const double lse = static_cast<double>(mp[t]) + std::log(sums[static_cast<size_t>(t)]);
-    total += lse - sums[static_cast<size_t>(T + t)];
-    if (with_grad && norm > 0) {
-      float* g = r.dlogits_TV.data<float>() + t * V;
-      for (int64_t v = 0; v < V; ++v) g[v] = static_cast<float>(std::exp(static_cast<double>(z[t * V + v]) - lse) / norm);
-      const int64_t local = y[t] - begin;
-      if (local >= 0 && local < V) g[local] -= static_cast<float>(1.0 / norm);
-    }
+    lse[static_cast<size_t>(t)] = static_cast<double>(m_host.data<float>()[t]) + std::log(sums[static_cast<size_t>(t)]);
+    total += lse[static_cast<size_t>(t)] - sums[static_cast<size_t>(T + t)];
   }
+  if (with_grad) r.dlogits_TV = ce_backward(logits, targets, lse, norm, begin);
   r.loss = norm > 0 ? total / norm : 0.0;
   return r;
 }
