@@ -264,20 +264,7 @@ __global__ void moe_route_kernel(const float* aff, const float* bias, const int6
 
 __global__ void moe_route_bwd_kernel(const float* aff, const int64_t* idx, const float* dw, int64_t rows, int64_t E,
                                      int64_t K, double route_scale, float* daff) {
-  GRID_STRIDE(t, rows) {
-    const float* a = aff + t * E;
-    const int64_t* it = idx + t * K;
-    float sum = 0.0f;
-    for (int64_t j = 0; j < K; ++j) sum += a[it[j]];
-    const float denom = sum + static_cast<float>(kRouteNormEps);
-    double dot = 0;
-    for (int64_t j = 0; j < K; ++j)
-      dot += static_cast<double>(dw[t * K + j]) * route_scale * static_cast<double>(a[it[j]] / denom);
-    for (int64_t j = 0; j < K; ++j) {
-      const double gq = static_cast<double>(dw[t * K + j]) * route_scale;
-      daff[t * E + it[j]] += static_cast<float>((gq - dot) / static_cast<double>(denom));
-    }
-  }
+  GRID_STRIDE(t, rows) moe_route_backward_row(aff + t * E, idx + t * K, dw + t * K, K, route_scale, daff + t * E);
 }
 
 // ---- permutation ----------------------------------------------------------------------------------------------

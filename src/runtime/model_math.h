@@ -10,6 +10,8 @@
 #include <numeric>
 #include <vector>
 
+#include "runtime/dtype.h"  // DSV4_HD
+
 namespace dsv4 {
 
 // ---- RMSNorm core: y = w * x * rstd, rstd = 1/sqrt(mean(x^2) + eps), over rows of length dim ----------
@@ -141,23 +143,24 @@ void moe_route_rows(const T* aff, const T* bias, const int64_t* fixed_idx, int64
 
 // Gradient of w w.r.t. aff (accumulated into daff [rows, E]) given dw [rows, K]:
 //   q_j = a_j / (S + eps), w_j = rs q_j  =>  da_{idx_j} += (rs dw_j - sum_l rs dw_l q_l) / (S + eps).
+// One token's row of moe_route_backward_rows (shared with the CUDA kernel).
+template <typename T>
+DSV4_HD void moe_route_backward_row(const T* a, const int64_t* it, const T* dw, int64_t K, double route_scale, T* daff) {
+  T sum = T(0);
+  for (int64_t j = 0; j < K; ++j) sum += a[it[j]];
+  const T denom = sum + static_cast<T>(kRouteNormEps);
+  double dot = 0;
+  for (int64_t j = 0; j < K; ++j) dot += static_cast<double>(dw[j]) * route_scale * static_cast<double>(a[it[j]] / denom);
+  for (int64_t j = 0; j < K; ++j) {
+    const double gq = static_cast<double>(dw[j]) * route_scale;
+    daff[it[j]] += static_cast<T>((gq - dot) / static_cast<double>(denom));
+  }
+}
+
 template <typename T>
 void moe_route_backward_rows(const T* aff, const int64_t* idx, const T* dw, int64_t rows, int64_t E, int64_t K,
                              double route_scale, T* daff) {
-  for (int64_t t = 0; t < rows; ++t) {
-    const T* a = aff + t * E;
-    const int64_t* it = idx + t * K;
-    T sum = T(0);
-    for (int64_t j = 0; j < K; ++j) sum += a[it[j]];
-    const T denom = sum + static_cast<T>(kRouteNormEps);
-    double dot = 0;
-    for (int64_t j = 0; j < K; ++j)
-      dot += static_cast<double>(dw[t * K + j]) * route_scale * static_cast<double>(a[it[j]] / denom);
-    for (int64_t j = 0; j < K; ++j) {
-      const double gq = static_cast<double>(dw[t * K + j]) * route_scale;
-      daff[t * E + it[j]] += static_cast<T>((gq - dot) / static_cast<double>(denom));
-    }
-  }
+  for (int64_t t = 0; t < rows; ++t) moe_route_backward_row(aff + t * E, idx + t * K, dw + t * K, K, route_scale, daff + t * E);
 }
 
 // ---- clamped SwiGLU core ---------------------------------------------------------------------------------------
