@@ -1,0 +1,88 @@
+// Host API of the CUDA attention-core and mHC kernels (kernels/attn_sparse.cu, kernels/attn_mhc.cu).
+// Plain device pointers, sizes and a cudaStream_t (passed as void*): no model types, so dsv4_runtime stays
+// independent of dsv4_model. All tensors are contiguous row-major FP32 on the device of the stream; all launches
+// are asynchronous on `stream`. Implemented only in CUDA builds.
+//
+// ---- Sparse attention with an attention sink (CPU reference: src/model/sparse_attention.h) -------------------
+// Candidates: ONE CSR list over a combined row space of R = n_raw + n_comp rows of width C:
+//   cand_offsets [T + 1] (int32), cand_ids [cand_offsets[T]] (int32);
+//   id <  n_raw : raw key row kv[id]            (the sliding window: SWA / the window part of CSA and HCA)
+//   id >= n_raw : compressed row ckv[id - n_raw] (HCA: every visible compressed entry; CSA: the top-k entries)
+// Any mix per query is allowed (window only, compressed only, both, or empty: only the sink). The order within a
+// query's list is the softmax's summation order; build_sparse_candidates() puts the window first, then the
+// compressed ids, as the CPU reference gathers them. K = V (MQA): each row is key and value for all H heads.
+// Backward additionally takes the key-major transpose of the list (build_key_major()): for every row r,
+// key_offsets [R + 1] and key_queries (int32 query ids, ascending): the queries that attend to r.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace dsv4::cuda {
+
+// ---- host helpers (no GPU needed) ----------------------------------------------------------------------------
+// From the CPU index layout (window [win_begin, win_end) + compressed CSR) to the combined CSR (window first).
+void build_sparse_candidates(const std::vector<int64_t>& win_begin, const std::vector<int64_t>& win_end,
+                             const std::vector<int64_t>& comp_offsets, const std::vector<int64_t>& comp_ids,
+                             int64_t n_raw, std::vector<int32_t>& cand_offsets, std::vector<int32_t>& cand_ids);
+// Key-major transpose of a candidate CSR over `n_rows` rows: per row, the attending queries in ascending order
+// (a query listing a row twice appears twice). Deterministic (counting sort).
+void build_key_major(const std::vector<int32_t>& cand_offsets, const std::vector<int32_t>& cand_ids, int64_t n_rows,
+                     std::vector<int32_t>& key_offsets, std::vector<int32_t>& key_queries);
+
+// ---- sparse attention -------------------------------------------------------------------------------------
+// q [T, H, C]; kv [n_raw, C]; ckv [n_comp, C] (may be null when n_comp == 0); sink [H].
+// o [T, H, C] and lse [T, H] are overwritten: lse = log(exp(sink) + sum_j exp(z_j)), z_j = scale q.k_j.
+void sparse_attn_forward(const float* q, const float* kv, const float* ckv, const float* sink,
+                         const int32_t* cand_offsets, const int32_t* cand_ids, int64_t T, int64_t n_raw,
+                         int64_t n_comp, int64_t H, int64_t C, float scale, float* o, float* lse, void* stream);
+
+// Workspace floats of sparse_attn_backward: D = rowsum(do * o) per (query, head).
+inline int64_t sparse_attn_backward_workspace(int64_t T, int64_t H) { return T * H; }
+
+// dq [T, H, C] is overwritten; dkv [n_raw, C], dckv [n_comp, C] and dsink [H] accumulate (+=), like the CPU
+// reference. Deterministic: no atomics; every output element is summed by one thread in a fixed order.
+// key_offsets [n_raw + n_comp + 1], key_queries: build_key_major() of the same candidates.
+void sparse_attn_backward(const float* q, const float* kv, const float* ckv, const float* sink, const float* o,
+                          const float* lse, const float* dout, const int32_t* cand_offsets, const int32_t* cand_ids,
+                          const int32_t* key_offsets, const int32_t* key_queries, int64_t T, int64_t n_raw,
+                          int64_t n_comp, int64_t H, int64_t C, float scale, float* dq, float* dkv, float* dckv,
+                          float* dsink, float* workspace, void* stream);
+
+// ---- mHC (CPU reference: src/model/mhc.h) ---------------------------------------------------------------------
+// n streams (1 <= n <= kMhcMaxN), D = dim, M = (2 + n) n mixes, N = n D. fn [M, N], scale [3], base [M].
+inline constexpr int kMhcMaxN = 8;
+struct MhcShape {
+  int64_t T = 0;       // tokens
+  int64_t n = 4;       // hc_mult
+  int64_t D = 0;       // dim
+  int64_t iters = 20;  // Sinkhorn iterations (>= 1)
+  double hc_eps = 1e-6;
+  double norm_eps = 1e-6;
+  int64_t M() const { return (2 + n) * n; }
+  int64_t N() const { return n * D; }
+};
+
+// X [T, n, D] -> x [T, D], post [T, n], comb [T, n, n] (row-major [j, k]); saved mixes [T, M], rstd [T].
+void mhc_pre_forward(const float* X, const float* fn, const float* scale, const float* base, float* x, float* post,
+                     float* comb, float* mixes, float* rstd, const MhcShape& s, void* stream);
+
+// Workspace floats of mhc_pre_backward: dz [T, M] (pre-activation gradients), dm [T, M] (dmixes * rstd).
+inline int64_t mhc_pre_backward_workspace(const MhcShape& s) { return 2 * s.T * s.M(); }
+
+// Backward of mhc_pre_forward given dx [T, D], dpost [T, n], dcomb [T, n, n] (dpost / dcomb may be null = zero).
+// dX [T, n, D] is overwritten (added to when accumulate). dfn [M, N], dscale [3], dbase [M] accumulate (+=) when
+// non-null. Sinkhorn is recomputed from the saved mixes. Deterministic (reductions over T in a fixed order).
+void mhc_pre_backward(const float* dx, const float* dpost, const float* dcomb, const float* X, const float* fn,
+                      const float* scale, const float* base, const float* mixes, const float* rstd, float* dX,
+                      float* dfn, float* dscale, float* dbase, bool accumulate, float* workspace, const MhcShape& s,
+                      void* stream);
+
+// Xnew [T, n, D]: Xnew[k] = post[k] F + sum_j comb[j, k] X[j].
+void mhc_post_forward(const float* F, const float* X, const float* post, const float* comb, float* Xnew,
+                      const MhcShape& s, void* stream);
+// dF [T, D], dX [T, n, D], dpost [T, n], dcomb [T, n, n], all overwritten.
+void mhc_post_backward(const float* dXnew, const float* F, const float* X, const float* post, const float* comb,
+                       float* dF, float* dX, float* dpost, float* dcomb, const MhcShape& s, void* stream);
+
+}  // namespace dsv4::cuda
