@@ -119,12 +119,19 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
     lc.targets = cfg_.lora.targets;
     lc.seed = static_cast<uint64_t>(cfg_.train.seed);
     lora_config_ = lc;
-    const int64_t n = apply_lora(*model_, lc);
+    apply_lora(*model_, lc);
     set_lora_train_mode(*model_, true);
-    int64_t trainable = 0;
-    for (Param* p : lora_params(*model_)) trainable += p->value.numel();
+    // Whole-model counts: each adapter tensor once (its canonical copy), tp slices of one adapter counted once.
+    std::vector<int64_t> counts = {0, 0};  // adapters, trainable elements
+    for (Param* p : lora_params(*model_)) {
+      if (!canonical_copy(*par_, *p)) continue;
+      counts[1] += p->value.numel();
+      const bool is_a = p->name.size() > 7 && p->name.compare(p->name.size() - 7, 7, ".lora_A") == 0;
+      if (is_a && (p->placement != Placement::TpSplit || par_->tp_rank() == 0)) ++counts[0];
+    }
+    group_sum(par_->world(), counts);
     print(fmt::format("LoRA r={} alpha={}: {} adapters, {:.3f}M trainable parameters; the base is frozen", lc.rank,
-                      lc.alpha, n, static_cast<double>(trainable) / 1e6));
+                      lc.alpha, counts[0], static_cast<double>(counts[1]) / 1e6));
   }
 
   OptimizerConfig oc = OptimizerConfig::for_model(
@@ -490,8 +497,14 @@ void Trainer::resume_from(const std::string& checkpoint) {
 
 int64_t Trainer::run() {
   const int64_t start_step = step_;
+  std::vector<int64_t> params_total = {0};  // F32 parameters of the whole model (each tensor's canonical copy)
+  model_->visit([&](Param& p) {
+    if (p.value.defined() && p.value.dtype() == DType::F32 && canonical_copy(*par_, p)) params_total[0] += p.value.numel();
+  });
+  group_sum(par_->world(), params_total);
+  const int64_t global_params = params_total[0];
   print(fmt::format("dsv4-train: {} ({:.3f}M parameters), {} steps from step {}, data {}", model_cfg_.name,
-                    static_cast<double>(model_->num_params()) / 1e6, cfg_.train.steps, step_, train_->describe()));
+                    static_cast<double>(global_params) / 1e6, cfg_.train.steps, step_, train_->describe()));
   const auto t_start = std::chrono::steady_clock::now();
   auto t_last = t_start;
   int64_t tokens_since = 0, last_saved = -1;
