@@ -38,7 +38,12 @@ int main(int argc, char** argv) {
     dsv4::TrainConfig cfg = dsv4::load_train_config(path, overrides);
     const dsv4::ModelConfig model = dsv4::resolve_model_config(cfg);
     // The layout (dp fills the ranks tp leaves: mpirun -np N with no parallel section is N-way data parallel).
-    const dsv4::ParallelDims dims = dsv4::resolve_layout(cfg, model, world);
+    dsv4::ParallelDims dims;
+    try {
+      dims = dsv4::resolve_layout(cfg, model, world);
+    } catch (const dsv4::Error& e) {
+      DSV4_FAIL("{}: parallel section: {}", path, e.message());
+    }
     cfg.parallel.dp = dims.dp;
     if (rank == 0) std::printf("%s\nresolved config (%s):\n%s", dsv4::build_info().c_str(), path.c_str(),
                                cfg.to_yaml().c_str());

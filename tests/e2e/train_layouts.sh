@@ -89,4 +89,13 @@ set -e
 grep -q "rank 3 of 4: error: injected fault" "$work/fault.log" || { tail -5 "$work/fault.log"; echo "FAIL: no rank named"; exit 1; }
 run pre-fault-rs 1 1 1 "${pretrain[@]}" train.resume="$work/fault/checkpoints/step_00000003"
 same pre-ref pre-fault-rs 4
+# A layout that does not fit the ranks or the model: one line naming the file and the section, non-zero exit.
+set +e
+timeout 120 "$mpiexec" -np 2 --oversubscribe --bind-to none "${root[@]}" "$bin/dsv4-train" "${pretrain[@]}" \
+  parallel.ep=3 train.out_dir="$work/bad" > "$work/bad.log" 2>&1
+rc=$?
+set -e
+[ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && grep -q "tiny-pretrain.yaml: parallel section: layout dp=2 tp=1 ep=3 (world 2) does not fit model 'tiny': n_routed_experts 8 is not divisible by ep 3" "$work/bad.log" ||
+  { cat "$work/bad.log"; echo "FAIL: bad layout not reported"; exit 1; }
+
 echo "layouts: every layout and every resharded resume equals the single-rank run"
