@@ -14,6 +14,11 @@
 #include "runtime/ops.h"
 #include "runtime/tensor.h"
 
+// Grid-stride loop over [0, n): `GRID_STRIDE(i, n) body;`
+#define GRID_STRIDE(i, n) \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
 namespace dsv4::cuda::detail {
 
 // Makes `device` current for the scope, restoring the previous device afterwards.

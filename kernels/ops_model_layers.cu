@@ -45,8 +45,6 @@ __device__ __forceinline__ double block_sum_double(double v, double* smem) {
   return r;
 }
 
-#define GRID_STRIDE(i, n) \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
 const float* fptr(const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; }
 

@@ -15,8 +15,6 @@ using detail::blocks_for;
 using detail::stream_of;
 constexpr int kThreads = 256;
 
-#define GRID_STRIDE(i, n) \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
 __global__ void adamw_kernel(float* w, const float* g, float* m, float* v, AdamWScalars s, int64_t n) {
   GRID_STRIDE(i, n) {
