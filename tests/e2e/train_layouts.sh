@@ -4,6 +4,7 @@
 #   full training (Muon + AdamW, MTP, balance loss, bias updates): dp2, tp2, ep2, ep4, dp2·tp2, tp2·ep2, dp2·tp2·ep2
 #     (4 ranks: dp2·tp2 with ep2), tp2·ep4 (8 ranks)
 #   LoRA over a frozen base: tp2, dp2·tp2·ep2, tp2·ep4
+#   per-layer recomputation under dp2·tp2·ep4, gradient accumulation (2 x 1 row) under dp2·tp2
 # and a checkpoint written under one layout resumes under another with the same state:
 #   dp2·tp2·ep2 -> ep4 (4 ranks: dp4), tp2·ep4 -> one rank; steps 4-5 equal the uninterrupted single-rank run.
 # Usage: train_layouts.sh BIN_DIR SOURCE_DIR MPIEXEC
@@ -51,6 +52,14 @@ for layout in "2 1 1" "2 2 1" "2 1 2" "4 1 4" "4 2 1" "2 2 2" "4 2 2" "8 2 4"; d
   run "$name" "$1" "$2" "$3" "${pretrain[@]}"
   same pre-ref "$name"
 done
+
+# Per-layer recomputation (collectives re-run inside the recomputed forward) and gradient accumulation under layouts.
+run pre-rc-np4-tp2-ep4 4 2 4 "${pretrain[@]}" train.recompute=true
+same pre-ref pre-rc-np4-tp2-ep4
+"$mpiexec" -np 4 --oversubscribe --bind-to none "${root[@]}" "$bin/dsv4-train" "${pretrain[@]}" parallel.tp=2 \
+  data.micro_batch=1 data.grad_accum=2 train.out_dir="$work/pre-ga-np4-tp2" > "$work/pre-ga.log" 2>&1 ||
+  { tail -20 "$work/pre-ga.log"; echo "FAIL: grad_accum run"; exit 1; }
+same pre-ref pre-ga-np4-tp2
 
 run lora-ref 1 1 1 "${lora[@]}"
 for layout in "2 2 1" "4 2 2" "8 2 4"; do
