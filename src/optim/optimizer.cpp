@@ -63,6 +63,7 @@ Optimizer::Optimizer(std::vector<Param*> params, OptimizerConfig cfg, OptimizerS
   std::vector<int64_t> tp_load(static_cast<size_t>(par ? par->tp_size() : 1), 0);
   // Tensors only this tp rank has (TpLocal) are balanced apart, so the shared sequence stays identical on every tp rank.
   std::vector<int64_t> local_load(static_cast<size_t>(par ? par->dp_size() : 1), 0);
+  std::vector<int64_t> world_load(static_cast<size_t>(par ? par->world_size() : 1), 0);
   for (Param* p : params) {
     DSV4_CHECK(p != nullptr, "optimizer: null parameter");
     DSV4_CHECK(index_.emplace(p->name, slots_.size()).second, "optimizer: parameter {} given twice", p->name);
@@ -70,10 +71,15 @@ Optimizer::Optimizer(std::vector<Param*> params, OptimizerConfig cfg, OptimizerS
     s.p = p;
     s.group = group_of(*p, cfg_.groups);
     if (s.group != OptGroup::None && par) {
+      // Replicas: experts over edp; tp slices and tp-local tensors over dp (each tp rank holds its own part);
+      // whole tensors every rank holds (replicated / tp-partial) over the whole world.
       const bool expert = p->placement == Placement::Expert;
-      s.replicas = expert ? par->edp() : par->dp();
-      std::vector<int64_t>& load =
-          expert ? expert_load : p->placement == Placement::TpLocal ? local_load : dense_load;
+      const bool whole = p->placement == Placement::Replicated || p->placement == Placement::TpPartial;
+      s.replicas = expert ? par->edp() : whole ? par->world() : par->dp();
+      std::vector<int64_t>& load = expert                                   ? expert_load
+                                   : whole                                  ? world_load
+                                   : p->placement == Placement::TpLocal ? local_load
+                                                                            : dense_load;
       const int64_t cost = p->global_shape().numel();
       if (sharding_.zero1) {
         s.owner = std::min_element(load.begin(), load.end()) - load.begin();
@@ -166,15 +172,14 @@ void Optimizer::muon_step(Slot& s, double lr) {
 void Optimizer::broadcast_from_owners() {
   if (!sharding_.parallel || !sharding_.zero1) return;
   // One flat buffer per (replica group, owner): the owner's new values travel in one broadcast.
-  for (const bool expert : {false, true}) {
-    const Communicator* g = expert ? sharding_.parallel->edp() : sharding_.parallel->dp();
+  const Parallel& par = *sharding_.parallel;
+  for (const Communicator* g : {par.dp(), par.world(), par.edp()}) {
     if (!g) continue;
     for (int64_t owner = 0; owner < g->size(); ++owner) {
       std::vector<Slot*> mine;
       int64_t total = 0;
       for (Slot& s : slots_) {
-        if (s.group == OptGroup::None || !s.p->grad.defined() || s.owner != owner) continue;
-        if ((s.p->placement == Placement::Expert) != expert) continue;
+        if (s.group == OptGroup::None || !s.p->grad.defined() || s.replicas != g || s.owner != owner) continue;
         mine.push_back(&s);
         total += s.p->value.numel();
       }

@@ -50,8 +50,9 @@ struct OptimizerStepStats {
 
 // Distribution over a parallel layout (runtime/parallel.h). Gradients must already be complete (summed per the
 // parameters' placements) when step() runs.
-//   ZeRO-1 (zero1): every parameter has one owner among its replicas — the dp group for dense parameters, the edp
-//     group for routed experts — chosen greedily to balance the elements each owner updates. Only the owner holds
+//   ZeRO-1 (zero1): every parameter has one owner among its replicas — the whole world for tensors every rank holds
+//     (replicated / tp-partial), the dp group for tp slices and tp-local tensors, the edp group for routed experts —
+//     chosen greedily to balance the elements each owner updates. Only the owner holds
 //     the parameter's optimizer state and computes its update; the new values are then broadcast from the owners
 //     (one flat buffer per owner). Without zero1 every replica updates every parameter (identical results).
 //   Distributed Muon: a tp-split matrix (Placement::TpSplit) is orthogonalised as the whole matrix: the tp ranks
@@ -96,7 +97,7 @@ class Optimizer {
     Param* p = nullptr;
     OptGroup group = OptGroup::None;
     int64_t row_blocks = 1;
-    const Communicator* replicas = nullptr;  // the group whose ranks hold identical copies (dp or edp)
+    const Communicator* replicas = nullptr;  // the group whose ranks hold identical copies (world, dp or edp)
     int64_t owner = 0;                       // rank in `replicas` that updates it (ZeRO-1)
     int64_t tp_owner = 0;                    // tp rank that orthogonalises a tp-split Muon matrix
     bool owned = true;

@@ -374,14 +374,23 @@ double rank_fraction(const ParamEntry& e, int64_t tp, int64_t ep) {
   return 1.0;
 }
 
-// How many ranks hold the same piece of a tensor (its gradient is reduced over them; ZeRO-1 shards over them):
-// routed experts world/ep; the MoE's replicated router and shared expert run on token slices of every rank, so
-// world; everything else dp (tp ranks see the same tokens in attention).
+// Over which ranks a tensor's gradient is summed: routed experts world/ep; tensors every tp rank holds whole but
+// back-propagates only partly — the MoE's router and shared expert (token slices) and the attention's replicated
+// projections (wq_a, q_norm, wkv, kv_norm, compressors: each tp rank its heads) — the world; everything else dp.
 enum class Replicas { Dp, World, Edp };
 Replicas replicas_of(const ParamEntry& e) {
   if (e.shard.kind == ShardSpec::Kind::Expert) return Replicas::Edp;
-  if (e.shard.kind == ShardSpec::Kind::Replicated && contains(e.name, ".ffn.")) return Replicas::World;
+  if (e.shard.kind == ShardSpec::Kind::Replicated &&
+      (contains(e.name, ".ffn.") || contains(e.name, ".attn.wq_a") || contains(e.name, ".attn.q_norm") ||
+       contains(e.name, ".attn.wkv") || contains(e.name, ".attn.kv_norm") || contains(e.name, ".attn.compressor.")))
+    return Replicas::World;
   return Replicas::Dp;
+}
+// Among which ranks ZeRO-1 picks a tensor's owner: every rank holding the whole tensor (the world for replicated
+// ones), the dp group for tp slices, world/ep for routed experts.
+Replicas zero1_replicas_of(const ParamEntry& e) {
+  if (e.shard.kind == ShardSpec::Kind::Expert) return Replicas::Edp;
+  return e.shard.kind == ShardSpec::Kind::Replicated ? Replicas::World : Replicas::Dp;
 }
 
 WeightClass class_of_dtype(DType d) {
@@ -573,7 +582,7 @@ PlanReport plan(const PlanSetup& setup, const HardwareSpec& hw) {
     r.params_total += e.shape.numel();
     r.params_rank += static_cast<int64_t>(std::llround(numel * frac));
     const bool trainable = e.trainable && !lora && e.role != TensorRole::Index;
-    const double reps = replicas(replicas_of(e));
+    const double reps = replicas(zero1_replicas_of(e));
     // Residency.
     if (e.role == TensorRole::Index) {
       wb[static_cast<size_t>(WeightClass::I64)] += numel * 8 * frac;
@@ -621,7 +630,7 @@ PlanReport plan(const PlanSetup& setup, const HardwareSpec& hw) {
       const double held = na * sh.a + nb * sh.b;
       r.lora_params_rank += static_cast<int64_t>(std::llround(held));
       lw += held * 4;
-      const double reps = replicas(replicas_of(table.at(st.weight)));
+      const double reps = replicas(zero1_replicas_of(table.at(st.weight)));
       grad_by_replicas[static_cast<size_t>(replicas_of(table.at(st.weight)))] += held * 4;
       for (const auto& [suffix, numel, shape] :
            {std::tuple{".lora_A", na * sh.a, Shape{ad.rank, st.in}}, std::tuple{".lora_B", nb * sh.b, Shape{st.out, ad.rank}}}) {

@@ -335,8 +335,8 @@ std::vector<StateSlice> Trainer::model_slices() const {
 }
 
 std::vector<StateSlice> Trainer::optimizer_slices() const {
-  // The owners' states (ZeRO-1: one owner per parameter among its replicas; otherwise replica 0 writes); tp ranks of
-  // an owner each write their slice of a tp-split parameter, replicated states come from tp rank 0.
+  // The owners' states (ZeRO-1: one owner per parameter among its replicas; otherwise the canonical copy writes); tp
+  // ranks of an owner each write their slice of a tp-split parameter.
   std::map<std::string, Param*> by_name;
   for (Param* p : params_) by_name[p->name] = p;
   std::vector<StateSlice> out;
@@ -347,11 +347,12 @@ std::vector<StateSlice> Trainer::optimizer_slices() const {
     }
     const std::string pname = key.substr(0, key.rfind('/'));
     const Param& p = *by_name.at(pname);
-    const bool expert = p.placement == Placement::Expert;
-    const bool replica0 = cfg_.parallel.zero1 || (expert ? par_->edp_rank() == 0 : par_->dp_rank() == 0);
-    const bool tp_part = expert || p.placement == Placement::TpLocal ||
-                         (p.placement == Placement::TpSplit && value.shape() == p.value.shape()) || par_->tp_rank() == 0;
-    if (replica0 && tp_part) out.push_back(slice_of(p, key, value));
+    // ZeRO-1: the owner is unique among the replicas; otherwise the canonical copy writes. Whole entries of a tp-split
+    // parameter (its step count) come from tp rank 0 only.
+    const bool writer = cfg_.parallel.zero1 || canonical_copy(*par_, p);
+    const bool slice = p.placement == Placement::TpSplit && value.shape() == p.value.shape();
+    if (writer && (slice || p.placement != Placement::TpSplit || par_->tp_rank() == 0))
+      out.push_back(slice_of(p, key, value));
   }
   return out;
 }

@@ -191,10 +191,11 @@ TEST(DistributedOptimizer, EqualsOneRankForEveryLayout) {
       }
       for (size_t i = 0; i < specs.size(); ++i)
         EXPECT_LE(max_rel_diff(mine[i].value, mine[i].local_part(ref[i].value)), 2e-5) << specs[i].name;
-      if (zero1 && d.dp > 1) {  // each parameter's state lives on exactly one dp rank
+      if (zero1) {  // each state lives on one rank of the replicas: world for whole tensors, dp for tp slices
         for (size_t i = 0; i < specs.size(); ++i) {
+          const bool split = specs[i].dim >= 0 && d.tp > 1;
           Tensor owners = Tensor::from_vector<int64_t>({1}, {many.owns(specs[i].name) ? 1 : 0});
-          group_sum(par.dp(), owners);
+          group_sum(split ? par.dp() : par.world(), owners);
           EXPECT_EQ(owners.data<int64_t>()[0], 1) << specs[i].name;
         }
       }
