@@ -241,36 +241,42 @@ bool is_white_space(uint32_t cp) {
   return false;
 }
 
-size_t find_invalid_utf8(std::string_view str) {
+Utf8Step utf8_step(std::string_view str, size_t i) {
   const auto* s = reinterpret_cast<const uint8_t*>(str.data());
   const size_t n = str.size();
+  const uint8_t b = s[i];
+  if (b < 0x80) return {1, 1};
+  Utf8Step st;
+  uint8_t lo = 0x80, hi = 0xBF;
+  if (b >= 0xC2 && b <= 0xDF) {
+    st.expected = 2;
+  } else if (b >= 0xE0 && b <= 0xEF) {
+    st.expected = 3;
+    if (b == 0xE0) lo = 0xA0;
+    if (b == 0xED) hi = 0x9F;
+  } else if (b >= 0xF0 && b <= 0xF4) {
+    st.expected = 4;
+    if (b == 0xF0) lo = 0x90;
+    if (b == 0xF4) hi = 0x8F;
+  } else {
+    return st;  // not a lead byte
+  }
+  st.valid = 1;
+  while (st.valid < st.expected && i + st.valid < n) {
+    const uint8_t c = s[i + st.valid];
+    const bool ok = st.valid == 1 ? (c >= lo && c <= hi) : (c & 0xC0) == 0x80;
+    if (!ok) break;
+    ++st.valid;
+  }
+  return st;
+}
+
+size_t find_invalid_utf8(std::string_view str) {
   size_t i = 0;
-  while (i < n) {
-    const uint8_t b = s[i];
-    if (b < 0x80) {
-      ++i;
-      continue;
-    }
-    size_t len;
-    uint8_t lo = 0x80, hi = 0xBF;
-    if (b >= 0xC2 && b <= 0xDF) {
-      len = 2;
-    } else if (b >= 0xE0 && b <= 0xEF) {
-      len = 3;
-      if (b == 0xE0) lo = 0xA0;
-      if (b == 0xED) hi = 0x9F;
-    } else if (b >= 0xF0 && b <= 0xF4) {
-      len = 4;
-      if (b == 0xF0) lo = 0x90;
-      if (b == 0xF4) hi = 0x8F;
-    } else {
-      return i;
-    }
-    if (i + len > n) return i;
-    if (s[i + 1] < lo || s[i + 1] > hi) return i;
-    for (size_t k = 2; k < len; ++k)
-      if ((s[i + k] & 0xC0) != 0x80) return i;
-    i += len;
+  while (i < str.size()) {
+    const Utf8Step st = utf8_step(str, i);
+    if (st.expected == 0 || st.valid != st.expected) return i;
+    i += st.expected;
   }
   return std::string_view::npos;
 }

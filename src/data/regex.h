@@ -66,5 +66,12 @@ inline size_t utf8_len(uint8_t b) { return b < 0x80 ? 1 : b < 0xE0 ? 2 : b < 0xF
 // Byte offset of the first invalid UTF-8 sequence in s (overlongs, surrogates, > U+10FFFF are invalid), or
 // npos when s is valid.
 size_t find_invalid_utf8(std::string_view s);
+// The UTF-8 sequence starting at byte i: `expected` its length by the lead byte (1 for ASCII, 0 for a byte that
+// cannot start one) and `valid` how many of its bytes are well formed (== expected when complete; otherwise the
+// maximal valid prefix, the unit Rust's from_utf8_lossy replaces by one U+FFFD).
+struct Utf8Step {
+  size_t expected = 0, valid = 0;
+};
+Utf8Step utf8_step(std::string_view s, size_t i);
 
 }  // namespace dsv4::data

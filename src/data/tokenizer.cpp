@@ -1101,49 +1101,18 @@ const std::string& Tokenizer::source() const { return impl_->source; }
 void Tokenizer::set_cache_capacity(size_t entries) { impl_->cache_capacity = entries; }
 
 std::string utf8_lossy(std::string_view bytes) {
-  const auto* s = reinterpret_cast<const uint8_t*>(bytes.data());
-  const size_t n = bytes.size();
   std::string out;
-  out.reserve(n);
+  out.reserve(bytes.size());
   size_t i = 0;
-  while (i < n) {
-    const uint8_t b = s[i];
-    if (b < 0x80) {
-      out += static_cast<char>(b);
-      ++i;
-      continue;
-    }
-    size_t len = 0;
-    uint8_t lo = 0x80, hi = 0xBF;
-    if (b >= 0xC2 && b <= 0xDF) {
-      len = 2;
-    } else if (b >= 0xE0 && b <= 0xEF) {
-      len = 3;
-      if (b == 0xE0) lo = 0xA0;
-      if (b == 0xED) hi = 0x9F;
-    } else if (b >= 0xF0 && b <= 0xF4) {
-      len = 4;
-      if (b == 0xF0) lo = 0x90;
-      if (b == 0xF4) hi = 0x8F;
-    }
-    if (len == 0) {  // not a lead byte
+  while (i < bytes.size()) {
+    const Utf8Step st = utf8_step(bytes, i);
+    if (st.expected != 0 && st.valid == st.expected) {
+      out.append(bytes.substr(i, st.expected));
+      i += st.expected;
+    } else {  // one U+FFFD per maximal invalid subsequence (a stray byte, or a truncated / broken sequence)
       out += "\xEF\xBF\xBD";
-      ++i;
-      continue;
+      i += std::max<size_t>(st.valid, 1);
     }
-    size_t k = 1;
-    while (k < len && i + k < n) {
-      const uint8_t c = s[i + k];
-      const bool ok = k == 1 ? (c >= lo && c <= hi) : (c & 0xC0) == 0x80;
-      if (!ok) break;
-      ++k;
-    }
-    if (k == len) {
-      out.append(bytes.substr(i, len));
-    } else {
-      out += "\xEF\xBF\xBD";
-    }
-    i += k;
   }
   return out;
 }
