@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -112,5 +113,27 @@ inline void expect_within(const Tensor& got, const Tensor& want, const std::vect
 // One BF16 unit in the last place relative to the value: results computed in FP32 and rounded once may
 // differ by this much between backends whose FP32 intermediates differ in the last bits.
 inline constexpr double kBf16Rtol = 1.0 / 128.0;
+
+// |got - ref| <= rtol * max|ref| element-wise (host vectors, e.g. a kernel against a CPU reference run in double);
+// returns the largest |got - ref| / max|ref| seen.
+inline double expect_close_scaled(const std::vector<double>& got, const std::vector<double>& ref, double rtol,
+                                  const std::string& what) {
+  EXPECT_EQ(got.size(), ref.size()) << what;
+  if (got.size() != ref.size()) return 0.0;
+  double mx = 0.0;
+  for (double r : ref) mx = std::max(mx, std::fabs(r));
+  const double atol = rtol * std::max(mx, 1e-30);
+  size_t bad = 0;
+  double worst = 0.0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double e = std::fabs(got[i] - ref[i]);
+    worst = std::max(worst, e / std::max(mx, 1e-30));
+    if (!(e <= atol) && bad++ < 5)
+      ADD_FAILURE() << what << ": element " << i << " got " << got[i] << " want " << ref[i] << " (|diff| " << e
+                    << " > " << atol << " = " << rtol << " * max|ref|)";
+  }
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements out of tolerance";
+  return worst;
+}
 
 }  // namespace dsv4::gputest

@@ -108,27 +108,6 @@ AttnResult reference(const AttnProblem& p) {
   return {cd(o), cd(lse), cd(dq), cd(dkv), cd(dckv), cd(dsink)};
 }
 
-// |got - ref| <= rtol * max|ref| element-wise; returns the largest |got - ref| / (max|ref|) seen.
-double expect_close_scaled(const std::vector<double>& got, const std::vector<double>& ref, double rtol,
-                           const std::string& what) {
-  EXPECT_EQ(got.size(), ref.size()) << what;
-  if (got.size() != ref.size()) return 0.0;
-  double mx = 0.0;
-  for (double r : ref) mx = std::max(mx, std::fabs(r));
-  const double atol = rtol * std::max(mx, 1e-30);
-  size_t bad = 0;
-  double worst = 0.0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const double e = std::fabs(got[i] - ref[i]);
-    worst = std::max(worst, e / std::max(mx, 1e-30));
-    if (!(e <= atol) && bad++ < 5)
-      ADD_FAILURE() << what << ": element " << i << " got " << got[i] << " want " << ref[i] << " (|diff| " << e
-                    << " > " << atol << " = " << rtol << " * max|ref|)";
-  }
-  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements out of tolerance";
-  return worst;
-}
-
 constexpr double kFwdRtol = 2e-5;
 constexpr double kBwdRtol = 1e-4;
 
