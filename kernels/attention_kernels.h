@@ -78,6 +78,16 @@ void mhc_pre_backward(const float* dx, const float* dpost, const float* dcomb, c
                       float* dfn, float* dscale, float* dbase, bool accumulate, float* workspace, const MhcShape& s,
                       void* stream);
 
+// HyperHead (final collapse): fn [n, N], scale [1], base [n]; h [T, D] = sum_j (sigmoid(mix_j scale + base_j) +
+// hc_eps) X[j]; saved mixes [T, n], rstd [T]. s.iters is unused.
+void mhc_head_forward(const float* X, const float* fn, const float* scale, const float* base, float* h,
+                      float* mixes, float* rstd, const MhcShape& s, void* stream);
+inline int64_t mhc_head_backward_workspace(const MhcShape& s) { return 2 * s.T * s.n; }
+// dX overwritten (added to when accumulate); dfn [n, N], dscale [1], dbase [n] accumulate when non-null.
+void mhc_head_backward(const float* dh, const float* X, const float* fn, const float* scale, const float* base,
+                       const float* mixes, const float* rstd, float* dX, float* dfn, float* dscale, float* dbase,
+                       bool accumulate, float* workspace, const MhcShape& s, void* stream);
+
 // Xnew [T, n, D]: Xnew[k] = post[k] F + sum_j comb[j, k] X[j].
 void mhc_post_forward(const float* F, const float* X, const float* post, const float* comb, float* Xnew,
                       const MhcShape& s, void* stream);

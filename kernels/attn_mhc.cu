@@ -13,6 +13,7 @@
 //   the block writes dX = (acc ? dX : 0) + dm @ fn + pre[j] dx - c X[j]. Parameter gradients are separate
 //   deterministic reductions over tokens: dfn[m, k] += sum_t dm[t, m] X[t, k] (one thread per (k, 8 mixes),
 //   t ascending), dbase / dscale in FP64 (one thread per mix, t ascending; dscale sums its mixes in order).
+// head forward / backward (HyperHead): the pre kernels with M = n mixes, one scale, no post gates or Sinkhorn.
 // post forward: element-wise, Xnew[k, d] = post[k] F[d] + sum_j comb[j, k] X[j, d] in the CPU's term order.
 // post backward: per token, dF / dX element-wise (k ascending), dpost / dcomb as warp dot products.
 // Deviations from the CPU: dot products / the mixing GEMM sum in a different order (warp trees vs blocked
@@ -121,11 +122,13 @@ __device__ void sk_backward(const float* logits, const float* dout, float* dlogi
   }
 }
 
+// head: the HyperHead collapse (M = n mixes, all scaled by scale[0]; no post gates, no Sinkhorn).
 struct Dims {
   int n, D, M, iters;
   int64_t N;
   float hc_eps;
   double norm_eps;
+  bool head;
 };
 
 // ---- pre forward -----------------------------------------------------------------------------------------------
@@ -161,10 +164,10 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (tid == 0) {
     rstd[t] = rs;
-    for (int j = 0; j < n; ++j) {
-      pre_s[j] = sigmoidf(mix_s[j] * scale[0] + base[j]) + dm.hc_eps;
-      post[t * n + j] = 2.0f * sigmoidf(mix_s[n + j] * scale[1] + base[n + j]);
-    }
+    for (int j = 0; j < n; ++j) pre_s[j] = sigmoidf(mix_s[j] * scale[0] + base[j]) + dm.hc_eps;
+  }
+  if (tid == 0 && !dm.head) {
+    for (int j = 0; j < n; ++j) post[t * n + j] = 2.0f * sigmoidf(mix_s[n + j] * scale[1] + base[n + j]);
     float logits[kMaxNN], c[kMaxNN];
     for (int i = 0; i < n * n; ++i) logits[i] = mix_s[2 * n + i] * scale[2] + base[2 * n + i];
     sk_forward(logits, c, n, dm.iters, dm.hc_eps);
@@ -210,10 +213,12 @@ __global__ void __launch_bounds__(kThreads)
       const float sp = sigmoidf(mx[j] * scale[0] + base[j]);
       pre_s[j] = sp + dm.hc_eps;
       dz_s[j] = dpre_s[j] * sp * (1.0f - sp);
+      if (dm.head) continue;
       const float so = sigmoidf(mx[n + j] * scale[1] + base[n + j]);
       dz_s[n + j] = dpost ? 2.0f * dpost[t * n + j] * so * (1.0f - so) : 0.0f;
     }
-    if (dcomb) {
+    if (dm.head) {
+    } else if (dcomb) {
       float* logits = work;
       for (int i = 0; i < nn; ++i) logits[i] = mx[2 * n + i] * scale[2] + base[2 * n + i];
       sk_backward(logits, dcomb + t * nn, dz_s + 2 * n, n, dm.iters, dm.hc_eps, work + nn);
@@ -222,7 +227,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     float dot = 0.0f;
     for (int m = 0; m < M; ++m) {
-      const int grp = m < n ? 0 : (m < 2 * n ? 1 : 2);
+      const int grp = dm.head || m < n ? 0 : (m < 2 * n ? 1 : 2);
       dm_s[m] = dz_s[m] * scale[grp];
       dot += dm_s[m] * mx[m];
     }
@@ -291,8 +296,8 @@ __global__ void mhc_pre_bwd_params_kernel(const float* __restrict__ ws_dz, const
   __syncthreads();
   if (m == 0 && dscale) {
     double g[3] = {0.0, 0.0, 0.0};
-    for (int i = 0; i < dm.M; ++i) g[i < dm.n ? 0 : (i < 2 * dm.n ? 1 : 2)] += zs[i];
-    for (int i = 0; i < 3; ++i) dscale[i] += static_cast<float>(g[i]);
+    for (int i = 0; i < dm.M; ++i) g[dm.head || i < dm.n ? 0 : (i < 2 * dm.n ? 1 : 2)] += zs[i];
+    for (int i = 0; i < (dm.head ? 1 : 3); ++i) dscale[i] += static_cast<float>(g[i]);
   }
 }
 
@@ -349,37 +354,37 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-Dims dims_of(const MhcShape& s, const char* what) {
+Dims dims_of(const MhcShape& s, const char* what, bool head = false) {
   DSV4_CHECK(s.n >= 1 && s.n <= kMhcMaxN && s.D >= 1 && s.T >= 0 && s.iters >= 1,
              "cuda::{}: needs 1 <= n <= {}, D >= 1, T >= 0, iters >= 1 (got n={} D={} T={} iters={})", what, kMhcMaxN,
              s.n, s.D, s.T, s.iters);
   DSV4_CHECK(s.D < (int64_t{1} << 30) && s.T < (int64_t{1} << 31), "cuda::{}: sizes exceed the grid", what);
-  return Dims{static_cast<int>(s.n), static_cast<int>(s.D), static_cast<int>(s.M()), static_cast<int>(s.iters),
-              s.N(), static_cast<float>(s.hc_eps), s.norm_eps};
+  return Dims{static_cast<int>(s.n), static_cast<int>(s.D), static_cast<int>(head ? s.n : s.M()),
+              static_cast<int>(s.iters), s.N(), static_cast<float>(s.hc_eps), s.norm_eps, head};
 }
 
 }  // namespace
 
-void mhc_pre_forward(const float* X, const float* fn, const float* scale, const float* base, float* x, float* post,
-                     float* comb, float* mixes, float* rstd, const MhcShape& s, void* stream) {
-  const Dims dm = dims_of(s, "mhc_pre_forward");
+namespace {
+void pre_forward(const float* X, const float* fn, const float* scale, const float* base, float* x, float* post,
+                 float* comb, float* mixes, float* rstd, const MhcShape& s, const Dims& dm, void* stream) {
   if (s.T == 0) return;
   mhc_pre_fwd_kernel<<<static_cast<unsigned>(s.T), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       X, fn, scale, base, x, post, comb, mixes, rstd, dm);
   CUDA_CHECK_LAUNCH();
 }
 
-void mhc_pre_backward(const float* dx, const float* dpost, const float* dcomb, const float* X, const float* fn,
-                      const float* scale, const float* base, const float* mixes, const float* rstd, float* dX,
-                      float* dfn, float* dscale, float* dbase, bool accumulate, float* workspace, const MhcShape& s,
-                      void* stream) {
-  const Dims dm = dims_of(s, "mhc_pre_backward");
+void pre_backward(const float* dx, const float* dpost, const float* dcomb, const float* X, const float* fn,
+                  const float* scale, const float* base, const float* mixes, const float* rstd, float* dX, float* dfn,
+                  float* dscale, float* dbase, bool accumulate, float* workspace, const MhcShape& s, const Dims& dm,
+                  void* stream) {
   if (s.T == 0) return;
   const auto st = static_cast<cudaStream_t>(stream);
   float* ws_dz = workspace;
-  float* ws_dm = workspace + s.T * s.M();
+  float* ws_dm = workspace + s.T * dm.M;
   const int nn = dm.n * dm.n;
-  const size_t work_bytes = static_cast<size_t>(3 * nn + sk_steps(dm.iters) * (nn + dm.n)) * sizeof(float);
+  const size_t work_bytes =
+      dm.head ? 0 : static_cast<size_t>(3 * nn + sk_steps(dm.iters) * (nn + dm.n)) * sizeof(float);
   DSV4_CHECK(work_bytes <= 160 * 1024, "cuda::mhc_pre_backward: Sinkhorn scratch of {} bytes (iters {}) too large",
              work_bytes, dm.iters);
   if (work_bytes > 48 * 1024)
@@ -398,6 +403,32 @@ void mhc_pre_backward(const float* dx, const float* dpost, const float* dcomb, c
     mhc_pre_bwd_params_kernel<<<1, 128, 0, st>>>(ws_dz, mixes, dscale, dbase, s.T, dm);
     CUDA_CHECK_LAUNCH();
   }
+}
+}  // namespace
+
+void mhc_pre_forward(const float* X, const float* fn, const float* scale, const float* base, float* x, float* post,
+                     float* comb, float* mixes, float* rstd, const MhcShape& s, void* stream) {
+  pre_forward(X, fn, scale, base, x, post, comb, mixes, rstd, s, dims_of(s, "mhc_pre_forward"), stream);
+}
+
+void mhc_pre_backward(const float* dx, const float* dpost, const float* dcomb, const float* X, const float* fn,
+                      const float* scale, const float* base, const float* mixes, const float* rstd, float* dX,
+                      float* dfn, float* dscale, float* dbase, bool accumulate, float* workspace, const MhcShape& s,
+                      void* stream) {
+  pre_backward(dx, dpost, dcomb, X, fn, scale, base, mixes, rstd, dX, dfn, dscale, dbase, accumulate, workspace, s,
+               dims_of(s, "mhc_pre_backward"), stream);
+}
+
+void mhc_head_forward(const float* X, const float* fn, const float* scale, const float* base, float* h,
+                      float* mixes, float* rstd, const MhcShape& s, void* stream) {
+  pre_forward(X, fn, scale, base, h, nullptr, nullptr, mixes, rstd, s, dims_of(s, "mhc_head_forward", true), stream);
+}
+
+void mhc_head_backward(const float* dh, const float* X, const float* fn, const float* scale, const float* base,
+                       const float* mixes, const float* rstd, float* dX, float* dfn, float* dscale, float* dbase,
+                       bool accumulate, float* workspace, const MhcShape& s, void* stream) {
+  pre_backward(dh, nullptr, nullptr, X, fn, scale, base, mixes, rstd, dX, dfn, dscale, dbase, accumulate, workspace,
+               s, dims_of(s, "mhc_head_backward", true), stream);
 }
 
 void mhc_post_forward(const float* F, const float* X, const float* post, const float* comb, float* Xnew,

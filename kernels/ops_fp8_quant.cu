@@ -150,6 +150,60 @@ __global__ void dequantize_kernel(const uint8_t* q, const float* sf32, const uin
   }
 }
 
+// ---- FP4 -> FP8 (one 256-thread block per 128x128 block) ----------------------------------------------------
+__global__ void fp4_to_fp8_kernel(const uint8_t* __restrict__ q4, const uint8_t* __restrict__ s4, int64_t R, int64_t C,
+                                  int64_t groups, uint8_t* __restrict__ q8, uint8_t* __restrict__ s8,
+                                  unsigned long long* bad) {
+  __shared__ int kmax_s;
+  const int64_t KB = (C + kFp8Group - 1) / kFp8Group;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kFp8Group, r1 = min(R, r0 + kFp8Group);
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kFp8Group, c1 = min(C, c0 + kFp8Group);
+  const int64_t g0 = c0 / 32, g1 = (c1 + 31) / 32, ng = g1 - g0;
+  if (threadIdx.x == 0) kmax_s = 0;
+  __syncthreads();
+  int kmax = 0;
+  for (int64_t i = threadIdx.x; i < (r1 - r0) * ng; i += blockDim.x) {
+    const int64_t row = r0 + i / ng, g = g0 + i % ng;
+    const int k = s4[row * groups + g];
+    if (k == 0xFF) atomicMin(bad, static_cast<unsigned long long>(row * groups + g));
+    kmax = max(kmax, k);
+  }
+  atomicMax(&kmax_s, kmax);
+  __syncthreads();
+  const int S = max(kmax_s - 6, 0);
+  if (threadIdx.x == 0) s8[blockIdx.y * KB + blockIdx.x] = static_cast<uint8_t>(S);
+  const int64_t w = c1 - c0;
+  for (int64_t i = threadIdx.x; i < (r1 - r0) * w; i += blockDim.x) {
+    const int64_t row = r0 + i / w, c = c0 + i % w;
+    q8[row * C + c] = fp4_code_to_e4m3(fp4_get(q4 + row * (C / 2), c), s4[row * groups + c / 32], S);
+  }
+}
+
+// ---- byte transpose through a 32x33 shared tile (codes; scales use the same kernel with their element size) -----
+template <typename E>
+__global__ void transpose_kernel(const E* __restrict__ src, E* __restrict__ dst, int64_t R, int64_t C) {
+  __shared__ E tile[32][33];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  for (int j = threadIdx.y; j < 32; j += blockDim.y) {
+    const int64_t r = static_cast<int64_t>(blockIdx.y) * 32 + j;
+    if (r < R && c < C) tile[j][threadIdx.x] = src[r * C + c];
+  }
+  __syncthreads();
+  const int64_t r = static_cast<int64_t>(blockIdx.y) * 32 + threadIdx.x;
+  for (int j = threadIdx.y; j < 32; j += blockDim.y) {
+    const int64_t cc = static_cast<int64_t>(blockIdx.x) * 32 + j;
+    if (r < R && cc < C) dst[cc * R + r] = tile[threadIdx.x][j];
+  }
+}
+
+template <typename E>
+void launch_transpose(const E* src, E* dst, int64_t R, int64_t C, cudaStream_t st) {
+  DSV4_CHECK((R + 31) / 32 <= 65535, "cuda::fp8_transpose_blocks: {} rows too many", R);
+  const dim3 grid(static_cast<unsigned>((C + 31) / 32), static_cast<unsigned>((R + 31) / 32));
+  transpose_kernel<E><<<grid, dim3(32, 8), 0, st>>>(src, dst, R, C);
+  CUDA_CHECK_LAUNCH();
+}
+
 int64_t checked_grid(int64_t blocks, const char* op) {
   DSV4_CHECK(blocks <= INT32_MAX, "cuda::{}: problem too large ({} blocks)", op, blocks);
   return blocks;
@@ -208,6 +262,35 @@ void fp8_dequantize(const Tensor& q, const Tensor& scale, Fp8Layout layout, Tens
       q.data_u8(), f32 ? scale.data<float>() : nullptr, f32 ? nullptr : scale.data_u8(),
       layout == Fp8Layout::Rows1x128, q.size(0), q.size(1), out.data<float>());
   CUDA_CHECK_LAUNCH();
+}
+
+int64_t fp4_to_fp8_blocks(const Tensor& packed, const Tensor& scale, Tensor& q, Tensor& s) {
+  detail::DeviceGuard guard(packed.device().index);
+  const int64_t R = packed.size(0), C = packed.size(1);
+  DSV4_CHECK(fp8_blocks(R) <= 65535, "cuda::fp4_to_fp8_blocks: {} rows too many", R);
+  const cudaStream_t st = detail::stream_of(packed);
+  Tensor bad = Tensor::empty({1}, DType::I64, packed.device());
+  CUDA_CHECK(cudaMemsetAsync(bad.raw_data(), 0xFF, sizeof(unsigned long long), st));
+  const dim3 grid(static_cast<unsigned>(checked_grid(fp8_blocks(C), "fp4_to_fp8_blocks")),
+                  static_cast<unsigned>(fp8_blocks(R)));
+  fp4_to_fp8_kernel<<<grid, detail::kThreads, 0, st>>>(packed.data_u8(), scale.data_u8(), R, C, scale.size(1),
+                                                         q.data_u8(), s.data_u8(),
+                                                         static_cast<unsigned long long*>(bad.raw_data()));
+  CUDA_CHECK_LAUNCH();
+  unsigned long long first = 0;
+  CUDA_CHECK(cudaMemcpyAsync(&first, bad.raw_data(), sizeof(first), cudaMemcpyDeviceToHost, st));
+  CUDA_CHECK(cudaStreamSynchronize(st));
+  return first == ~0ull ? -1 : static_cast<int64_t>(first);
+}
+
+void fp8_transpose_blocks(const Tensor& q, const Tensor& scale, Tensor& qt, Tensor& st_out) {
+  detail::DeviceGuard guard(q.device().index);
+  const cudaStream_t st = detail::stream_of(q);
+  launch_transpose<uint8_t>(q.data_u8(), qt.data_u8(), q.size(0), q.size(1), st);
+  if (scale.dtype() == DType::F32)
+    launch_transpose<float>(scale.data<float>(), st_out.data<float>(), scale.size(0), scale.size(1), st);
+  else
+    launch_transpose<uint8_t>(scale.data_u8(), st_out.data_u8(), scale.size(0), scale.size(1), st);
 }
 
 }  // namespace dsv4::cuda

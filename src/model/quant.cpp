@@ -220,39 +220,11 @@ Tensor dequant_fp4_group(const Tensor& packed, const Tensor& scale) {
 QuantizedWeight fp4_to_fp8(const QuantizedWeight& fp4, const std::string& name) {
   DSV4_CHECK(fp4.format == WeightFormat::FP4, "fp4_to_fp8({}): expected an fp4 weight, got {}", name, fp4.str());
   fp4.validate(name);
-  const int64_t out = fp4.rows(), in = fp4.cols(), groups = fp4.scale.size(1);
+  Fp8Tensor t = fp4_to_fp8_blocks(fp4.data, fp4.scale, name);  // the shared rule of runtime/fp8.h
   QuantizedWeight r;
   r.format = WeightFormat::FP8;
-  r.data = Tensor::empty({out, in}, DType::F8_E4M3);
-  r.scale = Tensor::empty(fp8_scale_shape(out, in), DType::F8_E8M0);
-  const uint8_t* q4 = fp4.data.data_u8();
-  const uint8_t* s4 = fp4.scale.data_u8();
-  uint8_t* q8 = r.data.data_u8();
-  uint8_t* s8 = r.scale.data_u8();
-  const Luts& L = luts();
-  for (int64_t br = 0; br * kFp8Block < out; ++br) {
-    const int64_t r0 = br * kFp8Block, r1 = std::min(out, r0 + kFp8Block);
-    for (int64_t bc = 0; bc * kFp8Block < in; ++bc) {
-      const int64_t c0 = bc * kFp8Block, c1 = std::min(in, c0 + kFp8Block);
-      const int64_t g0 = c0 / kFp4Group, g1 = ceil_div(c1, kFp4Group);
-      int kmax = 0;
-      for (int64_t row = r0; row < r1; ++row)
-        for (int64_t g = g0; g < g1; ++g) {
-          const int k = s4[row * groups + g];
-          DSV4_CHECK(k != 0xFF, "fp4_to_fp8({}): scale [{}, {}] is NaN (E8M0 0xFF)", name, row, g);
-          kmax = std::max(kmax, k);
-        }
-      const int S = std::max(kmax - 6, 0);
-      s8[br * r.scale.size(1) + bc] = static_cast<uint8_t>(S);
-      for (int64_t row = r0; row < r1; ++row)
-        for (int64_t c = c0; c < c1; ++c) {
-          const int k = s4[row * groups + c / kFp4Group];
-          // e2m1 * 2^(k - S): exact in FP32 down to 2^-149; anything that small rounds to E4M3 zero anyway.
-          const float v = std::ldexp(L.e2m1[fp4_get(q4 + row * (in / 2), c)], k - S);
-          q8[row * in + c] = f32_to_e4m3(v);
-        }
-    }
-  }
+  r.data = std::move(t.q);
+  r.scale = std::move(t.scale);
   return r;
 }
 

@@ -125,4 +125,45 @@ void fp8_gemm(const Tensor& a_q, const Tensor& a_scale, const Tensor& b_q, const
   }
 }
 
+int64_t fp4_to_fp8_blocks(const Tensor& packed, const Tensor& scale, Tensor& q, Tensor& s) {
+  const int64_t R = packed.size(0), C = packed.size(1), groups = scale.size(1), KB = fp8_blocks(C);
+  const uint8_t* q4 = packed.data_u8();
+  const uint8_t* s4 = scale.data_u8();
+  uint8_t* q8 = q.data_u8();
+  uint8_t* s8 = s.data_u8();
+  for (int64_t br = 0; br * kFp8Group < R; ++br) {
+    const int64_t r0 = br * kFp8Group, r1 = std::min(R, r0 + kFp8Group);
+    for (int64_t bc = 0; bc < KB; ++bc) {
+      const int64_t c0 = bc * kFp8Group, c1 = std::min(C, c0 + kFp8Group);
+      const int64_t g0 = c0 / 32, g1 = (c1 + 31) / 32;
+      int kmax = 0;
+      for (int64_t row = r0; row < r1; ++row)
+        for (int64_t g = g0; g < g1; ++g) {
+          const int k = s4[row * groups + g];
+          if (k == 0xFF) return row * groups + g;
+          kmax = std::max(kmax, k);
+        }
+      const int S = std::max(kmax - 6, 0);
+      s8[br * KB + bc] = static_cast<uint8_t>(S);
+      for (int64_t row = r0; row < r1; ++row)
+        for (int64_t c = c0; c < c1; ++c)
+          q8[row * C + c] = fp4_code_to_e4m3(fp4_get(q4 + row * (C / 2), c), s4[row * groups + c / 32], S);
+    }
+  }
+  return -1;
+}
+
+void fp8_transpose_blocks(const Tensor& q, const Tensor& scale, Tensor& qt, Tensor& st) {
+  const int64_t R = q.size(0), C = q.size(1);
+  const uint8_t* src = q.data_u8();
+  uint8_t* dst = qt.data_u8();
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) dst[c * R + r] = src[r * C + c];
+  const int64_t SR = scale.size(0), SC = scale.size(1), es = dtype_nbytes(scale.dtype(), 1);
+  const auto* ss = static_cast<const uint8_t*>(scale.raw_data());
+  auto* sd = static_cast<uint8_t*>(st.raw_data());
+  for (int64_t r = 0; r < SR; ++r)
+    for (int64_t c = 0; c < SC; ++c) std::copy_n(ss + (r * SC + c) * es, es, sd + (c * SR + r) * es);
+}
+
 }  // namespace dsv4::cpu

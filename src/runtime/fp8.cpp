@@ -77,6 +77,33 @@ Tensor fp8_dequantize(const Fp8Tensor& t) {
   return out;
 }
 
+Fp8Tensor fp4_to_fp8_blocks(const Tensor& packed, const Tensor& scale, const std::string& name) {
+  DSV4_CHECK(packed.defined() && packed.ndim() == 2 && packed.dtype() == DType::F4_E2M1 && packed.is_contiguous() &&
+                 packed.size(1) % 2 == 0,
+             "fp4_to_fp8_blocks({}): expected contiguous packed F4_E2M1 [R, C] codes with C even, got {}", name,
+             packed.defined() ? packed.str() : "none");
+  const int64_t R = packed.size(0), C = packed.size(1);
+  const Shape want{R, (C + 31) / 32};
+  DSV4_CHECK(scale.defined() && scale.dtype() == DType::F8_E8M0 && scale.is_contiguous() && scale.shape() == want,
+             "fp4_to_fp8_blocks({}): expected contiguous F8_E8M0 1x32 scales of shape {}, got {}", name, want.str(),
+             scale.defined() ? scale.str() : "none");
+  DSV4_CHECK(packed.device() == scale.device(), "fp4_to_fp8_blocks({}): codes on {} but scales on {}", name,
+             packed.device().str(), scale.device().str());
+  Fp8Tensor t = alloc(R, C, Fp8Layout::Blocks128x128, ScaleFormat::E8M0, packed.device());
+  if (packed.numel() == 0) return t;
+  const int64_t bad = DSV4_FP8_DISPATCH(packed.device(), fp4_to_fp8_blocks, packed, scale, t.q, t.scale);
+  DSV4_CHECK(bad < 0, "fp4_to_fp8({}): scale [{}, {}] is NaN (E8M0 0xFF)", name, bad / want[1], bad % want[1]);
+  return t;
+}
+
+Fp8Tensor fp8_transpose_blocks(const Fp8Tensor& t) {
+  check_fp8(t, "fp8_transpose_blocks", "input");
+  DSV4_CHECK(t.layout == Fp8Layout::Blocks128x128, "fp8_transpose_blocks: expected 128x128 block scales");
+  Fp8Tensor r = alloc(t.cols(), t.rows(), Fp8Layout::Blocks128x128, t.scale_format(), t.q.device());
+  if (t.q.numel() > 0) DSV4_FP8_DISPATCH(t.q.device(), fp8_transpose_blocks, t.q, t.scale, r.q, r.scale);
+  return r;
+}
+
 void fp8_gemm(const Fp8Tensor& a, const Fp8Tensor& b, Tensor& c, Fp8GemmImpl impl) {
   check_fp8(a, "fp8_gemm", "a");
   check_fp8(b, "fp8_gemm", "b");

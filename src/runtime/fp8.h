@@ -40,6 +40,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "runtime/dtype.h"
 #include "runtime/tensor.h"
@@ -82,6 +83,13 @@ DSV4_HD float fp8_block_scale(float amax, ScaleFormat fmt, uint8_t* e8m0_code) {
   return amax > 0.0f ? amax / kE4M3Max : 1.0f;
 }
 
+// One FP4 code with its 1x32 scale code k, re-expressed under the FP8 block scale code S (fp4_to_fp8_blocks):
+// e4m3(e2m1 * 2^(k - S)), the power of two applied exactly (ldexpf; values below 2^-149 flush, and they round
+// to E4M3 zero anyway).
+DSV4_HD uint8_t fp4_code_to_e4m3(uint8_t e2m1_code, int k, int S) {
+  return f32_to_e4m3(ldexpf(e2m1_to_f32(e2m1_code), k - S));
+}
+
 // ---- frontends (validate, allocate, dispatch on the input's device) ----------------------------------------
 // x: F32 (CPU and CUDA) or BF16 (CUDA), 2-D, any strides.
 Fp8Tensor fp8_quantize_rows(const Tensor& x, ScaleFormat fmt);
@@ -92,6 +100,16 @@ Tensor fp8_dequantize(const Fp8Tensor& t);  // F32 [R, C]
 void fp8_gemm(const Fp8Tensor& a, const Fp8Tensor& b, Tensor& c, Fp8GemmImpl impl = Fp8GemmImpl::Auto);
 Tensor fp8_matmul(const Fp8Tensor& a, const Fp8Tensor& b, Fp8GemmImpl impl = Fp8GemmImpl::Auto);
 
+// Release FP4 weights for FP8 compute. packed: F4_E2M1 [R, C] (C even, two codes per byte, low nibble = even
+// column); scale: F8_E8M0 [R, ceil(C / 32)] (1x32 groups). Result: Blocks128x128 with E8M0 scales, per block
+// S = max(kmax - 6, 0) (kmax the largest FP4 scale code touching the block), q8 = e4m3(e2m1 * 2^(k - S)):
+// lossless whenever every scale code k of a block is >= kmax - 14 (model/quant.h has the argument). A scale code
+// 0xFF (NaN) is an error naming `name` and the scale's position.
+Fp8Tensor fp4_to_fp8_blocks(const Tensor& packed, const Tensor& scale, const std::string& name = "weight");
+// The transpose of a Blocks128x128 tensor (codes [C, R], scales transposed: the same 128x128 blocks), e.g. the
+// weight operand of the data-gradient GEMM dx = dy W as a TN problem.
+Fp8Tensor fp8_transpose_blocks(const Fp8Tensor& t);
+
 // ---- backends: one function per idea, CPU reference and CUDA twin with the same signature ------------------
 // Arguments are validated by the frontends: q / scale contiguous with the shapes above, scale's dtype selects
 // the format; c contiguous F32.
@@ -101,7 +119,10 @@ Tensor fp8_matmul(const Fp8Tensor& a, const Fp8Tensor& b, Fp8GemmImpl impl = Fp8
   void fp8_quantize_blocks(const Tensor& x, Tensor& q, Tensor& scale);                                         \
   void fp8_dequantize(const Tensor& q, const Tensor& scale, Fp8Layout layout, Tensor& out);                    \
   void fp8_gemm(const Tensor& a_q, const Tensor& a_scale, const Tensor& b_q, const Tensor& b_scale,            \
-                Fp8Layout b_layout, Fp8GemmImpl impl, Tensor& c);
+                Fp8Layout b_layout, Fp8GemmImpl impl, Tensor& c);                                              \
+  /* returns -1, or the flat index of the first scale with code 0xFF (then q / s are unspecified) */           \
+  int64_t fp4_to_fp8_blocks(const Tensor& packed, const Tensor& scale, Tensor& q, Tensor& s);                  \
+  void fp8_transpose_blocks(const Tensor& q, const Tensor& scale, Tensor& qt, Tensor& st);
 namespace cpu {
 DSV4_FP8_BACKEND_OPS
 }

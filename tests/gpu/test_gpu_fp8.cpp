@@ -1,6 +1,6 @@
 // Block-scaled FP8 on the GPU (runtime/fp8.h, kernels/ops_fp8_*.cu) against the CPU reference:
 //  * every quantiser bit for bit (codes and scales), F32 and BF16 inputs, strided inputs, odd shapes;
-//  * dequantisation bit for bit;
+//  * dequantisation, FP4 -> FP8 block conversion and the 128x128 block transpose bit for bit;
 //  * the fallback GEMM kernel bit for bit (it evaluates the reference's exact definition);
 //  * the default path (cuBLASLt's block-scaled kernels where they accept the problem) within a tolerance.
 //    Tolerance: |gpu - ref| <= 2^-10 * sum_k |a_k b_k| (dequantised operands). A strict FP32 bound for an arbitrary
@@ -8,6 +8,7 @@
 //    FP8 tensor cores accumulate with ~14 bits inside a WGMMA chain (DeepSeek-V3 §3.3.2) before cuBLASLt promotes
 //    to FP32, so the test allows 2^-10 and prints the largest observed error ratio for the record.
 // Every test skips without a GPU.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -102,6 +103,47 @@ Operands make_operands(const Case& cs, ScaleFormat sf, Fp8Layout bl) {
   o.what = fmt::format("M={} N={} K={} {} b={}", cs.M, cs.N, cs.K, sf == ScaleFormat::E8M0 ? "e8m0" : "f32",
                        bl == Fp8Layout::Rows1x128 ? "1x128" : "128x128");
   return o;
+}
+
+// Packed FP4 codes (every nibble value) with 1x32 E8M0 scale codes spread over [base, base + spread]: spreads above
+// 14 within a 128x128 block exercise the rounding of small values (the lossy side of the conversion).
+std::pair<Tensor, Tensor> random_fp4(int64_t R, int64_t C, int base, int spread) {
+  std::uniform_int_distribution<int> byte(0, 255), code(base, base + spread);
+  Tensor bytes = Tensor::empty({R, C / 2}, DType::U8);
+  for (int64_t i = 0; i < bytes.numel(); ++i) bytes.data_u8()[i] = static_cast<uint8_t>(byte(rng()));
+  Tensor packed = Tensor::empty({R, C}, DType::F4_E2M1);
+  std::copy_n(bytes.data_u8(), bytes.numel(), packed.data_u8());
+  Tensor scale = Tensor::empty({R, (C + 31) / 32}, DType::F8_E8M0);
+  for (int64_t i = 0; i < scale.numel(); ++i) scale.data_u8()[i] = static_cast<uint8_t>(code(rng()));
+  return {packed, scale};
+}
+
+TEST_F(GpuFp8, Fp4ToFp8MatchesCpuBitwise) {
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 2}, {3, 64}, {130, 258}, {129, 32}, {256, 512}};
+  for (auto [R, C] : shapes)
+    for (int spread : {0, 6, 30}) {
+      const auto [packed, scale] = random_fp4(R, C, 110, spread);
+      const Fp8Tensor want = fp4_to_fp8_blocks(packed, scale, "w");
+      const Fp8Tensor got = fp4_to_fp8_blocks(packed.to(kGpu), scale.to(kGpu), "w");
+      expect_same_fp8(got, want, fmt::format("fp4->fp8 {}x{} spread {}", R, C, spread));
+    }
+  auto [packed, scale] = random_fp4(130, 258, 110, 6);
+  scale.data_u8()[5 * scale.size(1) + 3] = 0xFF;
+  EXPECT_THROW(fp4_to_fp8_blocks(packed.to(kGpu), scale.to(kGpu), "w"), Error);
+  try {
+    fp4_to_fp8_blocks(packed.to(kGpu), scale.to(kGpu), "layers.1.ffn.experts.3.w2.weight");
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("layers.1.ffn.experts.3.w2.weight: scale [5, 3]"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST_F(GpuFp8, TransposeBlocksMatchesCpuBitwise) {
+  for (ScaleFormat sf : {ScaleFormat::E8M0, ScaleFormat::F32})
+    for (auto [R, C] : kShapes) {
+      const Fp8Tensor w = fp8_quantize_blocks(wide_cpu(R, C), sf);
+      expect_same_fp8(fp8_transpose_blocks(to_gpu(w)), fp8_transpose_blocks(w), fmt::format("transpose {}x{}", R, C));
+    }
 }
 
 TEST_F(GpuFp8, FallbackGemmMatchesCpuBitwise) {

@@ -1,8 +1,8 @@
 // mHC hyper-connection kernels on the GPU (kernels/attn_mhc.cu) against the CPU reference row cores
-// (src/model/mhc.h: hc_pre_forward_rows / hc_pre_backward_rows / hc_post_forward_rows / hc_post_backward_rows)
-// evaluated in double precision on the same FP32 inputs.
+// (src/model/mhc.h: hc_pre_forward_rows / hc_pre_backward_rows / hc_post_forward_rows / hc_post_backward_rows, and
+// the HyperHead's hc_head_forward_rows / hc_head_backward_rows) evaluated in double precision on the same FP32 inputs.
 // Tolerance (per tensor): |gpu - ref| <= rtol * max|ref|, rtol = 2e-5 for the forward outputs (x, post, comb, mixes,
-// rstd, Xnew) and the post backward, 1e-4 for the pre backward (dX, dfn, dscale, dbase: through 2 iters - 1
+// rstd, Xnew, head h) and the post backward, 1e-4 for the pre and head backward (dX, dfn, dscale, dbase: through 2 iters - 1
 // Sinkhorn normalisation steps and sums over T tokens in a different order). The CPU float reference must meet the
 // same bounds (MhcCpu.*, runs without a GPU). GPU tests skip without a GPU.
 #include <algorithm>
@@ -161,6 +161,82 @@ TEST(MhcCpu, FloatReferenceMeetsTheStatedTolerance) {
   }
 }
 
+// ---- HyperHead (the final collapse): M = n mixes, one scale ----------------------------------------------------
+struct HeadResult {
+  std::vector<double> h, mixes, rstd, dX, dfn, dscale, dbase, dX_acc;
+};
+
+struct HeadProblem {
+  MhcCase c;
+  HcDims d;
+  std::vector<float> X, fn, scale, base, dh, dX0, dfn0, dscale0, dbase0;
+};
+
+HeadProblem make_head_problem(const MhcCase& c) {
+  HeadProblem p;
+  p.c = c;
+  p.d.n = c.n;
+  p.d.dim = c.D;
+  p.d.iters = c.iters;
+  p.d.hc_eps = 1e-6;
+  p.d.norm_eps = 1e-6;
+  const int64_t n = c.n, N = p.d.width();
+  const float fs = 1.0f / std::sqrt(static_cast<float>(N));
+  p.X = uniform(c.T * N, -1.0f, 1.0f);
+  p.fn = uniform(n * N, -fs, fs);
+  p.scale = uniform(1, 0.5f, 1.5f);
+  p.base = uniform(n, -1.0f, 1.0f);
+  p.dh = uniform(c.T * c.D, -1.0f, 1.0f);
+  p.dX0 = uniform(c.T * N, -0.5f, 0.5f);
+  p.dfn0 = uniform(n * N, -0.5f, 0.5f);
+  p.dscale0 = uniform(1, -0.5f, 0.5f);
+  p.dbase0 = uniform(n, -0.5f, 0.5f);
+  return p;
+}
+
+template <typename R>
+HeadResult head_reference(const HeadProblem& p) {
+  auto cv = [](const std::vector<float>& v) { return std::vector<R>(v.begin(), v.end()); };
+  const int64_t T = p.c.T, n = p.c.n, D = p.c.D, N = p.d.width();
+  const auto X = cv(p.X), fn = cv(p.fn), scale = cv(p.scale), base = cv(p.base), dh = cv(p.dh);
+  std::vector<R> h(static_cast<size_t>(T * D)), mixes(static_cast<size_t>(T * n)), rstd(static_cast<size_t>(T));
+  hc_head_forward_rows<R>(X.data(), fn.data(), scale.data(), base.data(), h.data(), mixes.data(), rstd.data(), T, p.d);
+  HeadResult r{cd(h), cd(mixes), cd(rstd)};
+  std::vector<R> dX(static_cast<size_t>(T * N)), dfn = cv(p.dfn0), dscale = cv(p.dscale0), dbase = cv(p.dbase0);
+  hc_head_backward_rows<R>(dh.data(), X.data(), fn.data(), scale.data(), base.data(), mixes.data(), rstd.data(),
+                           dX.data(), dfn.data(), dscale.data(), dbase.data(), T, p.d, false);
+  r.dX = cd(dX);
+  r.dfn = cd(dfn);
+  r.dscale = cd(dscale);
+  r.dbase = cd(dbase);
+  std::vector<R> dXa = cv(p.dX0);
+  hc_head_backward_rows<R>(dh.data(), X.data(), fn.data(), scale.data(), base.data(), mixes.data(), rstd.data(),
+                           dXa.data(), static_cast<R*>(nullptr), static_cast<R*>(nullptr), static_cast<R*>(nullptr), T,
+                           p.d, true);
+  r.dX_acc = cd(dXa);
+  return r;
+}
+
+void check_head(const HeadResult& g, const HeadResult& r, const std::string& what) {
+  double wf = 0.0, wb = 0.0;
+  wf = std::max(wf, expect_close_scaled(g.h, r.h, kFwdRtol, what + " h"));
+  wf = std::max(wf, expect_close_scaled(g.mixes, r.mixes, kFwdRtol, what + " mixes"));
+  wf = std::max(wf, expect_close_scaled(g.rstd, r.rstd, kFwdRtol, what + " rstd"));
+  wb = std::max(wb, expect_close_scaled(g.dX, r.dX, kBwdRtol, what + " dX"));
+  wb = std::max(wb, expect_close_scaled(g.dfn, r.dfn, kBwdRtol, what + " dfn"));
+  wb = std::max(wb, expect_close_scaled(g.dscale, r.dscale, kBwdRtol, what + " dscale"));
+  wb = std::max(wb, expect_close_scaled(g.dbase, r.dbase, kBwdRtol, what + " dbase"));
+  wb = std::max(wb, expect_close_scaled(g.dX_acc, r.dX_acc, kBwdRtol, what + " dX (accumulate)"));
+  std::printf("[ %s ] head max |err| / max|ref|: forward %.2e, backward %.2e\n", what.c_str(), wf, wb);
+}
+
+TEST(MhcCpu, HeadFloatReferenceMeetsTheStatedTolerance) {
+  for (const MhcCase& c : cases()) {
+    const HeadProblem p = make_head_problem(c);
+    check_head(head_reference<float>(p), head_reference<double>(p), "cpu-f32 " + name_of(c));
+  }
+}
+
 // ---- GPU ---------------------------------------------------------------------------------------------------------
 
 class GpuMhc : public GpuTest {};
@@ -230,6 +306,48 @@ TEST_F(GpuMhc, MatchesCpuReference) {
   for (const MhcCase& c : cases()) {
     const MhcProblem p = make_problem(c);
     check_all(run_gpu(p), reference<double>(p), "gpu " + name_of(c));
+  }
+}
+
+HeadResult run_gpu_head(const HeadProblem& p) {
+  const int64_t T = p.c.T, n = p.c.n, D = p.c.D, N = p.d.width();
+  cuda::MhcShape s;
+  s.T = T;
+  s.n = n;
+  s.D = D;
+  s.iters = p.c.iters;
+  s.hc_eps = p.d.hc_eps;
+  s.norm_eps = p.d.norm_eps;
+  void* st = cuda::current_stream(0);
+  const Tensor X = gpu_f(p.X), fn = gpu_f(p.fn), scale = gpu_f(p.scale), base = gpu_f(p.base), dh = gpu_f(p.dh);
+  const Tensor h = gpu_f(std::vector<float>(static_cast<size_t>(T * D), NAN)),
+               mixes = gpu_f(std::vector<float>(static_cast<size_t>(T * n), NAN)),
+               rstd = gpu_f(std::vector<float>(static_cast<size_t>(T), NAN)),
+               ws = gpu_zeros(cuda::mhc_head_backward_workspace(s));
+  cuda::mhc_head_forward(X.data<float>(), fn.data<float>(), scale.data<float>(), base.data<float>(), h.data<float>(),
+                         mixes.data<float>(), rstd.data<float>(), s, st);
+  HeadResult r{host(h, T * D), host(mixes, T * n), host(rstd, T)};
+  const Tensor dX = gpu_f(std::vector<float>(static_cast<size_t>(T * N), NAN)), dfn = gpu_f(p.dfn0),
+               dscale = gpu_f(p.dscale0), dbase = gpu_f(p.dbase0), dXa = gpu_f(p.dX0);
+  cuda::mhc_head_backward(dh.data<float>(), X.data<float>(), fn.data<float>(), scale.data<float>(), base.data<float>(),
+                          mixes.data<float>(), rstd.data<float>(), dX.data<float>(), dfn.data<float>(),
+                          dscale.data<float>(), dbase.data<float>(), false, ws.data<float>(), s, st);
+  cuda::mhc_head_backward(dh.data<float>(), X.data<float>(), fn.data<float>(), scale.data<float>(), base.data<float>(),
+                          mixes.data<float>(), rstd.data<float>(), dXa.data<float>(), nullptr, nullptr, nullptr, true,
+                          ws.data<float>(), s, st);
+  cuda::synchronize(0);
+  r.dX = host(dX, T * N);
+  r.dfn = host(dfn, n * N);
+  r.dscale = host(dscale, 1);
+  r.dbase = host(dbase, n);
+  r.dX_acc = host(dXa, T * N);
+  return r;
+}
+
+TEST_F(GpuMhc, HeadMatchesCpuReference) {
+  for (const MhcCase& c : cases()) {
+    const HeadProblem p = make_head_problem(c);
+    check_head(run_gpu_head(p), head_reference<double>(p), "gpu " + name_of(c));
   }
 }
 

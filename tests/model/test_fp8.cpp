@@ -143,6 +143,18 @@ TEST(Fp8Quant, TransposedEqualsQuantisingTheTranspose) {
     }
 }
 
+TEST(Fp8Quant, TransposeBlocksDequantisesToTheTranspose) {
+  for (ScaleFormat fmt : {ScaleFormat::E8M0, ScaleFormat::F32})
+    for (auto [R, C] : std::vector<std::pair<int64_t, int64_t>>{{1, 3}, {300, 7}, {129, 257}}) {
+      const Fp8Tensor w = fp8_quantize_blocks(wide_matrix(R, C, static_cast<uint32_t>(3 * R + C)), fmt);
+      const Fp8Tensor t = fp8_transpose_blocks(w);
+      ASSERT_EQ(t.q.shape(), Shape({C, R}));
+      ASSERT_EQ(t.scale.shape(), Shape({fp8_blocks(C), fp8_blocks(R)}));
+      EXPECT_EQ(t.scale.dtype(), w.scale.dtype());
+      EXPECT_TRUE(same_bits(fp8_dequantize(t), fp8_dequantize(w).transpose(0, 1).contiguous())) << R << "x" << C;
+    }
+}
+
 TEST(Fp8Quant, BlocksMatchWeightQuantiserAndDefinition) {
   for (ScaleFormat fmt : {ScaleFormat::E8M0, ScaleFormat::F32})
     for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {130, 200}, {256, 128}, {5, 300}}) {
