@@ -128,7 +128,7 @@ void run(const std::vector<Problem>& ps, cudaDataType_t ab_type, float beta, Gro
                                           group_size.data(), CUBLAS_COMPUTE_32F));
 }
 
-// Auto: the measured default (dsv4-bench grouped on an H100; see runtime/grouped_gemm.h).
+// Auto: Loop until dsv4-bench grouped has compared the two on a GPU (runtime/grouped_gemm.h).
 GroupedGemmImpl resolve(GroupedGemmImpl impl) { return impl == GroupedGemmImpl::Auto ? GroupedGemmImpl::Loop : impl; }
 
 const char* bytes(const Tensor& t, int64_t elem) {

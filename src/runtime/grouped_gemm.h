@@ -38,7 +38,8 @@ namespace dsv4 {
 // CUDA implementation of the BF16 / F32 grouped GEMMs (the CPU always runs its reference):
 //   Grouped  one cublasGemmGroupedBatchedEx call over the non-empty experts (device pointer arrays);
 //   Loop     one cublasGemmEx per non-empty expert;
-//   Auto     the one dsv4-bench grouped measured faster at the model's expert shapes (see grouped_gemm.cpp).
+//   Auto     currently Loop (cuBLAS's per-shape heuristics on large expert GEMMs); not yet measured: `dsv4-bench
+//            grouped` on an H100 compares the two and should settle this default (kernels/ops_grouped_gemm.cu, resolve).
 enum class GroupedGemmImpl : uint8_t { Auto, Grouped, Loop };
 const char* grouped_gemm_impl_name(GroupedGemmImpl impl);
 
