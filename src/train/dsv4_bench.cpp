@@ -8,9 +8,18 @@
 // at DeepSeek-V4 projection shapes, c [M, N] = x [M, K] W[N, K]^T, and prints TFLOP/s (2 M N K per GEMM),
 // also with the activation quantisation included. --fallback also times the CUDA-core fallback kernel.
 // Without a GPU it says so and exits 0.
+//   dsv4-bench grouped [--presets proxy-2b,flash] [--tokens T] [--iters N] [--imbalance S]
+// On a GPU: the routed experts' grouped GEMMs (runtime/grouped_gemm.h) at a preset's real expert matrices (w1 / w3
+// [I, D]: N = I, K = D; w2 [D, I]: N = D, K = I), tokens x top-k expert-sorted rows split over the experts by a
+// fixed-seed multinomial with lognormal expert popularity (--imbalance = sigma of log p; 0 = uniform). Times
+// forward y = x W_e^T, dgrad dx = dy W_e, wgrad dW_e = dy^T x (BF16 in, F32 out, FP32 accumulation) for both
+// cuBLAS implementations (cublasGemmGroupedBatchedEx vs one cublasGemmEx per expert) and the block-scaled FP8
+// forward (1x128 activations x 128x128 expert weights, quantised once); median of --iters CUDA-event-timed calls
+// after 3 warm-up calls, TFLOP/s = 2 T N K / time. Without a GPU it says so and exits 0.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <random>
 #include <stdexcept>
@@ -23,8 +32,11 @@
 #include "runtime/cpu_blas.h"
 #include "runtime/device.h"
 #include "runtime/fp8.h"
+#include "runtime/grouped_gemm.h"
 #include "runtime/ops.h"
 #if defined(DSV4_WITH_CUDA)
+#include <cuda_runtime_api.h>
+
 #include "kernels/cuda_runtime_api.h"
 #endif
 
@@ -174,6 +186,144 @@ int run_gemm_bench(int64_t tokens, int iters, const std::string& shapes_spec, bo
   return 0;
 }
 
+// ---- grouped expert GEMMs ------------------------------------------------------------------------------------------
+
+// Rows per expert: `rows` draws from a fixed-seed multinomial over E experts with p_e ~ exp(sigma z_e), z ~ N(0, 1).
+std::vector<int64_t> imbalanced_counts(int64_t E, int64_t rows, double sigma, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> z(0.0, 1.0);
+  std::vector<double> w(static_cast<size_t>(E));
+  for (auto& x : w) x = std::exp(sigma * z(gen));
+  std::discrete_distribution<int64_t> pick(w.begin(), w.end());
+  std::vector<int64_t> counts(static_cast<size_t>(E), 0);
+  for (int64_t i = 0; i < rows; ++i) ++counts[static_cast<size_t>(pick(gen))];
+  return counts;
+}
+
+std::vector<std::string> split_commas(const std::string& s) {
+  std::vector<std::string> out;
+  size_t pos = 0;
+  while (pos <= s.size()) {
+    const size_t end = std::min(s.find(',', pos), s.size());
+    if (end > pos) out.push_back(s.substr(pos, end - pos));
+    pos = end + 1;
+  }
+  return out;
+}
+
+int run_grouped_bench(const std::string& presets, int64_t tokens_opt, int iters, double sigma) {
+  using namespace dsv4;
+  if (cuda_device_count() == 0) {
+    std::printf("dsv4-bench grouped: no CUDA device visible%s; nothing to time\n",
+#if defined(DSV4_WITH_CUDA)
+                ""
+#else
+                " (built without CUDA)"
+#endif
+    );
+    return 0;
+  }
+#if defined(DSV4_WITH_CUDA)
+  const Device gpu = Device::cuda(0);
+  const auto stream = static_cast<cudaStream_t>(cuda::current_stream(0));
+  // Median milliseconds of `iters` calls after 3 warm-up calls, each bracketed by CUDA events on dsv4's stream.
+  const auto time_ms = [&](auto&& f) {
+    cudaEvent_t a, b;
+    if (cudaEventCreate(&a) != cudaSuccess || cudaEventCreate(&b) != cudaSuccess)
+      throw std::runtime_error("cudaEventCreate failed");
+    std::vector<double> t;
+    for (int i = 0; i < iters + 3; ++i) {
+      cudaEventRecord(a, stream);
+      f();
+      cudaEventRecord(b, stream);
+      if (cudaEventSynchronize(b) != cudaSuccess) throw std::runtime_error("cudaEventSynchronize failed");
+      float ms = 0;
+      cudaEventElapsedTime(&ms, a, b);
+      if (i >= 3) t.push_back(ms);
+    }
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    return median(t);
+  };
+  // A BF16 device tensor of uniform [-1, 1) values: one 16M-element random block from the host, tiled.
+  std::mt19937 rng(4);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  const int64_t block = int64_t{1} << 24;
+  std::vector<float> host(static_cast<size_t>(block));
+  for (auto& x : host) x = u(rng);
+  const Tensor rand_block = Tensor::from_floats({block}, host, DType::BF16).to(gpu);
+  const auto rand_bf16 = [&](const Shape& shape) {
+    Tensor t = Tensor::empty(shape, DType::BF16, gpu);
+    Tensor flat = t.view({t.numel()});
+    for (int64_t i = 0; i < t.numel(); i += block) {
+      const int64_t n = std::min(block, t.numel() - i);
+      Tensor dst = flat.slice(0, i, i + n);
+      ops::copy(rand_block.slice(0, 0, n), dst);
+    }
+    return t;
+  };
+
+  std::printf("dsv4-bench grouped: median of %d (CUDA events, after 3 warm-up calls); TFLOP/s = 2 T N K / time\n",
+              iters);
+  for (const std::string& preset : split_commas(presets)) {
+    const ModelConfig cfg = model_preset(preset);
+    const int64_t E = cfg.n_routed_experts, D = cfg.dim, I = cfg.moe_inter_dim, topk = cfg.n_activated_experts;
+    const int64_t tokens = tokens_opt > 0 ? tokens_opt : (preset == "flash" || preset == "pro" ? 8192 : 4096);
+    const int64_t T = tokens * topk;
+    const std::vector<int64_t> counts = imbalanced_counts(E, T, sigma, 17);
+    std::vector<int64_t> offsets{0};
+    int64_t empty = 0, mx = 0, mn = T, mult4 = 0;
+    for (int64_t c : counts) {
+      offsets.push_back(offsets.back() + c);
+      empty += c == 0;
+      mx = std::max(mx, c), mn = std::min(mn, c);
+      mult4 += c > 0 && c % 4 == 0;
+    }
+    std::printf("\n%s: E=%lld experts, D=%lld, I=%lld, %lld tokens x top-%lld = T=%lld rows; rows/expert mean %.1f "
+                "min %lld max %lld, %lld empty, %lld with rows %% 4 == 0 (sigma %.2f)\n",
+                preset.c_str(), (long long)E, (long long)D, (long long)I, (long long)tokens, (long long)topk,
+                (long long)T, double(T) / double(E), (long long)mn, (long long)mx, (long long)empty, (long long)mult4,
+                sigma);
+    std::printf("  %-14s %6s %6s | %-21s | %-21s | %-21s | %-21s | %-21s | %-21s | %-21s\n", "matrix", "N", "K",
+                "fwd grouped", "fwd loop", "dgrad grouped", "dgrad loop", "wgrad grouped", "wgrad loop",
+                "fp8 fwd (auto)");
+    struct Mat {
+      const char* name;
+      int64_t N, K;
+    };
+    for (const Mat& m : {Mat{"w1/w3 [I, D]", I, D}, Mat{"w2 [D, I]", D, I}}) {
+      const double flop = 2.0 * double(T) * double(m.N) * double(m.K);
+      Tensor W = rand_bf16({E, m.N, m.K}), x = rand_bf16({T, m.K}), dy = rand_bf16({T, m.N});
+      Tensor y = Tensor::empty({T, m.N}, DType::F32, gpu), dx = Tensor::empty({T, m.K}, DType::F32, gpu);
+      Tensor dW = Tensor::zeros({E, m.N, m.K}, DType::F32, gpu);
+      double ms[7];
+      int i = 0;
+      for (GroupedGemmImpl impl : {GroupedGemmImpl::Grouped, GroupedGemmImpl::Loop})
+        ms[i++] = time_ms([&] { grouped_gemm_forward(x, W, offsets, y, impl); });
+      for (GroupedGemmImpl impl : {GroupedGemmImpl::Grouped, GroupedGemmImpl::Loop})
+        ms[i++] = time_ms([&] { grouped_gemm_dgrad(dy, W, offsets, dx, impl); });
+      for (GroupedGemmImpl impl : {GroupedGemmImpl::Grouped, GroupedGemmImpl::Loop})
+        ms[i++] = time_ms([&] { grouped_gemm_wgrad(dy, x, offsets, dW, /*accumulate=*/true, impl); });
+      dW = Tensor();  // frees the F32 gradient before the FP8 copies
+      {
+        const Fp8ExpertWeights wq = fp8_quantize_expert_blocks(W, ScaleFormat::F32);  // frozen weights: once
+        const Fp8Tensor xq = fp8_quantize_rows(x, ScaleFormat::F32);
+        ms[i++] = time_ms([&] { grouped_fp8_gemm_forward(xq, wq, offsets, y); });
+      }
+      std::printf("  %-14s %6lld %6lld", m.name, (long long)m.N, (long long)m.K);
+      for (double t : ms) std::printf(" | %8.3f ms %6.1f TF/s", t, flop / (t * 1e-3) / 1e12);
+      std::printf("\n");
+    }
+  }
+#else
+  (void)presets;
+  (void)tokens_opt;
+  (void)iters;
+  (void)sigma;
+#endif
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -199,11 +349,23 @@ int main(int argc, char** argv) {
   gemm->add_option("--shapes", shapes, "N:K,... (default: wq_a 1024:4096, wq_b 32768:1024, wo_b 4096:8192, "
                                        "expert w1 2048:4096)");
   gemm->add_flag("--fallback", fallback, "also time the CUDA-core fallback FP8 kernel (slow)");
+  auto* grouped = app.add_subcommand("grouped", "GPU: routed-expert grouped GEMMs (BF16 grouped vs loop, FP8), TFLOP/s");
+  std::string presets = "proxy-2b,flash";
+  int64_t g_tokens = 0;
+  int g_iters = 10;
+  double sigma = 0.5;
+  grouped->add_option("--presets", presets, "model presets whose expert shapes to time")->capture_default_str();
+  grouped->add_option("--tokens", g_tokens, "tokens (0: 4096 for proxy-2b, 8192 for flash / pro)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  grouped->add_option("--iters", g_iters, "timed calls (median)")->capture_default_str()->check(CLI::Range(10, 100000));
+  grouped->add_option("--imbalance", sigma, "sigma of the lognormal expert popularity")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   try {
     dsv4::set_cpu_threads(threads);
     if (*model) return run_model_bench(preset, batch, seq, steps, warmup);
     if (*gemm) return run_gemm_bench(tokens, iters, shapes, fallback);
+    if (*grouped) return run_grouped_bench(presets, g_tokens, g_iters, sigma);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "dsv4-bench: %s\n", e.what());
     return 1;
