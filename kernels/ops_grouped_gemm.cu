@@ -102,6 +102,11 @@ void run(const std::vector<Problem>& ps, cudaDataType_t ab_type, float beta, Gro
                                 p.ldb, &beta, p.C, CUDA_R_32F, p.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return;
   }
+  // cuBLAS's grouped GEMM needs C in the inputs' type (measured on an H100, cuBLAS 13.1: BF16 x BF16 -> F32 returns
+  // CUBLAS_STATUS_NOT_SUPPORTED), so BF16 inputs with our F32 outputs run as Loop.
+  DSV4_CHECK(ab_type == CUDA_R_32F,
+             "grouped GEMM: GroupedGemmImpl::Grouped (cublasGemmGroupedBatchedEx) supports F32 inputs only here (C is F32; "
+             "cuBLAS has no BF16 x BF16 -> F32 grouped GEMM); use Loop or Auto for BF16");
   // Grouped: host parameter arrays, device pointer arrays [A..., B..., C...].
   const size_t G = ps.size();
   std::vector<cublasOperation_t> ta(G), tb(G);
@@ -128,7 +133,7 @@ void run(const std::vector<Problem>& ps, cudaDataType_t ab_type, float beta, Gro
                                           group_size.data(), CUBLAS_COMPUTE_32F));
 }
 
-// Auto: Loop until dsv4-bench grouped has compared the two on a GPU (runtime/grouped_gemm.h).
+// Auto: Loop. BF16 (the training inputs) can only run as Loop (see run()); F32 inputs are a test path.
 GroupedGemmImpl resolve(GroupedGemmImpl impl) { return impl == GroupedGemmImpl::Auto ? GroupedGemmImpl::Loop : impl; }
 
 const char* bytes(const Tensor& t, int64_t elem) {

@@ -36,10 +36,10 @@
 namespace dsv4 {
 
 // CUDA implementation of the BF16 / F32 grouped GEMMs (the CPU always runs its reference):
-//   Grouped  one cublasGemmGroupedBatchedEx call over the non-empty experts (device pointer arrays);
+//   Grouped  one cublasGemmGroupedBatchedEx call over the non-empty experts (device pointer arrays); F32 inputs
+//            only (cuBLAS has no BF16 x BF16 -> F32 grouped GEMM: CUBLAS_STATUS_NOT_SUPPORTED on an H100);
 //   Loop     one cublasGemmEx per non-empty expert;
-//   Auto     currently Loop (cuBLAS's per-shape heuristics on large expert GEMMs); not yet measured: `dsv4-bench
-//            grouped` on an H100 compares the two and should settle this default (kernels/ops_grouped_gemm.cu, resolve).
+//   Auto     Loop (the only implementation for BF16 inputs).
 enum class GroupedGemmImpl : uint8_t { Auto, Grouped, Loop };
 const char* grouped_gemm_impl_name(GroupedGemmImpl impl);
 

@@ -284,9 +284,9 @@ int run_grouped_bench(const std::string& presets, int64_t tokens_opt, int iters,
                 preset.c_str(), (long long)E, (long long)D, (long long)I, (long long)tokens, (long long)topk,
                 (long long)T, double(T) / double(E), (long long)mn, (long long)mx, (long long)empty, (long long)mult4,
                 sigma);
-    std::printf("  %-14s %6s %6s | %-21s | %-21s | %-21s | %-21s | %-21s | %-21s | %-21s\n", "matrix", "N", "K",
-                "fwd grouped", "fwd loop", "dgrad grouped", "dgrad loop", "wgrad grouped", "wgrad loop",
-                "fp8 fwd (auto)");
+    // BF16 inputs, F32 outputs: cuBLAS's grouped GEMM does not support that mix, so the BF16 GEMMs run as Loop.
+    std::printf("  %-14s %6s %6s | %-21s | %-21s | %-21s | %-21s\n", "matrix", "N", "K", "bf16 fwd (loop)",
+                "bf16 dgrad (loop)", "bf16 wgrad (loop)", "fp8 fwd (auto)");
     struct Mat {
       const char* name;
       int64_t N, K;
@@ -296,14 +296,12 @@ int run_grouped_bench(const std::string& presets, int64_t tokens_opt, int iters,
       Tensor W = rand_bf16({E, m.N, m.K}), x = rand_bf16({T, m.K}), dy = rand_bf16({T, m.N});
       Tensor y = Tensor::empty({T, m.N}, DType::F32, gpu), dx = Tensor::empty({T, m.K}, DType::F32, gpu);
       Tensor dW = Tensor::zeros({E, m.N, m.K}, DType::F32, gpu);
-      double ms[7];
+      double ms[4];
       int i = 0;
-      for (GroupedGemmImpl impl : {GroupedGemmImpl::Grouped, GroupedGemmImpl::Loop})
-        ms[i++] = time_ms([&] { grouped_gemm_forward(x, W, offsets, y, impl); });
-      for (GroupedGemmImpl impl : {GroupedGemmImpl::Grouped, GroupedGemmImpl::Loop})
-        ms[i++] = time_ms([&] { grouped_gemm_dgrad(dy, W, offsets, dx, impl); });
-      for (GroupedGemmImpl impl : {GroupedGemmImpl::Grouped, GroupedGemmImpl::Loop})
-        ms[i++] = time_ms([&] { grouped_gemm_wgrad(dy, x, offsets, dW, /*accumulate=*/true, impl); });
+      const GroupedGemmImpl impl = GroupedGemmImpl::Loop;
+      ms[i++] = time_ms([&] { grouped_gemm_forward(x, W, offsets, y, impl); });
+      ms[i++] = time_ms([&] { grouped_gemm_dgrad(dy, W, offsets, dx, impl); });
+      ms[i++] = time_ms([&] { grouped_gemm_wgrad(dy, x, offsets, dW, /*accumulate=*/true, impl); });
       dW = Tensor();  // frees the F32 gradient before the FP8 copies
       {
         const Fp8ExpertWeights wq = fp8_quantize_expert_blocks(W, ScaleFormat::F32);  // frozen weights: once

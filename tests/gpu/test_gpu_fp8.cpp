@@ -133,7 +133,7 @@ TEST_F(GpuFp8, Fp4ToFp8MatchesCpuBitwise) {
   try {
     fp4_to_fp8_blocks(packed.to(kGpu), scale.to(kGpu), "layers.1.ffn.experts.3.w2.weight");
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("layers.1.ffn.experts.3.w2.weight: scale [5, 3]"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("fp4_to_fp8(layers.1.ffn.experts.3.w2.weight): scale [5, 3]"), std::string::npos)
         << e.what();
   }
 }
