@@ -8,6 +8,7 @@
 // at DeepSeek-V4 projection shapes, c [M, N] = x [M, K] W[N, K]^T, and prints TFLOP/s (2 M N K per GEMM),
 // also with the activation quantisation included. --fallback also times the CUDA-core fallback kernel.
 // Without a GPU it says so and exits 0.
+//   dsv4-bench ops | attn: GPU kernel bandwidth / attention and mHC benchmarks, see train/bench_kernels.h.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -24,6 +25,7 @@
 #include "runtime/device.h"
 #include "runtime/fp8.h"
 #include "runtime/ops.h"
+#include "train/bench_kernels.h"
 #if defined(DSV4_WITH_CUDA)
 #include "kernels/cuda_runtime_api.h"
 #endif
@@ -199,11 +201,13 @@ int main(int argc, char** argv) {
   gemm->add_option("--shapes", shapes, "N:K,... (default: wq_a 1024:4096, wq_b 32768:1024, wo_b 4096:8192, "
                                        "expert w1 2048:4096)");
   gemm->add_flag("--fallback", fallback, "also time the CUDA-core fallback FP8 kernel (slow)");
+  const dsv4::bench::KernelBenchCli kernel_benches(app);  // ops, attn (src/train/bench_kernels.cpp)
   CLI11_PARSE(app, argc, argv);
   try {
     dsv4::set_cpu_threads(threads);
     if (*model) return run_model_bench(preset, batch, seq, steps, warmup);
     if (*gemm) return run_gemm_bench(tokens, iters, shapes, fallback);
+    if (kernel_benches.selected()) return kernel_benches.run();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "dsv4-bench: %s\n", e.what());
     return 1;
