@@ -191,6 +191,7 @@ int main(int argc, char** argv) {
   model->add_option("--steps", steps, "timed steps")->capture_default_str()->check(CLI::PositiveNumber);
   model->add_option("--warmup", warmup, "untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
   model->add_option("--threads", threads, "OpenBLAS threads (0: library default)")->capture_default_str();
+  const dsv4::bench::KernelBenchCli kernel_benches(app);  // ops, attn (src/train/bench_kernels.cpp)
   auto* gemm = app.add_subcommand("gemm", "GPU: BF16 (cuBLAS) vs block-scaled FP8 GEMM at V4 shapes, TFLOP/s");
   int64_t tokens = 4096;
   int iters = 10;
@@ -201,13 +202,12 @@ int main(int argc, char** argv) {
   gemm->add_option("--shapes", shapes, "N:K,... (default: wq_a 1024:4096, wq_b 32768:1024, wo_b 4096:8192, "
                                        "expert w1 2048:4096)");
   gemm->add_flag("--fallback", fallback, "also time the CUDA-core fallback FP8 kernel (slow)");
-  const dsv4::bench::KernelBenchCli kernel_benches(app);  // ops, attn (src/train/bench_kernels.cpp)
   CLI11_PARSE(app, argc, argv);
   try {
     dsv4::set_cpu_threads(threads);
+    if (kernel_benches.selected()) return kernel_benches.run();
     if (*model) return run_model_bench(preset, batch, seq, steps, warmup);
     if (*gemm) return run_gemm_bench(tokens, iters, shapes, fallback);
-    if (kernel_benches.selected()) return kernel_benches.run();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "dsv4-bench: %s\n", e.what());
     return 1;
