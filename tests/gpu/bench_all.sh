@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Runs every GPU benchmark of dsv4-bench in one go (numbers, never pass/fail): gemm, ops (proxy-2b, then flash
-# shapes), attn, and grouped when this dsv4-bench has that subcommand (checked in `dsv4-bench --help`). Each output
+# Runs every GPU benchmark of dsv4-bench in one go (numbers, never pass/fail): gemm, ops and attn (proxy-2b, then
+# flash shapes), and grouped when this dsv4-bench has that subcommand (checked in `dsv4-bench --help`). Each output
 # is also written to LOG_DIR/bench_<name>.log.
 #
 #   tests/gpu/bench_all.sh                         # builds dsv4-bench in build-gpu (all cores), then runs
 #   BUILD_DIR=build-x JOBS=4 tests/gpu/bench_all.sh
 #   BENCH=/path/to/dsv4-bench tests/gpu/bench_all.sh   # no build: runs that binary (e.g. on PATH after device_run.sh)
-#   NO_FLASH=1 tests/gpu/bench_all.sh              # ops at proxy-2b shapes only
+#   NO_FLASH=1 tests/gpu/bench_all.sh              # ops / attn at proxy-2b shapes only
 #   tests/gpu/device_run.sh .devrun env BENCH=dsv4-bench LOG_DIR=/tmp/bench bash tests/gpu/bench_all.sh
 #                                                  # on a lent GPU machine, binaries from device_pack.sh
 #
@@ -60,6 +60,7 @@ run gemm gemm
 run ops ops --preset proxy-2b
 [ -z "${NO_FLASH:-}" ] && run ops_flash ops --preset flash
 run attn attn --preset proxy-2b
+[ -z "${NO_FLASH:-}" ] && run attn_flash attn --preset flash
 if has grouped; then
   run grouped grouped
 else
