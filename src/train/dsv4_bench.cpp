@@ -12,10 +12,11 @@
 // On a GPU: the routed experts' grouped GEMMs (runtime/grouped_gemm.h) at a preset's real expert matrices (w1 / w3
 // [I, D]: N = I, K = D; w2 [D, I]: N = D, K = I), tokens x top-k expert-sorted rows split over the experts by a
 // fixed-seed multinomial with lognormal expert popularity (--imbalance = sigma of log p; 0 = uniform). Times
-// forward y = x W_e^T, dgrad dx = dy W_e, wgrad dW_e = dy^T x (BF16 in, F32 out, FP32 accumulation) for both
-// cuBLAS implementations (cublasGemmGroupedBatchedEx vs one cublasGemmEx per expert) and the block-scaled FP8
+// forward y = x W_e^T, dgrad dx = dy W_e, wgrad dW_e = dy^T x (BF16 in, F32 out, FP32 accumulation; one cublasGemmEx
+// per expert: cuBLAS's grouped call has no BF16 -> F32 mode) and the block-scaled FP8
 // forward (1x128 activations x 128x128 expert weights, quantised once); median of --iters CUDA-event-timed calls
 // after 3 warm-up calls, TFLOP/s = 2 T N K / time. Without a GPU it says so and exits 0.
+//   dsv4-bench ops | attn: GPU kernel bandwidth / attention and mHC benchmarks, see train/bench_kernels.h.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -34,6 +35,7 @@
 #include "runtime/fp8.h"
 #include "runtime/grouped_gemm.h"
 #include "runtime/ops.h"
+#include "train/bench_kernels.h"
 #if defined(DSV4_WITH_CUDA)
 #include <cuda_runtime_api.h>
 
@@ -337,6 +339,7 @@ int main(int argc, char** argv) {
   model->add_option("--steps", steps, "timed steps")->capture_default_str()->check(CLI::PositiveNumber);
   model->add_option("--warmup", warmup, "untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
   model->add_option("--threads", threads, "OpenBLAS threads (0: library default)")->capture_default_str();
+  const dsv4::bench::KernelBenchCli kernel_benches(app);  // ops, attn (src/train/bench_kernels.cpp)
   auto* gemm = app.add_subcommand("gemm", "GPU: BF16 (cuBLAS) vs block-scaled FP8 GEMM at V4 shapes, TFLOP/s");
   int64_t tokens = 4096;
   int iters = 10;
@@ -361,6 +364,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     dsv4::set_cpu_threads(threads);
+    if (kernel_benches.selected()) return kernel_benches.run();
     if (*model) return run_model_bench(preset, batch, seq, steps, warmup);
     if (*gemm) return run_gemm_bench(tokens, iters, shapes, fallback);
     if (*grouped) return run_grouped_bench(presets, g_tokens, g_iters, sigma);
