@@ -1,4 +1,6 @@
-// Host helpers of kernels/attention_kernels.h: candidate CSR construction and its key-major transpose.
+// Host helpers of kernels/attention_kernels.h: candidate CSR construction and its key-major transpose, the
+// indexer's top-k offsets.
+#include <algorithm>
 #include <limits>
 
 #include "kernels/attention_kernels.h"
@@ -42,6 +44,15 @@ void build_key_major(const std::vector<int32_t>& cand_offsets, const std::vector
     for (int32_t c = cand_offsets[t]; c < cand_offsets[t + 1]; ++c)
       key_queries[static_cast<size_t>(fill[static_cast<size_t>(cand_ids[static_cast<size_t>(c)])]++)] =
           static_cast<int32_t>(t);
+}
+
+void indexer_topk_offsets(const std::vector<int64_t>& n_visible, int64_t topk, std::vector<int64_t>& topk_offsets) {
+  DSV4_CHECK(topk >= 0, "indexer_topk_offsets: topk {} < 0", topk);
+  topk_offsets.assign(n_visible.size() + 1, 0);
+  for (size_t t = 0; t < n_visible.size(); ++t) {
+    DSV4_CHECK(n_visible[t] >= 0, "indexer_topk_offsets: n_visible[{}] = {} < 0", t, n_visible[t]);
+    topk_offsets[t + 1] = topk_offsets[t] + std::min(topk, n_visible[t]);
+  }
 }
 
 }  // namespace dsv4::cuda

@@ -1,4 +1,5 @@
-// Host API of the CUDA attention-core and mHC kernels (kernels/attn_sparse.cu, kernels/attn_mhc.cu).
+// Host API of the CUDA attention-core, mHC, compressor and indexer kernels (kernels/attn_sparse.cu,
+// kernels/attn_mhc.cu, kernels/attn_compress.cu).
 // Plain device pointers, sizes and a cudaStream_t (passed as void*): no model types, so dsv4_runtime stays
 // independent of dsv4_model. All tensors are contiguous row-major FP32 on the device of the stream; all launches
 // are asynchronous on `stream`. Implemented only in CUDA builds.
@@ -94,5 +95,53 @@ void mhc_post_forward(const float* F, const float* X, const float* post, const f
 // dF [T, D], dX [T, n, D], dpost [T, n], dcomb [T, n, n], all overwritten.
 void mhc_post_backward(const float* dXnew, const float* F, const float* X, const float* post, const float* comb,
                        float* dF, float* dX, float* dpost, float* dcomb, const MhcShape& s, void* stream);
+
+// ---- KV compressor pooling (CPU reference: compress_pool_forward / compress_pool_backward of
+//      src/model/compressor.h; shared per-channel cores: src/runtime/compress_math.h) -------------------------------
+// The part of Compressor::forward between the projections (kv = wkv(x), gate = wgate(x), GEMMs outside) and the
+// RMSNorm / RoPE / fake quant (separate ops). m = ratio, overlap = (m == 4), W = 2C when overlap else C.
+// kv, gate [T, W]; ape [m, W]; entry_token [E] (int64: the first token of entry e's block, CompressPlan order) and
+// entry_has_prev [E] (uint8: the document has a block before it); documents never share a block (the plan's job).
+// out [E, C] is overwritten. One thread per (entry, channel), the reference's operation order per channel.
+void compress_pool_forward(const float* kv, const float* gate, const float* ape, const int64_t* entry_token,
+                           const uint8_t* entry_has_prev, int64_t E, int64_t m, int64_t C, bool overlap, float* out,
+                           void* stream);
+
+// Workspace floats of compress_pool_backward: per-entry ape gradients [E, m, W] and their chunk partial sums.
+inline constexpr int64_t kCompressApeChunk = 32;  // entries per partial sum of dape
+inline int64_t compress_pool_backward_workspace(int64_t E, int64_t m, int64_t C, bool overlap) {
+  const int64_t mW = m * (overlap ? 2 * C : C);
+  return E * mW + (E + kCompressApeChunk - 1) / kCompressApeChunk * mW;
+}
+// dout [E, C]. dkv, dgate [T, W] accumulate (+=) at the entries' slots (each element belongs to at most one
+// (entry, slot), so one thread adds to it); rows of a trailing partial block are untouched. dape [m, W] accumulates
+// the sum over entries, deterministically: per-entry terms in the workspace, summed in chunks of kCompressApeChunk
+// entries (ascending), then the chunks in order. No atomics.
+void compress_pool_backward(const float* kv, const float* gate, const float* ape, const int64_t* entry_token,
+                            const uint8_t* entry_has_prev, int64_t E, int64_t m, int64_t C, bool overlap,
+                            const float* dout, float* dkv, float* dgate, float* dape, float* workspace, void* stream);
+
+// ---- lightning indexer (CPU reference: indexer_scores_rows, Indexer::scores and Indexer::select_topk of
+//      src/model/indexer.h) -------------------------------------------------------------------------------------
+// The part of Indexer::scores after the projections / RoPE / rotation: q [T, nI, cI], k [E, cI] (compressed
+// index keys), w [T, nI] (weights_proj output, unscaled). Per query t the visible entries are
+// first_entry[t] + 0 .. n_visible[t] - 1 with n_visible[t] = score_offsets[t + 1] - score_offsets[t] (int64 CSR,
+// CompressPlan's first_entry / n_visible). scores[score_offsets[t] + e] (overwritten) =
+//   sum_h ((max(q[t,h] . k[first_entry[t] + e], 0) * score_scale) * (w[t,h] * weight_scale)), h ascending,
+// then rounded to BF16 when round_bf16 (simulate_release_quant without tp; under tp round after the tp sum).
+// max_visible >= every n_visible[t] (sizes the grid).
+void indexer_scores(const float* q, const float* k, const float* w, const int64_t* first_entry,
+                    const int64_t* score_offsets, int64_t T, int64_t E, int64_t nI, int64_t cI, int64_t max_visible,
+                    float score_scale, float weight_scale, bool round_bf16, float* scores, void* stream);
+
+// Host helper (no GPU): CSR offsets [T + 1] of the top-k lists, min(topk, n_visible[t]) per query.
+void indexer_topk_offsets(const std::vector<int64_t>& n_visible, int64_t topk, std::vector<int64_t>& topk_offsets);
+
+// Causal top-k per query, exactly Indexer::select_topk: the min(topk, n_visible) highest scores (ties to the lower
+// entry id), written as global entry ids (first_entry[t] + e, int32) in ascending order to
+// ids[topk_offsets[t] .. topk_offsets[t + 1]). Exact (radix select on the float bits, no arithmetic); scores must
+// not be NaN (the reference's order is undefined there); -0 equals +0 as in the reference.
+void indexer_topk(const float* scores, const int64_t* score_offsets, const int64_t* first_entry,
+                  const int64_t* topk_offsets, int64_t T, int64_t E, int32_t* ids, void* stream);
 
 }  // namespace dsv4::cuda

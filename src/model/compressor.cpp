@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "model/quant_sim.h"
+#include "runtime/compress_math.h"
 
 namespace dsv4 {
 
@@ -38,119 +39,25 @@ CompressPlan CompressPlan::build(const SeqLayout& layout, int64_t ratio) {
   return p;
 }
 
-// ---- pooling core ------------------------------------------------------------------------------------------
-namespace {
-// Slot s of entry (token s0): source row and column offset into the [T, W] projections and ape row/col.
-struct Slot {
-  int64_t row, col, ape_row;  // col: channel offset (0 or C)
-  bool live;
-};
-inline Slot slot_of(int64_t s, int64_t s0, bool has_prev, int64_t m, int64_t C, bool overlap) {
-  if (!overlap) return {s0 + s, 0, s, true};
-  if (s < m) return {s0 - m + s, 0, s, has_prev};  // previous block, first half of the channels
-  return {s0 + (s - m), C, s - m, true};           // this block, second half
-}
-
-// Per-channel softmax weights of entry e into w [S, C] (0 for masked slots).
-template <typename T>
-void pool_weights(const T* gate, const T* ape, int64_t W, int64_t s0, bool has_prev, int64_t m, int64_t C, bool overlap,
-                  T* w) {
-  const int64_t S = overlap ? 2 * m : m;
-  std::vector<T> mx(static_cast<size_t>(C), -std::numeric_limits<T>::infinity());
-  for (int64_t s = 0; s < S; ++s) {
-    const Slot sl = slot_of(s, s0, has_prev, m, C, overlap);
-    T* ws = w + s * C;
-    if (!sl.live) continue;
-    const T* g = gate + sl.row * W + sl.col;
-    const T* a = ape + sl.ape_row * W + sl.col;
-    for (int64_t c = 0; c < C; ++c) {
-      ws[c] = g[c] + a[c];
-      mx[static_cast<size_t>(c)] = std::max(mx[static_cast<size_t>(c)], ws[c]);
-    }
-  }
-  std::vector<T> sum(static_cast<size_t>(C), T(0));
-  for (int64_t s = 0; s < S; ++s) {
-    const Slot sl = slot_of(s, s0, has_prev, m, C, overlap);
-    T* ws = w + s * C;
-    if (!sl.live) {
-      std::fill(ws, ws + C, T(0));
-      continue;
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      ws[c] = std::exp(ws[c] - mx[static_cast<size_t>(c)]);
-      sum[static_cast<size_t>(c)] += ws[c];
-    }
-  }
-  for (int64_t s = 0; s < S; ++s)
-    for (int64_t c = 0; c < C; ++c) w[s * C + c] /= sum[static_cast<size_t>(c)];
-}
-}  // namespace
-
+// ---- pooling core (runtime/compress_math.h, shared with the CUDA kernels) --------------------------------------
 template <typename T>
 void compress_pool_forward(const T* kv, const T* gate, const T* ape, const int64_t* entry_token,
                            const uint8_t* entry_has_prev, int64_t n_entries, int64_t m, int64_t C, bool overlap,
                            T* out) {
-  const int64_t W = overlap ? 2 * C : C, S = overlap ? 2 * m : m;
-  std::vector<T> w(static_cast<size_t>(S * C));
-  for (int64_t e = 0; e < n_entries; ++e) {
-    const int64_t s0 = entry_token[e];
-    const bool has_prev = entry_has_prev[e] != 0;
-    pool_weights(gate, ape, W, s0, has_prev, m, C, overlap, w.data());
-    T* o = out + e * C;
-    std::fill(o, o + C, T(0));
-    for (int64_t s = 0; s < S; ++s) {
-      const Slot sl = slot_of(s, s0, has_prev, m, C, overlap);
-      if (!sl.live) continue;
-      const T* k = kv + sl.row * W + sl.col;
-      const T* ws = w.data() + s * C;
-      for (int64_t c = 0; c < C; ++c) o[c] += k[c] * ws[c];
-    }
-  }
+  std::vector<T> mx(static_cast<size_t>(C)), sum(static_cast<size_t>(C));
+  for (int64_t e = 0; e < n_entries; ++e)
+    compress_pool_entry_forward<T>(kv, gate, ape, entry_token[e], entry_has_prev[e] != 0, m, C, overlap, 0, C,
+                                   mx.data(), sum.data(), out + e * C);
 }
 
 template <typename T>
 void compress_pool_backward(const T* kv, const T* gate, const T* ape, const int64_t* entry_token,
                             const uint8_t* entry_has_prev, int64_t n_entries, int64_t m, int64_t C, bool overlap,
                             const T* dout, T* dkv, T* dgate, T* dape) {
-  const int64_t W = overlap ? 2 * C : C, S = overlap ? 2 * m : m;
-  std::vector<T> w(static_cast<size_t>(S * C)), dw(static_cast<size_t>(S * C)), ssum(static_cast<size_t>(C));
-  for (int64_t e = 0; e < n_entries; ++e) {
-    const int64_t s0 = entry_token[e];
-    const bool has_prev = entry_has_prev[e] != 0;
-    pool_weights(gate, ape, W, s0, has_prev, m, C, overlap, w.data());
-    const T* d = dout + e * C;
-    std::fill(ssum.begin(), ssum.end(), T(0));
-    // dw_s = dout * kv_s ; sum_s w_s dw_s
-    for (int64_t s = 0; s < S; ++s) {
-      const Slot sl = slot_of(s, s0, has_prev, m, C, overlap);
-      T* dws = dw.data() + s * C;
-      if (!sl.live) {
-        std::fill(dws, dws + C, T(0));
-        continue;
-      }
-      const T* k = kv + sl.row * W + sl.col;
-      const T* ws = w.data() + s * C;
-      for (int64_t c = 0; c < C; ++c) {
-        dws[c] = d[c] * k[c];
-        ssum[static_cast<size_t>(c)] += ws[c] * dws[c];
-      }
-    }
-    for (int64_t s = 0; s < S; ++s) {
-      const Slot sl = slot_of(s, s0, has_prev, m, C, overlap);
-      if (!sl.live) continue;
-      const T* ws = w.data() + s * C;
-      const T* dws = dw.data() + s * C;
-      T* dk = dkv + sl.row * W + sl.col;
-      T* dg = dgate + sl.row * W + sl.col;
-      T* da = dape + sl.ape_row * W + sl.col;
-      for (int64_t c = 0; c < C; ++c) {
-        const T dz = ws[c] * (dws[c] - ssum[static_cast<size_t>(c)]);
-        dk[c] += d[c] * ws[c];
-        dg[c] += dz;
-        da[c] += dz;
-      }
-    }
-  }
+  std::vector<T> mx(static_cast<size_t>(C)), sum(static_cast<size_t>(C)), ssum(static_cast<size_t>(C));
+  for (int64_t e = 0; e < n_entries; ++e)
+    compress_pool_entry_backward<T>(kv, gate, ape, entry_token[e], entry_has_prev[e] != 0, m, C, overlap, 0, C,
+                                    dout + e * C, mx.data(), sum.data(), ssum.data(), dkv, dgate, dape);
 }
 
 template void compress_pool_forward<float>(const float*, const float*, const float*, const int64_t*, const uint8_t*,

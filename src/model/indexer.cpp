@@ -4,8 +4,10 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 
 #include "model/quant_sim.h"
+#include "runtime/compress_math.h"
 #include "runtime/cpu_blas.h"
 
 namespace dsv4 {
@@ -40,6 +42,57 @@ void Indexer::visit(const ParamVisitor& f) {
   compressor.visit(f);
 }
 
+template <typename T>
+void indexer_scores_rows(const T* q, const T* k, const T* w, const CompressPlan& plan, int64_t nI, int64_t cI,
+                         T score_scale, T weight_scale, const std::vector<int64_t>& offsets, T* values) {
+  const int64_t T_ = static_cast<int64_t>(plan.first_entry.size());
+  DSV4_CHECK(static_cast<int64_t>(offsets.size()) == T_ + 1, "indexer_scores_rows: {} offsets for {} tokens",
+             offsets.size(), T_);
+  // Chunks of queries sharing their document's entries: dots [chunk * nI, nv] = q_chunk @ K_doc^T by GEMM.
+  constexpr int64_t kChunk = 64;
+  std::vector<T> dots;
+  int64_t t0 = 0;
+  while (t0 < T_) {
+    const int64_t fe = plan.first_entry[static_cast<size_t>(t0)];
+    int64_t t1 = t0 + 1;
+    while (t1 < T_ && t1 - t0 < kChunk && plan.first_entry[static_cast<size_t>(t1)] == fe) ++t1;
+    const int64_t nv = plan.n_visible[static_cast<size_t>(t1 - 1)];  // non-decreasing within a document
+    for (int64_t t = t0; t < t1; ++t) {
+      T* out = values + offsets[static_cast<size_t>(t)];
+      std::fill(out, out + plan.n_visible[static_cast<size_t>(t)], T(0));
+    }
+    if (nv > 0) {
+      dots.resize(static_cast<size_t>((t1 - t0) * nI * nv));
+      if constexpr (std::is_same_v<T, float>) {
+        cpu_gemm(false, true, (t1 - t0) * nI, nv, cI, 1.0f, q + t0 * nI * cI, cI, k + fe * cI, cI, 0.0f, dots.data(),
+                 nv);
+      } else {
+        for (int64_t r = 0; r < (t1 - t0) * nI; ++r)
+          for (int64_t e = 0; e < nv; ++e) {
+            T d = 0;
+            for (int64_t i = 0; i < cI; ++i) d += q[(t0 * nI + r) * cI + i] * k[(fe + e) * cI + i];
+            dots[static_cast<size_t>(r * nv + e)] = d;
+          }
+      }
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n = plan.n_visible[static_cast<size_t>(t)];
+        T* out = values + offsets[static_cast<size_t>(t)];
+        for (int64_t h = 0; h < nI; ++h) {
+          const T wt = w[t * nI + h] * weight_scale;
+          const T* d = dots.data() + ((t - t0) * nI + h) * nv;
+          for (int64_t e = 0; e < n; ++e) out[e] += indexer_score_term(d[e], wt, score_scale);
+        }
+      }
+    }
+    t0 = t1;
+  }
+}
+
+template void indexer_scores_rows<float>(const float*, const float*, const float*, const CompressPlan&, int64_t,
+                                         int64_t, float, float, const std::vector<int64_t>&, float*);
+template void indexer_scores_rows<double>(const double*, const double*, const double*, const CompressPlan&, int64_t,
+                                          int64_t, double, double, const std::vector<int64_t>&, double*);
+
 IndexScores Indexer::scores(const Tensor& x_TD, const Tensor& qr_TQ, const std::vector<int64_t>& pos,
                             const CompressPlan& plan, const RopeTable& rope) const {
   const int64_t T = x_TD.size(0), nI = n_heads_, cI = head_dim_;
@@ -71,31 +124,7 @@ IndexScores Indexer::scores(const Tensor& x_TD, const Tensor& qr_TQ, const std::
     s.offsets[static_cast<size_t>(t + 1)] = s.offsets[static_cast<size_t>(t)] + plan.n_visible[static_cast<size_t>(t)];
   s.values.assign(static_cast<size_t>(s.offsets.back()), 0.0f);
 
-  // Chunks of queries sharing their document's entries: dots [chunk * nI, nv] = q_chunk @ K_doc^T by GEMM.
-  constexpr int64_t kChunk = 64;
-  std::vector<float> dots;
-  int64_t t0 = 0;
-  while (t0 < T) {
-    const int64_t fe = plan.first_entry[static_cast<size_t>(t0)];
-    int64_t t1 = t0 + 1;
-    while (t1 < T && t1 - t0 < kChunk && plan.first_entry[static_cast<size_t>(t1)] == fe) ++t1;
-    const int64_t nv = plan.n_visible[static_cast<size_t>(t1 - 1)];  // non-decreasing within a document
-    if (nv > 0) {
-      dots.resize(static_cast<size_t>((t1 - t0) * nI * nv));
-      cpu_gemm(false, true, (t1 - t0) * nI, nv, cI, 1.0f, qp + t0 * nI * cI, cI, kp + fe * cI, cI, 0.0f, dots.data(),
-               nv);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n = plan.n_visible[static_cast<size_t>(t)];
-        float* out = s.values.data() + s.offsets[static_cast<size_t>(t)];
-        for (int64_t h = 0; h < nI; ++h) {
-          const float wt = wp[t * nI + h] * weight_scale;
-          const float* d = dots.data() + ((t - t0) * nI + h) * nv;
-          for (int64_t e = 0; e < n; ++e) out[e] += (std::max(d[e], 0.0f) * score_scale) * wt;
-        }
-      }
-    }
-    t0 = t1;
-  }
+  indexer_scores_rows<float>(qp, kp, wp, plan, nI, cI, score_scale, weight_scale, s.offsets, s.values.data());
   // Under tp: the sums over this rank's heads, completed over the tp group (identical on every tp rank).
   if (tp_ && !s.values.empty()) {
     const int64_t n = static_cast<int64_t>(s.values.size());

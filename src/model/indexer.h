@@ -28,6 +28,15 @@ struct IndexScores {
   std::vector<float> values;
 };
 
+// Scores from the indexer's projected inputs (the part after the GEMMs that the CUDA kernel mirrors):
+// q [T, nI, cI] (after RoPE / rotation / fake quant), k [E, cI] (compressor output), w [T, nI] (weights_proj
+// output, unscaled). values[s.offsets[t] + e] (s.offsets: prefix sums of plan.n_visible) are overwritten with
+// sum_h indexer_score_term(q[t, h] . k[first_entry[t] + e], w[t, h] * weight_scale, score_scale), h ascending.
+// No BF16 rounding here (Indexer::scores rounds after the tp sum). float: dots by GEMM; double: plain loops.
+template <typename T>
+void indexer_scores_rows(const T* q, const T* k, const T* w, const CompressPlan& plan, int64_t nI, int64_t cI,
+                         T score_scale, T weight_scale, const std::vector<int64_t>& offsets, T* values);
+
 class Indexer {
  public:
   Indexer() = default;
