@@ -2,6 +2,8 @@
 // degenerate cases (empty sums, experts without rows) and the FP8 forward as a loop of runtime/fp8.h's fp8_gemm.
 #include "runtime/grouped_gemm.h"
 
+#include <algorithm>
+
 #include "runtime/error.h"
 #include "runtime/ops.h"
 
@@ -182,14 +184,20 @@ void grouped_fp8_gemm_forward(const Fp8Tensor& x_TK, const Fp8ExpertWeights& W_E
     const int64_t r0 = offsets[size_t(e)], r1 = offsets[size_t(e + 1)];
     if (r1 == r0) continue;
     const Fp8Tensor w = W_ENK.expert(e);
-    // Auto: cuBLASLt takes M % 4 == 0; the last m % 4 rows go to the fallback on their own (see the header).
-    const int64_t split = (impl == Fp8GemmImpl::Auto && r1 - r0 > 4) ? r0 + ((r1 - r0) / 4) * 4 : r1;
-    for (auto [a, b] : {std::pair{r0, split}, std::pair{split, r1}}) {
-      if (a == b) continue;
-      const Fp8Tensor xe{x_TK.q.slice(0, a, b), x_TK.scale.slice(0, a, b), Fp8Layout::Rows1x128};
-      Tensor ye = y_TN.slice(0, a, b);
-      fp8_gemm(xe, w, ye, impl);
+    const int64_t m = r1 - r0, m4 = (m + 3) / 4 * 4;
+    // Auto on CUDA: a pad4(m)-row window of x containing the expert's rows, through a scratch (see the header).
+    if (impl == Fp8GemmImpl::Auto && x_TK.q.device().is_cuda() && m4 != m && m4 <= T) {
+      const int64_t w0 = std::min(r0, T - m4);
+      const Fp8Tensor xw{x_TK.q.slice(0, w0, w0 + m4), x_TK.scale.slice(0, w0, w0 + m4), Fp8Layout::Rows1x128};
+      Tensor yw = Tensor::empty({m4, N}, DType::F32, y_TN.device());
+      fp8_gemm(xw, w, yw, impl);
+      Tensor ye = y_TN.slice(0, r0, r1);
+      ops::copy(yw.slice(0, r0 - w0, r0 - w0 + m), ye);
+      continue;
     }
+    const Fp8Tensor xe{x_TK.q.slice(0, r0, r1), x_TK.scale.slice(0, r0, r1), Fp8Layout::Rows1x128};
+    Tensor ye = y_TN.slice(0, r0, r1);
+    fp8_gemm(xe, w, ye, impl);
   }
 }
 

@@ -22,9 +22,11 @@
 // Block-scaled FP8 forward (runtime/fp8.h): x quantised 1x128 over [T, K] (a row's scales depend on that row
 // only, so the row ranges of the experts are valid Rows1x128 operands), each expert's weight quantised in
 // 128x128 blocks. The GEMM runs runtime/fp8.h's fp8_gemm on each non-empty expert (CPU reference on the CPU,
-// cuBLASLt or the fallback kernel on CUDA). With Fp8GemmImpl::Auto an expert whose row count is not a multiple of
-// 4 is split into its first 4*floor(m/4) rows and the remaining 1..3 rows, so that cuBLASLt (which needs M % 4 == 0)
-// can take the bulk; the result is the same per-row definition (rows are independent in the reference).
+// cuBLASLt or the fallback kernel on CUDA). cuBLASLt needs M % 4 == 0; with Fp8GemmImpl::Auto on CUDA an expert of
+// m rows (m % 4 != 0) runs as a window of pad4(m) consecutive rows of x that contains its own (borrowing up to 3
+// rows of a neighbouring expert, all valid quantised rows), written to a scratch from which its m rows are copied.
+// Rows are independent in the reference, so the result is the same per-row definition. (Measured on an H100:
+// sending the 1..3 tail rows to the CUDA-core fallback kernel instead made the proxy-2b expert GEMM 25x slower.)
 #pragma once
 
 #include <cstdint>

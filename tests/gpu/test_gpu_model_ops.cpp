@@ -72,7 +72,19 @@ TEST_F(GpuModelOps, SwigluForwardBackward) {
         const auto d = swiglu_backward(G(g), G(u), G(w), G(dh), limit);
         expect_close(d.dg, c.dg, 2e-6, 1e-6, "swiglu dg");
         expect_close(d.du, c.du, 2e-6, 1e-6, "swiglu du");
-        if (weighted) expect_close(d.dw, c.dw, 2e-6, 1e-6, "swiglu dw");
+        if (weighted) {
+          // dw[t] = sum_i dh h (unweighted h): a reduction summed in another order, so the bound scales with
+          // sum_i |dh h| rather than with |dw| (which can cancel; seen on an H100: 1.8e-6 off a 0.21 result).
+          const Tensor h = swiglu(g, u, Tensor(), limit);
+          const auto hv = h.to_floats(), dv = dh.to_floats();
+          std::vector<float> tol(static_cast<size_t>(T));
+          for (int64_t t = 0; t < T; ++t) {
+            double sum = 0.0;
+            for (int64_t i = 0; i < I; ++i) sum += std::fabs(double(hv[size_t(t * I + i)]) * dv[size_t(t * I + i)]);
+            tol[size_t(t)] = static_cast<float>(4e-7 * sum + 1e-7);
+          }
+          expect_within(d.dw, c.dw, tol, "swiglu dw");
+        }
       }
     }
   }
