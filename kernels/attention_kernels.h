@@ -65,11 +65,14 @@ struct MhcShape {
 };
 
 // X [T, n, D] -> x [T, D], post [T, n], comb [T, n, n] (row-major [j, k]); saved mixes [T, M], rstd [T].
+// The mixing / gradient GEMMs of the pre and head functions run through cuBLAS on `stream` (made the device's
+// current stream for the call).
 void mhc_pre_forward(const float* X, const float* fn, const float* scale, const float* base, float* x, float* post,
                      float* comb, float* mixes, float* rstd, const MhcShape& s, void* stream);
 
-// Workspace floats of mhc_pre_backward: dz [T, M] (pre-activation gradients), dm [T, M] (dmixes * rstd).
-inline int64_t mhc_pre_backward_workspace(const MhcShape& s) { return 2 * s.T * s.M(); }
+// Workspace floats of mhc_pre_backward: dz [T, M] (pre-activation gradients), dm [T, M] (dmixes * rstd), c [T],
+// then M doubles (8-byte aligned when the workspace is) for the dscale partial sums.
+inline int64_t mhc_pre_backward_workspace(const MhcShape& s) { return 2 * s.T * s.M() + s.T + 1 + 2 * s.M(); }
 
 // Backward of mhc_pre_forward given dx [T, D], dpost [T, n], dcomb [T, n, n] (dpost / dcomb may be null = zero).
 // dX [T, n, D] is overwritten (added to when accumulate). dfn [M, N], dscale [3], dbase [M] accumulate (+=) when
@@ -83,7 +86,7 @@ void mhc_pre_backward(const float* dx, const float* dpost, const float* dcomb, c
 // hc_eps) X[j]; saved mixes [T, n], rstd [T]. s.iters is unused.
 void mhc_head_forward(const float* X, const float* fn, const float* scale, const float* base, float* h,
                       float* mixes, float* rstd, const MhcShape& s, void* stream);
-inline int64_t mhc_head_backward_workspace(const MhcShape& s) { return 2 * s.T * s.n; }
+inline int64_t mhc_head_backward_workspace(const MhcShape& s) { return 2 * s.T * s.n + s.T + 1 + 2 * s.n; }
 // dX overwritten (added to when accumulate); dfn [n, N], dscale [1], dbase [n] accumulate when non-null.
 void mhc_head_backward(const float* dh, const float* X, const float* fn, const float* scale, const float* base,
                        const float* mixes, const float* rstd, float* dX, float* dfn, float* dscale, float* dbase,

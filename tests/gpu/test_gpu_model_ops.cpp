@@ -83,7 +83,7 @@ TEST_F(GpuModelOps, SwigluForwardBackward) {
             for (int64_t i = 0; i < I; ++i) sum += std::fabs(double(hv[size_t(t * I + i)]) * dv[size_t(t * I + i)]);
             tol[size_t(t)] = static_cast<float>(4e-7 * sum + 1e-7);
           }
-          expect_within(d.dw, c.dw, tol, "swiglu dw");
+          gputest::expect_within(d.dw, c.dw, tol, "swiglu dw");
         }
       }
     }
