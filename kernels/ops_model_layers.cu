@@ -7,7 +7,8 @@
 //                                   backward fuses dx with 16-row FP32 dweight partials + a fixed-order reduction;
 //                                   scalar path: one block per row, double tree sum; dw per (column tile, 128-row
 //                                   chunk) FP32 partials, then a pass over the chunks
-//   rope_apply                      one thread per rotated pair
+//   rope_apply                      vector path: cos / sin once per (position, i) in shared memory, float4 in place;
+//                                   scalar path: one thread per rotated pair
 //   swiglu / backward               element-wise; dw: one block per row (double tree sum)
 //   sqrt_softplus(+backward)        element-wise
 //   moe_route                       one block per token: K rounds of a (value, id) arg-best tree (exact comparisons)
@@ -292,6 +293,45 @@ __global__ void rope_kernel(float* x, int64_t rows, int64_t dim, int64_t row_str
     const float a = v[2 * i], b = v[2 * i + 1];
     v[2 * i] = a * c - b * s;
     v[2 * i + 1] = b * c + a * s;
+  }
+}
+
+// RoPE vector path (half even, rotated part starting at a multiple of 4 floats, row stride % 4 == 0, base 16-byte
+// aligned). Minimal bytes: 2 R rot_dim 4 (in place). The scalar kernel evaluates one double sincos per element pair
+// although the `group` rows of a position (the heads) share the angles; here a block takes kRopePositions-sized runs
+// of positions, evaluates each (position, i) cos / sin once into shared memory (the same double sincos, same
+// rounding: results bit-identical to the scalar kernel), then rotates two pairs per float4 load / store.
+__global__ void __launch_bounds__(kRowThreads) rope_vec_kernel(float* __restrict__ x, int64_t P, int64_t group,
+                                                              int64_t row_stride, int64_t off,
+                                                              const int64_t* __restrict__ pos,
+                                                              const float* __restrict__ inv_freq, int half, int PB,
+                                                              bool inverse) {
+  extern __shared__ float rope_cs[];  // cos [PB][half], then sin [PB][half]
+  float* cs = rope_cs;
+  float* sn = rope_cs + PB * half;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * PB;
+  const int np = static_cast<int>(min(static_cast<int64_t>(PB), P - p0));
+  for (int k = tid; k < np * half; k += blockDim.x) {
+    const int pp = k / half, i = k - pp * half;
+    const float pf = static_cast<float>(pos[p0 + pp]);
+    const float angle = pf * inv_freq[i];
+    double sd, cd;
+    sincos(static_cast<double>(angle), &sd, &cd);
+    cs[k] = static_cast<float>(cd);
+    sn[k] = inverse ? -static_cast<float>(sd) : static_cast<float>(sd);
+  }
+  __syncthreads();
+  const int64_t H4 = half / 2, n = np * group * H4;
+#pragma unroll 4
+  for (int64_t k = tid; k < n; k += blockDim.x) {
+    const int64_t rr = k / H4, j = k - rr * H4;
+    const int pp = static_cast<int>(rr / group);
+    float4* v = reinterpret_cast<float4*>(x + (p0 * group + rr) * row_stride + off) + j;
+    const float4 a = *v;
+    const int i0 = pp * half + 2 * static_cast<int>(j);
+    const float c0 = cs[i0], s0 = sn[i0], c1 = cs[i0 + 1], s1 = sn[i0 + 1];
+    *v = make_float4(a.x * c0 - a.y * s0, a.y * c0 + a.x * s0, a.z * c1 - a.w * s1, a.w * c1 + a.z * s1);
   }
 }
 
@@ -800,9 +840,22 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
 
 void rope_apply(Tensor& x, const Tensor& pos, const Tensor& inv_freq, bool inverse) {
   detail::DeviceGuard guard(x.device().index);
-  const int64_t R = x.size(0), half = inv_freq.numel();
-  rope_kernel<<<blocks_for(R * half), kRowThreads, 0, stream_of(x)>>>(x.data<float>(), R, x.size(1), x.stride(0),
-                                                                    pos.data<int64_t>(), R / pos.numel(),
+  const int64_t R = x.size(0), half = inv_freq.numel(), P = pos.numel(), dim = x.size(1), rs = x.stride(0);
+  const int64_t off = dim - 2 * half;
+  if (half % 2 == 0 && half <= 1024 && off % 4 == 0 && rs % 4 == 0 && aligned16(x.data<float>()) && P > 0) {
+    const int64_t group = R / P, per_pos = group * (half / 2);
+    const int64_t PB = std::clamp<int64_t>(1024 / std::max<int64_t>(per_pos, 1), 1, std::max<int64_t>(1, 2048 / half));
+    const int64_t blocks = (P + PB - 1) / PB;
+    DSV4_CHECK(blocks <= INT32_MAX, "cuda::rope_apply: {} positions", P);
+    const size_t smem = static_cast<size_t>(2 * PB * half) * sizeof(float);
+    rope_vec_kernel<<<static_cast<unsigned>(blocks), kRowThreads, smem, stream_of(x)>>>(
+        x.data<float>(), P, group, rs, off, pos.data<int64_t>(), inv_freq.data<float>(), static_cast<int>(half),
+        static_cast<int>(PB), inverse);
+    CUDA_CHECK_LAUNCH();
+    return;
+  }
+  rope_kernel<<<blocks_for(R * half), kRowThreads, 0, stream_of(x)>>>(x.data<float>(), R, dim, rs,
+                                                                    pos.data<int64_t>(), R / P,
                                                                     inv_freq.data<float>(), half, inverse);
   CUDA_CHECK_LAUNCH();
 }

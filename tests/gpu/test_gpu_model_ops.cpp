@@ -94,6 +94,40 @@ TEST_F(GpuModelOps, RopeForwardInverse) {
   }
 }
 
+// RoPE's vector path (even half, rotated part at a multiple of 4 floats, row stride % 4 == 0, aligned: cos / sin
+// shared by the rows of a position) and its scalar fallbacks (odd half, rotated part at 34, misaligned base, row
+// stride 517); also rows that are a column slice of wider rows (row stride 520 > dim).
+TEST_F(GpuModelOps, RopeVectorAndScalarPaths) {
+  for (auto [P, H, dim, half] : {std::array<int64_t, 4>{64, 16, 512, 32}, {9, 1, 64, 32}, {3, 2, 14, 3},
+                                 {7, 5, 66, 16}, {300, 3, 128, 64}}) {
+    const Tensor x = rand_cpu({P * H, dim});
+    std::vector<int64_t> pv;
+    for (int64_t p = 0; p < P; ++p) pv.push_back(p * 31 + 5);
+    const Tensor pos = Tensor::from_vector<int64_t>({P}, pv);
+    std::vector<float> f;
+    for (int64_t i = 0; i < half; ++i) f.push_back(std::pow(10000.0f, -2.0f * static_cast<float>(i) / (2.0f * half)));
+    const Tensor inv = Tensor::from_vector<float>({half}, f);
+    for (bool inverse : {false, true}) {
+      Tensor c = x.clone();
+      rope_apply(c, pos, inv, inverse);
+      const std::string what = fmt::format(" {}x{}x{} half {}{}", P, H, dim, half, inverse ? " inverse" : "");
+      Tensor g = G(x);
+      rope_apply(g, G(pos), G(inv), inverse);
+      expect_close(g, c, 2e-6, 1e-6, "rope aligned" + what);
+      Tensor m = misaligned_gpu(x);
+      rope_apply(m, G(pos), G(inv), inverse);
+      expect_close(m, c, 2e-6, 1e-6, "rope misaligned" + what);
+      for (int64_t width : {dim + 8, dim + 5}) {
+        Tensor wide = Tensor::zeros({P * H, width}, DType::F32, kGpu);
+        Tensor v = wide.slice(1, 0, dim);
+        v.copy_from(x);
+        rope_apply(v, G(pos), G(inv), inverse);
+        expect_close(v, c, 2e-6, 1e-6, fmt::format("rope row stride {}", width) + what);
+      }
+    }
+  }
+}
+
 TEST_F(GpuModelOps, SwigluForwardBackward) {
   for (auto [T, I] : {std::pair<int64_t, int64_t>{1, 5}, {17, 300}, {128, 2048}}) {
     for (double limit : {0.0, 1.5}) {
