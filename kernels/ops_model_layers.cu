@@ -11,7 +11,8 @@
 //                                   scalar path: one thread per rotated pair
 //   swiglu / backward               element-wise; dw: one block per row (double tree sum)
 //   sqrt_softplus(+backward)        element-wise
-//   moe_route                       one block per token: K rounds of a (value, id) arg-best tree (exact comparisons)
+//   moe_route                       one block per token: K rounds of a (value, id) arg-best tree (exact comparisons);
+//                                   E <= 256 without fixed ids: one warp per token, shuffle butterflies
 //   moe_route_backward              one thread per token (the CPU's sequential sums)
 //   moe_sort_slots                  cub stable radix sort of (expert, slot), offsets by binary search
 //   moe_permute / moe_unpermute     warp per (row, 512-col chunk), float4 row copies; unpermute sums each token's slots
@@ -475,6 +476,67 @@ __global__ void moe_route_kernel(const float* aff, const float* bias, const int6
   }
 }
 
+// moe_route for E <= 256 without fixed ids (latency-bound: [T, E] is ~0.5 MB): one warp per token instead of a
+// 128-thread block, the token's (a + bias) in registers (expert lane + 32 i), K rounds of a warp butterfly arg-best
+// under route_before (a strict total order, so any reduction order picks the same expert: bit-identical), no
+// block barriers; the weights as in moe_route_kernel (lane 0, the same sums in the same order).
+constexpr int kRouteWarpExperts = 8;  // experts per lane (E <= 256)
+constexpr int kRouteWarps = 8;        // tokens per block
+
+__global__ void __launch_bounds__(kRouteWarps * 32) moe_route_warp_kernel(const float* __restrict__ aff,
+                                                                         const float* __restrict__ bias, int64_t T,
+                                                                         int64_t E, int64_t K, float route_scale,
+                                                                         int64_t* __restrict__ idx,
+                                                                         float* __restrict__ w) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + (threadIdx.x >> 5);
+  if (t >= T) return;  // whole warps
+  const float* a = aff + t * E;
+  int64_t* it = idx + t * K;
+  float sel[kRouteWarpExperts];
+  unsigned avail = 0;
+#pragma unroll
+  for (int i = 0; i < kRouteWarpExperts; ++i) {
+    const int e = lane + 32 * i;
+    sel[i] = 0.0f;
+    if (e < E) {
+      sel[i] = bias ? a[e] + bias[e] : a[e];
+      avail |= 1u << i;
+    }
+  }
+  for (int64_t j = 0; j < K; ++j) {
+    float bv = 0.0f;
+    int bi = -1;
+#pragma unroll
+    for (int i = 0; i < kRouteWarpExperts; ++i)
+      if (((avail >> i) & 1u) && route_before(sel[i], lane + 32 * i, bv, bi)) {
+        bv = sel[i];
+        bi = lane + 32 * i;
+      }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xFFFFFFFFu, bv, o);
+      const int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, o);
+      if (route_before(ov, oi, bv, bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    if (bi >= 0 && (bi & 31) == lane) avail &= ~(1u << (bi >> 5));
+    if (lane == 0) it[j] = bi;
+  }
+  if (lane == 0) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < K; ++j) sum += a[it[j]];
+    const float denom = sum + static_cast<float>(kRouteNormEps);
+    for (int64_t j = 0; j < K; ++j) {
+      float q = a[it[j]] / denom;
+      q *= route_scale;
+      w[t * K + j] = q;
+    }
+  }
+}
+
 __global__ void moe_route_bwd_kernel(const float* aff, const int64_t* idx, const float* dw, int64_t rows, int64_t E,
                                      int64_t K, double route_scale, float* daff) {
   GRID_STRIDE(t, rows) moe_route_backward_row(aff + t * E, idx + t * K, dw + t * K, K, route_scale, daff + t * E);
@@ -896,6 +958,13 @@ void moe_route(const Tensor& aff, const Tensor& bias, const Tensor& fixed_idx, d
   detail::DeviceGuard guard(aff.device().index);
   const int64_t T = aff.size(0), E = aff.size(1), K = idx.size(1);
   DSV4_CHECK(E <= (int64_t{1} << 30), "cuda::moe_route: {} experts", E);
+  if (!fixed_idx.defined() && E <= 32 * kRouteWarpExperts) {
+    moe_route_warp_kernel<<<static_cast<unsigned>((T + kRouteWarps - 1) / kRouteWarps), kRouteWarps * 32, 0,
+                            stream_of(aff)>>>(aff.data<float>(), fptr(bias), T, E, K, static_cast<float>(route_scale),
+                                              idx.data<int64_t>(), w.data<float>());
+    CUDA_CHECK_LAUNCH();
+    return;
+  }
   const size_t smem = static_cast<size_t>(E) * (sizeof(float) + 1);
   DSV4_CHECK(smem <= 48 * 1024, "cuda::moe_route: {} experts exceed the shared-memory tile", E);
   moe_route_kernel<<<static_cast<unsigned>(T), kRouteThreads, smem, stream_of(aff)>>>(

@@ -158,7 +158,8 @@ TEST_F(GpuModelOps, SwigluForwardBackward) {
 }
 
 TEST_F(GpuModelOps, RouterScoresTopKAndBackward) {
-  for (auto [T, E, K] : {std::array<int64_t, 3>{1, 8, 2}, {37, 64, 6}, {200, 256, 8}, {5, 3, 3}}) {
+  // E <= 256: the warp-per-token top-k; E = 300: the block-per-token one.
+  for (auto [T, E, K] : {std::array<int64_t, 3>{1, 8, 2}, {37, 64, 6}, {200, 256, 8}, {5, 3, 3}, {9, 33, 6}, {20, 300, 6}}) {
     const Tensor s = rand_cpu({T, E}, -25, 25);
     const Tensor aff = sqrt_softplus(s);
     expect_close(sqrt_softplus(G(s)), aff, 2e-6, 1e-6, "sqrt_softplus");
