@@ -609,7 +609,7 @@ constexpr int64_t kMaxCombineK = 64;
 // j + 32) hold slot j's position; each position's rank among the token's K (positions are distinct) is counted
 // with K shuffles; the (position, weight) pairs are placed by rank in shared memory. Then each lane accumulates
 // 4 float4 columns (vector path: D % 4 == 0, 16-byte aligned bases) or 16 scalar columns, K rows in rank order,
-// 4 independent loads per row in flight.
+// 4 independent loads per row, two rows per unrolled step (8 x 16 bytes per lane in flight).
 template <bool kVec, bool kWeighted>
 __global__ void __launch_bounds__(kPermWarps * 32) unpermute_rows_kernel(const float* __restrict__ ys,
                                                                         const int64_t* __restrict__ pos_of_slot,
@@ -648,6 +648,7 @@ __global__ void __launch_bounds__(kPermWarps * 32) unpermute_rows_kernel(const f
     float4 acc[4];
 #pragma unroll
     for (int u = 0; u < 4; ++u) acc[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 2
     for (int m = 0; m < K; ++m) {
       const float4* row = ys4 + sp[m] * D4;
       const float wm = sw[m];
