@@ -61,6 +61,31 @@ TEST_F(GpuFp8, QuantisersMatchCpuBitwise) {
       }
 }
 
+// The quantisers' vector paths (unit column stride, 16-byte aligned base, K and the row stride multiples of 4 (F32)
+// or 8 (BF16); M a multiple of 16 for the transposed one's 16-byte stores) and their scalar fallbacks: a base 1
+// element past alignment, a row stride of K + 4, partial last groups.
+TEST_F(GpuFp8, QuantisersVectorAndScalarPaths) {
+  for (ScaleFormat sf : {ScaleFormat::E8M0, ScaleFormat::F32})
+    for (auto [M, K] : std::vector<std::pair<int64_t, int64_t>>{{64, 2048}, {5, 136}, {130, 264}, {272, 1024}, {17, 36}})
+      for (DType dt : {DType::F32, DType::BF16}) {
+        const Tensor x = wide_cpu(M, K).to(dt);
+        const std::string what = fmt::format("{}x{} {} {}", M, K, dtype_name(dt), sf == ScaleFormat::F32 ? "f32" : "e8m0");
+        Tensor buf = Tensor::zeros({M * K + 8}, dt, kGpu);
+        Tensor mis = buf.slice(0, 1, M * K + 1).view({M, K});
+        mis.copy_from(x);
+        Tensor wide = Tensor::zeros({M, K + 4}, dt, kGpu);
+        Tensor strided = wide.slice(1, 0, K);
+        strided.copy_from(x);
+        const auto rc = fp8_quantize_rows(x, sf), tc = fp8_quantize_rows_t(x, sf), bc = fp8_quantize_blocks(x, sf);
+        for (auto [name, xg] : std::vector<std::pair<std::string, Tensor>>{
+                 {"aligned", x.to(kGpu)}, {"misaligned", mis}, {"row stride K+4", strided}}) {
+          expect_same_fp8(fp8_quantize_rows(xg, sf), rc, "rows " + name + " " + what);
+          expect_same_fp8(fp8_quantize_rows_t(xg, sf), tc, "rows_t " + name + " " + what);
+          expect_same_fp8(fp8_quantize_blocks(xg, sf), bc, "blocks " + name + " " + what);
+        }
+      }
+}
+
 TEST_F(GpuFp8, SaturationMatchesCpu) {
   std::vector<float> v = {3.0e38f, -3.3e38f, 1.0f, 0.0f, 1e-30f, -448.0f};
   v.resize(200, 0.5f);

@@ -7,6 +7,7 @@
 //   atol 2e-3              Newton-Schulz (cuBLAS vs CPU BLAS FP32 GEMMs over 10 iterations)
 // Skipped without a GPU.
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "gpu_test_util.h"
@@ -17,6 +18,7 @@ namespace {
 
 using gputest::expect_close;
 using gputest::expect_same_bits;
+using gputest::expect_within;
 using gputest::kCpu;
 using gputest::kGpu;
 using gputest::rand_cpu;
@@ -25,6 +27,14 @@ using gputest::rand_index;
 class GpuModelOps : public gputest::GpuTest {};
 
 Tensor G(const Tensor& t) { return t.defined() ? t.to(kGpu) : Tensor(); }
+
+// A contiguous GPU copy of `t` whose data starts 4 bytes past a 16-byte boundary (the kernels' scalar fallbacks).
+Tensor misaligned_gpu(const Tensor& t) {
+  Tensor buf = Tensor::zeros({t.numel() + 4}, t.dtype(), kGpu);
+  Tensor v = buf.slice(0, 1, t.numel() + 1).view(t.shape());
+  v.copy_from(t);
+  return v;
+}
 
 TEST_F(GpuModelOps, RmsNormForwardBackward) {
   for (auto [T, D] : {std::pair<int64_t, int64_t>{1, 7}, {3, 130}, {257, 1000}, {64, 4096}}) {
@@ -43,6 +53,29 @@ TEST_F(GpuModelOps, RmsNormForwardBackward) {
   }
 }
 
+// The vector kernels (dim % 4 == 0, 16-byte aligned, dim <= 8192: 1, 2, 4 or 8 float4 per thread; backward chunks
+// of 16 rows, with a partial last chunk) and the scalar fallbacks (misaligned bases, dim > 8192).
+TEST_F(GpuModelOps, RmsNormVectorAndScalarPaths) {
+  for (auto [T, D] : {std::pair<int64_t, int64_t>{300, 2048}, {17, 8192}, {5, 9000}, {33, 1024}}) {
+    for (bool weighted : {true, false}) {
+      for (bool misaligned : {false, true}) {
+        const Tensor x = rand_cpu({T, D}, -2, 2), dy = rand_cpu({T, D});
+        const Tensor w = weighted ? rand_cpu({D}, 0.5f, 1.5f) : Tensor();
+        auto M = [&](const Tensor& t) { return !t.defined() ? Tensor() : misaligned ? misaligned_gpu(t) : G(t); };
+        const std::string what = fmt::format(" {}x{}{}{}", T, D, weighted ? " weighted" : "", misaligned ? " misaligned" : "");
+        const auto c = rmsnorm_forward(x, w, 1e-6);
+        const auto g = rmsnorm_forward(M(x), M(w), 1e-6);
+        expect_close(g.y, c.y, 2e-6, 1e-6, "rmsnorm y" + what);
+        expect_close(g.rstd, c.rstd, 2e-6, 0, "rmsnorm rstd" + what);
+        const auto cb = rmsnorm_backward(dy, x, w, c.rstd);
+        const auto gb = rmsnorm_backward(M(dy), M(x), M(w), G(c.rstd));
+        expect_close(gb.dx, cb.dx, 2e-6, 1e-6, "rmsnorm dx" + what);
+        if (weighted) expect_close(gb.dw, cb.dw, 1e-5, 1e-5, "rmsnorm dw" + what);
+      }
+    }
+  }
+}
+
 TEST_F(GpuModelOps, RopeForwardInverse) {
   for (auto [P, H, dim, half] : {std::array<int64_t, 4>{1, 1, 8, 4}, {5, 3, 70, 16}, {33, 8, 192, 32}}) {
     const Tensor x = rand_cpu({P * H, dim});
@@ -57,6 +90,40 @@ TEST_F(GpuModelOps, RopeForwardInverse) {
       rope_apply(c, pos, inv, inverse);
       rope_apply(g, G(pos), G(inv), inverse);
       expect_close(g, c, 2e-6, 1e-6, inverse ? "rope inverse" : "rope");
+    }
+  }
+}
+
+// RoPE's vector path (even half, rotated part at a multiple of 4 floats, row stride % 4 == 0, aligned: cos / sin
+// shared by the rows of a position) and its scalar fallbacks (odd half, rotated part at 34, misaligned base, row
+// stride 517); also rows that are a column slice of wider rows (row stride 520 > dim).
+TEST_F(GpuModelOps, RopeVectorAndScalarPaths) {
+  for (auto [P, H, dim, half] : {std::array<int64_t, 4>{64, 16, 512, 32}, {9, 1, 64, 32}, {3, 2, 14, 3},
+                                 {7, 5, 66, 16}, {300, 3, 128, 64}}) {
+    const Tensor x = rand_cpu({P * H, dim});
+    std::vector<int64_t> pv;
+    for (int64_t p = 0; p < P; ++p) pv.push_back(p * 31 + 5);
+    const Tensor pos = Tensor::from_vector<int64_t>({P}, pv);
+    std::vector<float> f;
+    for (int64_t i = 0; i < half; ++i) f.push_back(std::pow(10000.0f, -2.0f * static_cast<float>(i) / (2.0f * half)));
+    const Tensor inv = Tensor::from_vector<float>({half}, f);
+    for (bool inverse : {false, true}) {
+      Tensor c = x.clone();
+      rope_apply(c, pos, inv, inverse);
+      const std::string what = fmt::format(" {}x{}x{} half {}{}", P, H, dim, half, inverse ? " inverse" : "");
+      Tensor g = G(x);
+      rope_apply(g, G(pos), G(inv), inverse);
+      expect_close(g, c, 2e-6, 1e-6, "rope aligned" + what);
+      Tensor m = misaligned_gpu(x);
+      rope_apply(m, G(pos), G(inv), inverse);
+      expect_close(m, c, 2e-6, 1e-6, "rope misaligned" + what);
+      for (int64_t width : {dim + 8, dim + 5}) {
+        Tensor wide = Tensor::zeros({P * H, width}, DType::F32, kGpu);
+        Tensor v = wide.slice(1, 0, dim);
+        v.copy_from(x);
+        rope_apply(v, G(pos), G(inv), inverse);
+        expect_close(v, c, 2e-6, 1e-6, fmt::format("rope row stride {}", width) + what);
+      }
     }
   }
 }
@@ -91,7 +158,8 @@ TEST_F(GpuModelOps, SwigluForwardBackward) {
 }
 
 TEST_F(GpuModelOps, RouterScoresTopKAndBackward) {
-  for (auto [T, E, K] : {std::array<int64_t, 3>{1, 8, 2}, {37, 64, 6}, {200, 256, 8}, {5, 3, 3}}) {
+  // E <= 256: the warp-per-token top-k; E = 300: the block-per-token one.
+  for (auto [T, E, K] : {std::array<int64_t, 3>{1, 8, 2}, {37, 64, 6}, {200, 256, 8}, {5, 3, 3}, {9, 33, 6}, {20, 300, 6}}) {
     const Tensor s = rand_cpu({T, E}, -25, 25);
     const Tensor aff = sqrt_softplus(s);
     expect_close(sqrt_softplus(G(s)), aff, 2e-6, 1e-6, "sqrt_softplus");
@@ -147,6 +215,27 @@ TEST_F(GpuModelOps, PermuteUnpermute) {
   }
 }
 
+// Wide rows (vector path with several 512-column chunks and a partial one), K > 32 (second slot per lane),
+// misaligned bases (scalar path even though D % 4 == 0).
+TEST_F(GpuModelOps, PermuteUnpermuteVectorAndScalarPaths) {
+  for (auto [T, E, K, D] : {std::array<int64_t, 4>{20, 64, 40, 1028}, {7, 8, 3, 1030}, {33, 16, 6, 2048}}) {
+    const Tensor idx = rand_index({T, K}, E);
+    const auto c = moe_sort_slots(idx, E);
+    const Tensor ss = c.sorted_slot.to(kGpu);
+    const Tensor x = rand_cpu({T, D});
+    const Tensor ys = rand_cpu({T * K, D}), w = rand_cpu({T, K});
+    const Tensor pc = moe_permute(x, c.sorted_slot, K);
+    const Tensor uc = moe_unpermute(ys, c.sorted_slot, w, T, K);
+    const Tensor uc0 = moe_unpermute(ys, c.sorted_slot, Tensor(), T, K);
+    expect_same_bits(moe_permute(G(x), ss, K), pc, "permute aligned");
+    expect_same_bits(moe_permute(misaligned_gpu(x), ss, K), pc, "permute misaligned");
+    expect_same_bits(moe_unpermute(G(ys), ss, G(w), T, K), uc, "unpermute aligned");
+    expect_same_bits(moe_unpermute(misaligned_gpu(ys), ss, G(w), T, K), uc, "unpermute misaligned");
+    expect_same_bits(moe_unpermute(G(ys), ss, Tensor(), T, K), uc0, "unpermute unweighted aligned");
+    expect_same_bits(moe_unpermute(misaligned_gpu(ys), ss, Tensor(), T, K), uc0, "unpermute unweighted misaligned");
+  }
+}
+
 TEST_F(GpuModelOps, CrossEntropyPartials) {
   for (auto [T, V, begin, vocab] : {std::array<int64_t, 4>{1, 7, 0, 7}, {19, 1000, 0, 1000}, {64, 3001, 3001, 9000}}) {
     const Tensor z = rand_cpu({T, V}, -8, 8);
@@ -162,6 +251,30 @@ TEST_F(GpuModelOps, CrossEntropyPartials) {
     for (int64_t t = 0; t < T; ++t) lse[t] = mc.data<float>()[t] + std::log(std::max(sc[t], 1e-300));
     expect_close(ce_backward(G(z), G(y), lse, 13.0, begin), ce_backward(z, y, lse, 13.0, begin), 2e-6, 1e-9,
                  "ce backward");
+  }
+}
+
+// ce_sums / ce_backward: the float4 paths (V % 4 == 0, aligned; several 4096-column chunks and a partial one) and the
+// scalar fallbacks (misaligned logits).
+TEST_F(GpuModelOps, CrossEntropyVectorAndScalarPaths) {
+  for (auto [T, V, begin] : {std::array<int64_t, 3>{9, 9000, 100}, {6, 2052, 0}}) {
+    const Tensor z = rand_cpu({T, V}, -8, 8);
+    std::vector<int64_t> tv;
+    for (int64_t t = 0; t < T; ++t) tv.push_back(t % 4 == 3 ? kCeIgnoreIndex : begin + (t * 7919) % V);
+    const Tensor y = Tensor::from_vector<int64_t>({T}, tv);
+    const Tensor mc = ce_row_max(z);
+    const auto sc = ce_sums(z, y, mc, begin);
+    std::vector<double> lse(static_cast<size_t>(T));
+    for (int64_t t = 0; t < T; ++t) lse[t] = mc.data<float>()[t] + std::log(std::max(sc[t], 1e-300));
+    const Tensor bc = ce_backward(z, y, lse, 7.0, begin);
+    for (bool misaligned : {false, true}) {
+      const Tensor zg = misaligned ? misaligned_gpu(z) : G(z);
+      const auto sg = ce_sums(zg, G(y), G(mc), begin);
+      ASSERT_EQ(sc.size(), sg.size());
+      for (size_t i = 0; i < sc.size(); ++i) EXPECT_NEAR(sg[i], sc[i], 1e-12 * std::fabs(sc[i]) + 1e-300) << i;
+      expect_close(ce_backward(zg, G(y), lse, 7.0, begin), bc, 2e-6, 1e-9,
+                   misaligned ? "ce backward misaligned" : "ce backward");
+    }
   }
 }
 
