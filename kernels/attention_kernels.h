@@ -38,6 +38,15 @@ void sparse_attn_forward(const float* q, const float* kv, const float* ckv, cons
                          const int32_t* cand_offsets, const int32_t* cand_ids, int64_t T, int64_t n_raw,
                          int64_t n_comp, int64_t H, int64_t C, float scale, float* o, float* lse, void* stream);
 
+// BF16 tensor-core forward (kernels/attn_sparse_tc.cu): the same candidates, arguments and outputs as
+// sparse_attn_forward, with q * scale, the K = V rows and the probabilities rounded to BF16 for mma.sync (FP32
+// accumulation and softmax). Needs C == 512, H a multiple of 16 (sparse_attn_tc_supported) and 16-byte aligned
+// kv / ckv / o.
+bool sparse_attn_tc_supported(int64_t H, int64_t C);
+void sparse_attn_forward_tc(const float* q, const float* kv, const float* ckv, const float* sink,
+                            const int32_t* cand_offsets, const int32_t* cand_ids, int64_t T, int64_t n_raw,
+                            int64_t n_comp, int64_t H, int64_t C, float scale, float* o, float* lse, void* stream);
+
 // Workspace floats of sparse_attn_backward: D = rowsum(do * o) per (query, head).
 inline int64_t sparse_attn_backward_workspace(int64_t T, int64_t H) { return T * H; }
 

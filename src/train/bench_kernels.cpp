@@ -562,6 +562,15 @@ int run_attn_bench(const KernelBenchOptions& opt) {
                 fwd_flop / (t_f * 1e-3) / 1e12, t_b, 2.5 * fwd_flop / (t_b * 1e-3) / 1e12, t_fb,
                 3.5 * fwd_flop / (t_fb * 1e-3) / 1e12);
     std::printf("%s\n", inputs.c_str());
+    if (cuda::sparse_attn_tc_supported(H, C)) {
+      const double t_tc = timer.median_ms(1, [&](int) {
+        cuda::sparse_attn_forward_tc(q.data<float>(), kv.data<float>(), ckv_p, sink.data<float>(), d_co.data<int32_t>(),
+                                     d_ci.data<int32_t>(), T, T, n_comp, H, C, scale, o.data<float>(),
+                                     lse.data<float>(), stream());
+      });
+      std::printf("       BF16 tensor-core forward (sparse_attn_forward_tc): %.3f ms, %.1f TFLOP/s\n", t_tc,
+                  fwd_flop / (t_tc * 1e-3) / 1e12);
+    }
     std::fflush(stdout);
   };
   for (const Kind& k : {Kind{"SWA", 0, false}, Kind{"HCA", hca_ratio, false}, Kind{"CSA", csa_ratio, true}}) {

@@ -219,6 +219,84 @@ TEST_F(GpuSparseAttn, MatchesCpuReference) {
   }
 }
 
+// ---- BF16 tensor-core forward (kernels/attn_sparse_tc.cu) ---------------------------------------------------------
+// Reference: the double forward on the operands the kernel rounds to BF16 (q * scale, K = V rows; scale 1), so what
+// remains is the BF16 rounding of the probabilities before P.V (relative 2^-9 of each term of sum p v / l, at most
+// 2^-9 max|v|) and FP32 accumulation: bound 4e-3 * max|kv| on o and 1e-4 on lse (no rounding of its inputs left).
+struct TcResult {
+  std::vector<double> o, lse;
+};
+
+std::vector<float> bf16_round(const std::vector<float>& v, float mul = 1.0f) {
+  std::vector<float> m(v.size());
+  for (size_t i = 0; i < v.size(); ++i) m[i] = v[i] * mul;
+  return Tensor::from_floats({static_cast<int64_t>(m.size())}, m, DType::BF16).to_floats();
+}
+
+TcResult run_gpu_tc(const AttnProblem& p) {
+  std::vector<int32_t> off, ids;
+  cuda::build_sparse_candidates(p.idx.win_begin, p.idx.win_end, p.idx.comp_offsets, p.idx.comp_ids, p.n_raw, off, ids);
+  const Tensor q = gpu_f(p.q), kv = gpu_f(p.kv), ckv = gpu_f(p.ckv), sink = gpu_f(p.sink);
+  const Tensor goff = gpu_i(off), gids = gpu_i(ids);
+  const Tensor o = gpu_f(std::vector<float>(p.q.size(), NAN));
+  const Tensor lse = gpu_f(std::vector<float>(static_cast<size_t>(p.T * p.H), NAN));
+  cuda::sparse_attn_forward_tc(q.data<float>(), kv.data<float>(), ckv.data<float>(), sink.data<float>(),
+                               goff.data<int32_t>(), gids.data<int32_t>(), p.T, p.n_raw, p.n_comp, p.H, p.C, p.scale,
+                               o.data<float>(), lse.data<float>(), cuda::current_stream(0));
+  cuda::synchronize(0);
+  return {host(o, p.q.size()), host(lse, static_cast<size_t>(p.T * p.H))};
+}
+
+TEST(SparseAttnTc, SupportedShapes) {
+  EXPECT_TRUE(cuda::sparse_attn_tc_supported(16, 512));
+  EXPECT_TRUE(cuda::sparse_attn_tc_supported(64, 512));
+  EXPECT_FALSE(cuda::sparse_attn_tc_supported(8, 512));
+  EXPECT_FALSE(cuda::sparse_attn_tc_supported(24, 512));
+  EXPECT_FALSE(cuda::sparse_attn_tc_supported(16, 64));
+}
+
+TEST_F(GpuSparseAttn, TensorCoreForwardMatchesBf16Reference) {
+  const std::vector<AttnCase> tc_cases = {
+      {"tc_swa_docs", 16, 512, {37, 5, 90}, 128, 0, 0},
+      {"tc_hca", 16, 512, {300}, 128, 8, -1},
+      {"tc_csa_topk_gt_visible", 32, 512, {61, 200}, 128, 4, 20},
+      {"tc_empty_even", 16, 512, {33}, 7, 4, -1, true},
+      {"tc_h64_csa", 64, 512, {150}, 16, 4, 12}};
+  for (const AttnCase& c : tc_cases) {
+    const AttnProblem p = make_problem(c);
+    AttnProblem r = p;
+    r.q = bf16_round(p.q, p.scale);
+    r.kv = bf16_round(p.kv);
+    r.ckv = bf16_round(p.ckv);
+    r.scale = 1.0f;
+    std::vector<double> o_ref(p.q.size()), lse_ref(static_cast<size_t>(p.T * p.H));
+    {
+      const std::vector<double> q(r.q.begin(), r.q.end()), kv(r.kv.begin(), r.kv.end()), ckv(r.ckv.begin(), r.ckv.end()),
+          sink(r.sink.begin(), r.sink.end());
+      sparse_attn_forward<double>(r.idx, q.data(), kv.data(), ckv.data(), sink.data(), r.H, r.C, 1.0, o_ref.data(),
+                                  lse_ref.data());
+    }
+    const TcResult g = run_gpu_tc(p);
+    double max_kv = 0.0;
+    for (float v : p.kv) max_kv = std::max(max_kv, double(std::fabs(v)));
+    double wo = 0.0, wl = 0.0;
+    size_t bad_o = 0, bad_l = 0;
+    for (size_t i = 0; i < g.o.size(); ++i) {
+      const double e = std::fabs(g.o[i] - o_ref[i]);
+      wo = std::max(wo, e);
+      if (!(e <= 4e-3 * max_kv) && bad_o++ < 3) ADD_FAILURE() << c.name << " o[" << i << "] " << g.o[i] << " vs " << o_ref[i];
+    }
+    for (size_t i = 0; i < g.lse.size(); ++i) {
+      const double e = std::fabs(g.lse[i] - lse_ref[i]);
+      wl = std::max(wl, e);
+      if (!(e <= 1e-4) && bad_l++ < 3) ADD_FAILURE() << c.name << " lse[" << i << "] " << g.lse[i] << " vs " << lse_ref[i];
+    }
+    EXPECT_EQ(bad_o + bad_l, 0u) << c.name;
+    std::printf("[ tc %s ] T=%lld H=%lld: max |o err| %.2e (bound %.2e), max |lse err| %.2e (bound 1e-4)\n",
+                c.name.c_str(), (long long)p.T, (long long)p.H, wo, 4e-3 * max_kv, wl);
+  }
+}
+
 TEST_F(GpuSparseAttn, EmptyListGivesZeroOutputAndSinkLse) {
   const AttnProblem p = make_problem({"empty", 16, 64, {6}, 0, 0, 0});
   const AttnResult r = run_gpu(p);
