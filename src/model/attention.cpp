@@ -264,8 +264,8 @@ Tensor Attention::forward(const Tensor& x_TD, const SeqLayout& layout, Attention
       qgemm_xwT(wo_a_frozen, T, c.o_rot.data<float>() + g * K, HC, 0.0f, y.data<float>() + g * R, G * R, g * R,
                 (g + 1) * R);
     else
-      cpu_gemm(false, true, T, R, K, 1.0f, c.o_rot.data<float>() + g * K, HC, wo_a.value.data<float>() + g * R * K, K,
-               0.0f, y.data<float>() + g * R, G * R);
+      pgemm_xwT_rows(wo_a_precision_, T, K, R, c.o_rot.data<float>() + g * K, HC, wo_a.value.data<float>() + g * R * K,
+                     0.0f, y.data<float>() + g * R, G * R);
   }
   if (!wo_a_lora.empty()) {
     // y_g += s B_g (A_g drop(o_g)): per group its own adapter; shared A: one adapter, B's rows [g*R, (g+1)*R).
@@ -307,11 +307,11 @@ Tensor Attention::backward(const Tensor& dout_TD, const AttentionCtx& c) {
                 (g + 1) * R);
       continue;
     }
-    cpu_gemm(false, false, T, K, R, 1.0f, dy.data<float>() + g * R, G * R, wo_a.value.data<float>() + g * R * K, K,
-             0.0f, d_o.data<float>() + g * K, HC);
+    pgemm_dyW_rows(wo_a_precision_, T, K, R, dy.data<float>() + g * R, G * R, wo_a.value.data<float>() + g * R * K,
+                   0.0f, d_o.data<float>() + g * K, HC);
     if (wo_a.trainable)
-      cpu_gemm(true, false, R, K, T, 1.0f, dy.data<float>() + g * R, G * R, c.o_rot.data<float>() + g * K, HC, 1.0f,
-               wo_a.grad_buffer().data<float>() + g * R * K, K);
+      pgemm_dW_rows(wo_a_precision_, T, K, R, dy.data<float>() + g * R, G * R, c.o_rot.data<float>() + g * K, HC,
+                    wo_a.grad_buffer().data<float>() + g * R * K);
   }
   if (!wo_a_lora.empty()) {
     check_wo_a_lora();
@@ -373,6 +373,13 @@ Tensor Attention::backward(const Tensor& dout_TD, const AttentionCtx& c) {
   // sum, completed here once (the TpPartial parameter gradients are completed by the trainer).
   if (tp_) group_sum(tp_, dx);
   return dx;
+}
+
+void Attention::set_matmul_precision(MatmulPrecision p) {
+  for (Linear* l : {&wq_a, &wq_b, &wkv, &wo_b, &compressor.wkv, &compressor.wgate, &indexer.wq_b, &indexer.weights_proj,
+                    &indexer.compressor.wkv, &indexer.compressor.wgate})
+    l->set_precision(p);
+  wo_a_precision_ = p;
 }
 
 }  // namespace dsv4

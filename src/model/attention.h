@@ -103,6 +103,8 @@ class Attention {
   //   the rank holding their group (global unit names "wo_a.{g}"), Replicated (sum over dp);
   //   indexer.wq_b / weights_proj: B TpSplit dim 0 (no gradients); indexer.compressor.*: Replicated (no gradients).
   void place_adapters();
+  // Precision of the weight GEMMs (projections, grouped wo_a, compressor and indexer projections).
+  void set_matmul_precision(MatmulPrecision p);
 
   Linear wq_a;      // [Q, D]
   RMSNorm q_norm;   // [Q]
@@ -130,6 +132,7 @@ class Attention {
   bool ue8m0_ = true;
   AttentionOptions opts_;
   RopeTable rope_;
+  MatmulPrecision wo_a_precision_ = MatmulPrecision::F32;
 };
 
 }  // namespace dsv4

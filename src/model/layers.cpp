@@ -77,7 +77,7 @@ Tensor Linear::forward(const Tensor& x_TI, LinearCtx* ctx) const {
              weight.name, x_TI.str(), out_features(), in_features());
   DSV4_CHECK(frozen.defined() || weight.value.defined(),
              "Linear {}: the weight has no storage (built under DeferredWeightStorage and never loaded)", weight.name);
-  Tensor y = frozen.defined() ? qmatmul_xwT(x_TI, frozen) : ops::matmul(x_TI, weight.value, false, true);
+  Tensor y = frozen.defined() ? qmatmul_xwT(x_TI, frozen) : pmatmul_xwT(precision_, x_TI, weight.value);
   if (ctx) ctx->x = x_TI;
   if (lora) {
     DSV4_CHECK(lora->in_features() == in_ && lora->out_features() == out_,
@@ -107,8 +107,8 @@ Tensor Linear::backward(const Tensor& dy_TO, const LinearCtx& ctx) {
   if (frozen.defined()) {
     dx = qmatmul_dyW(dy_TO, frozen);
   } else {
-    if (weight.trainable) ops::gemm(dy_TO, true, ctx.x, false, 1.0f, 1.0f, weight.grad_buffer());
-    dx = ops::matmul(dy_TO, weight.value);
+    if (weight.trainable) pgemm_dW(precision_, dy_TO, ctx.x, weight.grad_buffer());
+    dx = pmatmul_dyW(precision_, dy_TO, weight.value);
   }
   if (lora) {
     DSV4_CHECK(ctx.lora_z.defined() && ctx.lora_z.size(0) == dy_TO.size(0) && ctx.lora_z.size(1) == lora->rank(),

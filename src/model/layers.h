@@ -13,6 +13,7 @@
 #include <optional>
 
 #include "model/lora.h"
+#include "model/matmul_precision.h"
 #include "model/param.h"
 #include "model/quant.h"
 #include "runtime/model_math.h"  // rmsnorm_forward_rows / rmsnorm_backward_rows
@@ -107,12 +108,17 @@ class Linear {
     row_adds_ = adds_adapter_output;
   }
 
+  // Precision of the GEMMs with the F32 weight (model/matmul_precision.h; frozen weights keep their qgemm path).
+  void set_precision(MatmulPrecision p) { precision_ = p; }
+  MatmulPrecision precision() const { return precision_; }
+
   Param weight;            // [out, in] F32 (undefined value while frozen)
   QuantizedWeight frozen;  // defined while frozen
   std::optional<LoraAdapter> lora;  // A [r, in], B [out, r]
 
  private:
   int64_t in_ = 0, out_ = 0;
+  MatmulPrecision precision_ = MatmulPrecision::F32;
   const Communicator* row_group_ = nullptr;
   bool row_adds_ = true;
 };

@@ -417,4 +417,20 @@ void Model::load_state(const std::map<std::string, Tensor>& state, const std::st
              cfg_.name, list(missing), list(unexpected), list(mismatched));
 }
 
+void Model::set_matmul_precision(MatmulPrecision p) {
+  precision_ = p;
+  auto block = [&](Block& b) {
+    b.attn.set_matmul_precision(p);
+    for (ExpertWeights& e : b.ffn.experts) e.precision = p;
+    b.ffn.shared.precision = p;
+  };
+  for (auto& b : layers) block(*b);
+  for (auto& m : mtp) {
+    m->e_proj.set_precision(p);
+    m->h_proj.set_precision(p);
+    block(m->block);
+  }
+  head.set_precision(p == MatmulPrecision::FP8 ? MatmulPrecision::BF16 : p);
+}
+
 }  // namespace dsv4

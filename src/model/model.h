@@ -155,6 +155,11 @@ class Model {
 
   void visit(const ParamVisitor& f);
   void zero_grad();
+  // Precision of the weight GEMMs (model/matmul_precision.h; train.precision): every Linear, expert and grouped wo_a
+  // of the layers and MTP blocks; the output head runs BF16 when p is FP8 (the recipe keeps it out of FP8).
+  // Frozen (quantised) weights keep their own path. Default F32.
+  void set_matmul_precision(MatmulPrecision p);
+  MatmulPrecision matmul_precision() const { return precision_; }
   int64_t num_params() const;
   // Random initialisation in the style of the HF port (linear/embedding N(0, initializer std), norms 1,
   // mHC scale 1 and base 0, sinks/ape/bias 0, hash tables a seeded choice of distinct experts per token). Each
@@ -178,6 +183,7 @@ class Model {
  private:
   ModelConfig cfg_;
   bool recompute_ = false;
+  MatmulPrecision precision_ = MatmulPrecision::F32;
   const Parallel* parallel_ = nullptr;
 };
 

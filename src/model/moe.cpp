@@ -66,7 +66,7 @@ void expert_xwT(const ExpertWeights& ew, int k, int64_t n, const float* X, int64
     return;
   }
   const Tensor& w = ew.param(k).value;
-  cpu_gemm(false, true, n, w.size(0), w.size(1), 1.0f, X, ldx, w.data<float>(), w.size(1), beta, Y, ldy);
+  pgemm_xwT_rows(ew.precision, n, w.size(1), w.size(0), X, ldx, w.data<float>(), beta, Y, ldy);
 }
 
 // dX [n, in] = dY [n, out] W_k + beta dX
@@ -78,7 +78,7 @@ void expert_dyW(const ExpertWeights& ew, int k, int64_t n, const float* dY, int6
     return;
   }
   const Tensor& w = ew.param(k).value;
-  cpu_gemm(false, false, n, w.size(1), w.size(0), 1.0f, dY, lddy, w.data<float>(), w.size(1), beta, dX, lddx);
+  pgemm_dyW_rows(ew.precision, n, w.size(1), w.size(0), dY, lddy, w.data<float>(), beta, dX, lddx);
 }
 
 // ---- LoRA on the expert matrices (lora.h). draws[0..3]: the dropout draws of lora_w1, w2, w3, w13. ----------------
@@ -186,7 +186,7 @@ void expert_backward(ExpertWeights& ew, const float* X, const float* G, const fl
   // dH = dY W2' (gradient of the weighted activations w * silu(gc) * uc; W2' includes the adapter)
   expert_dyW(ew, 2, n, dY, D, 0.0f, dH, I);
   if (train2 || lora2) swiglu_clamp_rows<float>(G, U, w, H, n, I, limit);
-  if (train2) cpu_gemm(true, false, D, I, n, 1.0f, dY, D, H, I, 1.0f, ew.w2.grad_buffer().data<float>(), I);
+  if (train2) pgemm_dW_rows(ew.precision, n, I, D, dY, D, H, I, ew.w2.grad_buffer().data<float>());
   if (lora2) {
     LoraAdapter& ad = *ew.lora_w2;
     std::vector<float> z(static_cast<size_t>(n * ad.rank())), dz(static_cast<size_t>(n * ad.rank()), 0.0f);
@@ -195,8 +195,8 @@ void expert_backward(ExpertWeights& ew, const float* X, const float* G, const fl
     lora_down_backward(ad, n, dz.data(), H, I, draws[1], static_cast<uint64_t>(row0 * I), dH, I);
   }
   swiglu_clamp_backward_rows<float>(G, U, w, dH, dG, dU, dw, n, I, limit);
-  if (train1) cpu_gemm(true, false, I, D, n, 1.0f, dG, I, X, D, 1.0f, ew.w1.grad_buffer().data<float>(), D);
-  if (train3) cpu_gemm(true, false, I, D, n, 1.0f, dU, I, X, D, 1.0f, ew.w3.grad_buffer().data<float>(), D);
+  if (train1) pgemm_dW_rows(ew.precision, n, D, I, dG, I, X, D, ew.w1.grad_buffer().data<float>());
+  if (train3) pgemm_dW_rows(ew.precision, n, D, I, dU, I, X, D, ew.w3.grad_buffer().data<float>());
   expert_dyW(ew, 1, n, dG, I, 0.0f, dX, D);
   expert_dyW(ew, 3, n, dU, I, 1.0f, dX, D);
   if (draws) expert_lora_in_backward(ew, X, dG, dU, n, D, I, draws, dX, row0);

@@ -35,6 +35,7 @@
 
 #include "model/config.h"
 #include "model/lora.h"
+#include "model/matmul_precision.h"
 #include "model/param.h"
 #include "model/quant.h"
 #include "model/seq_layout.h"
@@ -171,6 +172,7 @@ void moe_balance_backward_rows(const T* aff, const double* counts, int64_t t0, i
 struct ExpertWeights {
   Param w1, w2, w3;
   QuantizedWeight w1_frozen, w2_frozen, w3_frozen;
+  MatmulPrecision precision = MatmulPrecision::F32;  // of the GEMMs with the F32 weights (model/matmul_precision.h)
   std::optional<LoraAdapter> lora_w1, lora_w2, lora_w3, lora_w13;
 
   // k = 1, 2, 3.

@@ -10,9 +10,12 @@ namespace {
 #define DSV4_FP8_DISPATCH(device, name, ...) \
   ((device).is_cuda() ? ::dsv4::cuda::name(__VA_ARGS__) : ::dsv4::cpu::name(__VA_ARGS__))
 #else
-#define DSV4_FP8_DISPATCH(device, name, ...)                                                        \
-  ((device).is_cuda() ? DSV4_FAIL("op " #name " on {}: dsv4 was built without CUDA", (device).str()) \
-                      : ::dsv4::cpu::name(__VA_ARGS__))
+// (the failing branch still names the CPU call so that both branches have its type; it never runs)
+#define DSV4_FP8_DISPATCH(device, name, ...)                                                           \
+  ((device).is_cuda()                                                                                  \
+       ? (DSV4_FAIL("op " #name " on {}: dsv4 was built without CUDA", (device).str()),                \
+          ::dsv4::cpu::name(__VA_ARGS__))                                                              \
+       : ::dsv4::cpu::name(__VA_ARGS__))
 #endif
 
 DType scale_dtype(ScaleFormat f) { return f == ScaleFormat::F32 ? DType::F32 : DType::F8_E8M0; }

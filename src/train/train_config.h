@@ -63,6 +63,7 @@ struct TrainSection {
   std::string resume = "auto";        // auto (from out_dir/checkpoints/latest) | never | a checkpoint path
   int64_t seed = 1;
   int64_t threads = 0;                // CPU threads for the BLAS backend (0: library default)
+  std::string precision = "fp32";     // weight GEMMs: fp32 | bf16 | fp8 (model/matmul_precision.h)
 };
 
 struct CheckpointSection {

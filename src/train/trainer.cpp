@@ -110,6 +110,7 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
     model_ = std::make_unique<Model>(model_cfg_, opts);
     model_->init_random(static_cast<uint64_t>(cfg_.train.seed));
   }
+  model_->set_matmul_precision(parse_matmul_precision(cfg_.train.precision, "train.precision"));
   if (lora) {
     LoraConfig lc;
     lc.rank = cfg_.lora.rank;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end checks of dsv4-train on the bundled corpus (run by ctest; also runnable by hand):
 #   1. tiny pre-training: the training loss falls well below the corpus' unigram entropy (6.54 nats/token for
-#      data/text.jsonl with data/tokenizer.json, measured with the `tokenizers` library);
+#      data/text.jsonl with data/tokenizer.json, measured with the `tokenizers` library); with train.precision=fp8
+#      it ends within 5% of the fp32 run;
 #   2. kill -9 in the middle of a run, resume with train.resume=auto: every step's metrics equal those of an
 #      uninterrupted run, bit for bit (metrics.jsonl lines compared as text);
 #   3. a config error is one line naming the file and key, exit code non-zero, earlier checkpoints untouched.
@@ -22,6 +23,14 @@ lm=$(grep -o '^step 100/100 | loss [0-9.]* (lm [0-9.]*' "$work/a.log" | awk '{pr
 echo "training LM loss at step 100: $lm nats/token (unigram entropy 6.54)"
 grep 'validation loss' "$work/a.log" || true
 awk -v v="$lm" 'BEGIN { exit !(v != "" && v < 6.54 - 1.5) }' || { echo "FAIL: LM loss '$lm' not below 5.04"; exit 1; }
+
+echo "== 1b. train.precision=fp8 (block-scaled FP8 weight GEMMs) learns like fp32"
+"$bin/dsv4-train" configs/tiny-pretrain.yaml "${common[@]}" train.out_dir="$work/fp8" train.steps=100 \
+  optim.warmup_steps=10 train.eval_interval=0 checkpoint.interval=0 train.precision=fp8 > "$work/fp8.log"
+lm8=$(grep -o '^step 100/100 | loss [0-9.]* (lm [0-9.]*' "$work/fp8.log" | awk '{print $NF}')
+echo "fp8 training LM loss at step 100: $lm8 nats/token (fp32: $lm)"
+awk -v a="$lm8" -v b="$lm" 'BEGIN { exit !(a != "" && a < b * 1.05 && a > b * 0.95) }' ||
+  { echo "FAIL: fp8 LM loss '$lm8' not within 5% of fp32's $lm"; exit 1; }
 
 echo "== 2. kill -9 and resume reproduce the uninterrupted run"
 run=(configs/tiny-pretrain.yaml "${common[@]}" data.micro_batch=2 data.seq_len=64 train.steps=50

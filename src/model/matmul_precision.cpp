@@ -1,0 +1,125 @@
+#include "model/matmul_precision.h"
+
+#include <memory>
+
+#include "runtime/cpu_blas.h"
+#include "runtime/error.h"
+#include "runtime/fp8.h"
+#include "runtime/ops.h"
+
+namespace dsv4 {
+
+std::string_view matmul_precision_name(MatmulPrecision p) {
+  switch (p) {
+    case MatmulPrecision::F32: return "fp32";
+    case MatmulPrecision::BF16: return "bf16";
+    case MatmulPrecision::FP8: return "fp8";
+  }
+  return "?";
+}
+
+MatmulPrecision parse_matmul_precision(std::string_view s, std::string_view what) {
+  if (s == "fp32") return MatmulPrecision::F32;
+  if (s == "bf16") return MatmulPrecision::BF16;
+  if (s == "fp8") return MatmulPrecision::FP8;
+  DSV4_FAIL("{}: unknown precision '{}' (expected fp32, bf16 or fp8)", what, s);
+}
+
+namespace {
+
+constexpr ScaleFormat kFp8Scales = ScaleFormat::F32;  // the recipe's s = amax / 448
+
+// A GEMM operand rounded to BF16: BF16 tensors for cuBLAS, BF16-rounded F32 values on the CPU (the CPU GEMM is F32).
+Tensor bf16_operand(const Tensor& t) {
+  Tensor b = t.to(DType::BF16);
+  return t.device().is_cpu() ? b.to(DType::F32) : b;
+}
+
+// A non-owning [rows, cols] view of a row-major CPU buffer with leading dimension ld.
+Tensor rows_view(const float* p, int64_t rows, int64_t cols, int64_t ld) {
+  std::shared_ptr<const void> borrowed(p, [](const void*) {});
+  return Tensor::from_blob(const_cast<float*>(p), Shape{rows, ld}, DType::F32, Device::cpu(), std::move(borrowed))
+      .slice(1, 0, cols);
+}
+
+// Y = R + beta Y over an [n, m] block with leading dimension ldy (R contiguous).
+void store_rows(const Tensor& R, float beta, float* Y, int64_t ldy) {
+  const Tensor r = R.contiguous();
+  const int64_t n = r.size(0), m = r.size(1);
+  const float* rp = r.data<float>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < m; ++j) {
+      float& y = Y[i * ldy + j];
+      y = beta == 0.0f ? rp[i * m + j] : rp[i * m + j] + beta * y;
+    }
+}
+
+}  // namespace
+
+Tensor pmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const Tensor& w_OI) {
+  switch (p) {
+    case MatmulPrecision::F32: return ops::matmul(x_TI, w_OI, false, true);
+    case MatmulPrecision::BF16: return ops::matmul(bf16_operand(x_TI), bf16_operand(w_OI), false, true);
+    case MatmulPrecision::FP8:
+      return fp8_matmul(fp8_quantize_rows(x_TI, kFp8Scales), fp8_quantize_blocks(w_OI, kFp8Scales));
+  }
+  DSV4_FAIL("pmatmul_xwT: bad precision");
+}
+
+Tensor pmatmul_dyW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& w_OI) {
+  switch (p) {
+    case MatmulPrecision::F32: return ops::matmul(dy_TO, w_OI);
+    case MatmulPrecision::BF16: return ops::matmul(bf16_operand(dy_TO), bf16_operand(w_OI));
+    case MatmulPrecision::FP8:
+      return fp8_matmul(fp8_quantize_rows(dy_TO, kFp8Scales),
+                        fp8_transpose_blocks(fp8_quantize_blocks(w_OI, kFp8Scales)));
+  }
+  DSV4_FAIL("pmatmul_dyW: bad precision");
+}
+
+void pgemm_dW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& x_TI, Tensor& dW_OI) {
+  switch (p) {
+    case MatmulPrecision::F32: ops::gemm(dy_TO, true, x_TI, false, 1.0f, 1.0f, dW_OI); return;
+    case MatmulPrecision::BF16: ops::gemm(bf16_operand(dy_TO), true, bf16_operand(x_TI), false, 1.0f, 1.0f, dW_OI); return;
+    case MatmulPrecision::FP8: {
+      if (dy_TO.size(0) == 0) return;
+      const Tensor g = fp8_matmul(fp8_quantize_rows_t(dy_TO, kFp8Scales), fp8_quantize_rows_t(x_TI, kFp8Scales));
+      ops::copy(ops::binary(BinaryOp::Add, dW_OI, g), dW_OI);
+      return;
+    }
+  }
+  DSV4_FAIL("pgemm_dW: bad precision");
+}
+
+void pgemm_xwT_rows(MatmulPrecision p, int64_t n, int64_t in, int64_t out, const float* X, int64_t ldx, const float* W,
+                    float beta, float* Y, int64_t ldy) {
+  if (p == MatmulPrecision::F32) {
+    cpu_gemm(false, true, n, out, in, 1.0f, X, ldx, W, in, beta, Y, ldy);
+    return;
+  }
+  if (n == 0) return;
+  store_rows(pmatmul_xwT(p, rows_view(X, n, in, ldx), rows_view(W, out, in, in)), beta, Y, ldy);
+}
+
+void pgemm_dyW_rows(MatmulPrecision p, int64_t n, int64_t in, int64_t out, const float* dY, int64_t lddy,
+                    const float* W, float beta, float* dX, int64_t lddx) {
+  if (p == MatmulPrecision::F32) {
+    cpu_gemm(false, false, n, in, out, 1.0f, dY, lddy, W, in, beta, dX, lddx);
+    return;
+  }
+  if (n == 0) return;
+  store_rows(pmatmul_dyW(p, rows_view(dY, n, out, lddy), rows_view(W, out, in, in)), beta, dX, lddx);
+}
+
+void pgemm_dW_rows(MatmulPrecision p, int64_t n, int64_t in, int64_t out, const float* dY, int64_t lddy, const float* X,
+                   int64_t ldx, float* dW) {
+  if (p == MatmulPrecision::F32) {
+    cpu_gemm(true, false, out, in, n, 1.0f, dY, lddy, X, ldx, 1.0f, dW, in);
+    return;
+  }
+  if (n == 0) return;
+  Tensor dWv = rows_view(dW, out, in, in);
+  pgemm_dW(p, rows_view(dY, n, out, lddy), rows_view(X, n, in, ldx), dWv);
+}
+
+}  // namespace dsv4

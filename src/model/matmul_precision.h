@@ -1,0 +1,45 @@
+// Precision of the model's weight GEMMs in training (train.precision; shared/reference
+// anchors-training-systems.md §9, the DeepSeek-V3 FP8 recipe):
+//   fp32  F32 operands, F32 accumulation (the CPU reference; bit-identical to the plain GEMMs).
+//   bf16  operands rounded to BF16, F32 accumulation and output (CPU: exact rounding, then the F32 GEMM;
+//         CUDA: BF16 tensors into cuBLAS).
+//   fp8   the three GEMMs of a Linear in block-scaled E4M3 (runtime/fp8.h) with F32 scales s = amax / 448:
+//           Fprop  y  = x W^T:   x 1x128 (along I), W 128x128;
+//           Dgrad  dx = dy W:    dy 1x128 (along O), W's blocks transposed (fp8_transpose_blocks);
+//           Wgrad  dW = dy^T x:  dy and x 1x128 along the tokens (fp8_quantize_rows_t, the 128x1 tiles);
+//         F32 accumulation and outputs, F32 master weights and gradients.
+// What each mode covers is the Model's business (Model::set_matmul_precision): in fp8 the output head stays BF16,
+// and the router, norms, embedding and attention core are not weight GEMMs of this kind.
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+#include "runtime/tensor.h"
+
+namespace dsv4 {
+
+enum class MatmulPrecision : uint8_t { F32, BF16, FP8 };
+std::string_view matmul_precision_name(MatmulPrecision p);  // "fp32", "bf16", "fp8"
+// "fp32" | "bf16" | "fp8"; throws naming `what` otherwise.
+MatmulPrecision parse_matmul_precision(std::string_view s, std::string_view what);
+
+// 2-D F32 tensors (any strides; CPU or CUDA). y [T, O] = x [T, I] W [O, I]^T.
+Tensor pmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const Tensor& w_OI);
+// dx [T, I] = dy [T, O] W [O, I].
+Tensor pmatmul_dyW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& w_OI);
+// dW [O, I] += dy [T, O]^T x [T, I] (dW contiguous F32).
+void pgemm_dW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& x_TI, Tensor& dW_OI);
+
+// Row-major CPU buffers with leading dimensions (the expert and grouped wo_a GEMMs); fp32 is exactly cpu_gemm.
+// Y [n, out] = X [n, in] W [out, in]^T + beta Y
+void pgemm_xwT_rows(MatmulPrecision p, int64_t n, int64_t in, int64_t out, const float* X, int64_t ldx, const float* W,
+                    float beta, float* Y, int64_t ldy);
+// dX [n, in] = dY [n, out] W [out, in] + beta dX
+void pgemm_dyW_rows(MatmulPrecision p, int64_t n, int64_t in, int64_t out, const float* dY, int64_t lddy,
+                    const float* W, float beta, float* dX, int64_t lddx);
+// dW [out, in] += dY [n, out]^T X [n, in]
+void pgemm_dW_rows(MatmulPrecision p, int64_t n, int64_t in, int64_t out, const float* dY, int64_t lddy, const float* X,
+                   int64_t ldx, float* dW);
+
+}  // namespace dsv4
