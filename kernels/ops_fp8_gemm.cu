@@ -34,6 +34,7 @@
 #include <array>
 #include <climits>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <tuple>
 
@@ -165,30 +166,6 @@ Tensor relayout_scales(const Tensor& s, bool transpose, int64_t pad_to) {
 constexpr int kMaxDevices = 64;
 constexpr size_t kLtWorkspaceBytes = size_t{32} << 20;
 
-struct LtHeuristic {
-  bool ok = false;
-  cublasLtMatmulAlgo_t algo{};
-};
-
-struct Lt {
-  std::mutex mu;
-  cublasLtHandle_t handle = nullptr;
-  void* workspace = nullptr;
-  std::map<std::tuple<int64_t, int64_t, int64_t, int>, LtHeuristic> cache;  // (M, N, K, b_layout)
-};
-
-Lt& lt_for(int device) {
-  DSV4_CHECK(device >= 0 && device < kMaxDevices, "cuda:{}: device index out of range", device);
-  static auto* once = new std::array<std::once_flag, kMaxDevices>;
-  static auto* lts = new std::array<Lt, kMaxDevices>;  // leaked on purpose (used until exit)
-  Lt& lt = (*lts)[static_cast<size_t>(device)];
-  std::call_once((*once)[static_cast<size_t>(device)], [&] {
-    CUBLAS_CHECK(cublasLtCreate(&lt.handle));
-    CUDA_CHECK(cudaMalloc(&lt.workspace, kLtWorkspaceBytes));
-  });
-  return lt;
-}
-
 // Descriptors of one problem (RAII).
 struct LtProblem {
   cublasLtMatmulDesc_t desc = nullptr;
@@ -221,6 +198,33 @@ struct LtProblem {
   LtProblem& operator=(const LtProblem&) = delete;
 };
 
+// A cached problem: the heuristic's algorithm and the descriptors (created once; the scale pointers are set per call
+// under Lt::mu). Creating the descriptors on every call cost about as much host time as a small GEMM.
+struct LtHeuristic {
+  bool ok = false;
+  cublasLtMatmulAlgo_t algo{};
+  std::shared_ptr<LtProblem> problem;
+};
+
+struct Lt {
+  std::mutex mu;
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int>, LtHeuristic> cache;  // (M, N, K, b_layout)
+};
+
+Lt& lt_for(int device) {
+  DSV4_CHECK(device >= 0 && device < kMaxDevices, "cuda:{}: device index out of range", device);
+  static auto* once = new std::array<std::once_flag, kMaxDevices>;
+  static auto* lts = new std::array<Lt, kMaxDevices>;  // leaked on purpose (used until exit)
+  Lt& lt = (*lts)[static_cast<size_t>(device)];
+  std::call_once((*once)[static_cast<size_t>(device)], [&] {
+    CUBLAS_CHECK(cublasLtCreate(&lt.handle));
+    CUDA_CHECK(cudaMalloc(&lt.workspace, kLtWorkspaceBytes));
+  });
+  return lt;
+}
+
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The shape / alignment gate (see the header comment).
@@ -237,8 +241,9 @@ const LtHeuristic& lt_heuristic(Lt& lt, int64_t M, int64_t N, int64_t K, Fp8Layo
   auto it = lt.cache.find(key);
   if (it != lt.cache.end()) return it->second;
   LtHeuristic h;
-  // Scale pointers are not read by the heuristic; any non-null device address stands in.
-  LtProblem p(M, N, K, b_layout, lt.workspace, lt.workspace);
+  // Scale pointers are not read by the heuristic; any non-null device address stands in (set per call later).
+  h.problem = std::make_shared<LtProblem>(M, N, K, b_layout, lt.workspace, lt.workspace);
+  const LtProblem& p = *h.problem;
   cublasLtMatmulPreference_t pref = nullptr;
   CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   const size_t ws = kLtWorkspaceBytes;
@@ -274,7 +279,11 @@ void run_cublaslt(const Tensor& a_q, const Tensor& a_scale, const Tensor& b_q, c
   std::lock_guard<std::mutex> lock(lt.mu);
   const LtHeuristic& h = lt_heuristic(lt, M, N, K, b_layout);
   DSV4_CHECK(h.ok, "cuda::fp8_gemm: cuBLASLt has no block-scaled algorithm for M={} N={} K={}", M, N, K);
-  LtProblem p(M, N, K, b_layout, sa.raw_data(), sb.raw_data());
+  const LtProblem& p = *h.problem;
+  const void* sa_ptr = sa.raw_data();
+  const void* sb_ptr = sb.raw_data();
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sb_ptr, sizeof(sb_ptr)));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa_ptr, sizeof(sa_ptr)));
   const float alpha = 1.0f, beta = 0.0f;
   CUBLAS_CHECK(cublasLtMatmul(lt.handle, p.desc, &alpha, b_q.raw_data(), p.la, a_q.raw_data(), p.lb, &beta,
                               c.raw_data(), p.lc, c.raw_data(), p.lc, &h.algo, lt.workspace, kLtWorkspaceBytes,
