@@ -1,5 +1,8 @@
 #include "model/layers.h"
 
+#include "runtime/model_ops.h"
+#include "runtime/ops.h"
+
 namespace dsv4 {
 
 namespace {
@@ -17,6 +20,11 @@ RMSNorm::RMSNorm(std::string name, int64_t dim, double eps, bool weighted) : dim
 }
 
 Tensor RMSNorm::forward(const Tensor& x_TD, RMSNormCtx* ctx) const {
+  if (x_TD.device().is_cuda()) {  // the CUDA twin (runtime/model_ops.h)
+    RmsNormOut r = rmsnorm_forward(x_TD, weighted_ ? weight.value : Tensor(), eps_);
+    if (ctx) *ctx = {x_TD, r.rstd};
+    return r.y;
+  }
   check_rows("RMSNorm.forward", x_TD, dim_);
   const int64_t rows = x_TD.size(0);
   Tensor y = Tensor::empty(x_TD.shape(), DType::F32);
@@ -28,6 +36,14 @@ Tensor RMSNorm::forward(const Tensor& x_TD, RMSNormCtx* ctx) const {
 }
 
 Tensor RMSNorm::backward(const Tensor& dy_TD, const RMSNormCtx& ctx) {
+  if (dy_TD.device().is_cuda()) {
+    RmsNormGrad g = rmsnorm_backward(dy_TD, ctx.x, weighted_ ? weight.value : Tensor(), ctx.rstd);
+    if (weighted_ && weight.trainable) {
+      Tensor& acc = weight.grad_buffer();
+      ops::copy(ops::binary(BinaryOp::Add, acc, g.dw), acc);
+    }
+    return g.dx;
+  }
   check_rows("RMSNorm.backward", dy_TD, dim_);
   DSV4_CHECK(ctx.x.defined() && ctx.x.shape() == dy_TD.shape(), "RMSNorm.backward: forward context {} does not match dy {}",
              ctx.x.str(), dy_TD.str());
