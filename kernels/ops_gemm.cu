@@ -17,46 +17,14 @@
 #include <climits>
 #include <mutex>
 
+#include "kernels/cublas_handle.cuh"
 #include "kernels/ops_common.cuh"
 
 namespace dsv4::cuda {
 namespace {
 
-constexpr int kMaxDevices = 64;
-constexpr size_t kWorkspaceBytes = size_t{32} << 20;
-
-struct Blas {
-  std::mutex mu;
-  cublasHandle_t handle = nullptr;
-  void* workspace = nullptr;
-};
-
-Blas& blas_for(int device) {
-  DSV4_CHECK(device >= 0 && device < kMaxDevices, "cuda:{}: device index out of range", device);
-  static std::array<std::once_flag, kMaxDevices>* once = new std::array<std::once_flag, kMaxDevices>;
-  static std::array<Blas, kMaxDevices>* blas = new std::array<Blas, kMaxDevices>;  // leaked on purpose
-  Blas& b = (*blas)[static_cast<size_t>(device)];
-  std::call_once((*once)[static_cast<size_t>(device)], [&] {
-    CUBLAS_CHECK(cublasCreate(&b.handle));
-    CUBLAS_CHECK(cublasSetMathMode(
-        b.handle, static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
-    CUDA_CHECK(cudaMalloc(&b.workspace, kWorkspaceBytes));
-  });
-  return b;
-}
-
-cudaDataType_t cuda_type(DType t) {
-  switch (t) {
-    case DType::F32: return CUDA_R_32F;
-    case DType::BF16: return CUDA_R_16BF;
-    default: DSV4_FAIL("cuda::gemm: unsupported dtype {}", dtype_name(t));
-  }
-}
-
-int to_int(int64_t v, const char* what) {
-  DSV4_CHECK(v >= 0 && v <= INT_MAX, "cuda::gemm: {} = {} exceeds cuBLAS's int range", what, v);
-  return static_cast<int>(v);
-}
+cudaDataType_t cuda_type(DType t) { return detail::cublas_type(t, "cuda::gemm"); }
+int to_int(int64_t v, const char* what) { return detail::cublas_int(v, "cuda::gemm", what); }
 
 // Leading dim (row stride) of a row-major matrix view; a single row may carry any stride.
 int64_t leading_dim(const Tensor& t) {
@@ -105,10 +73,10 @@ void gemm(const Tensor& a_in, bool trans_a, const Tensor& b_in, bool trans_b, fl
     return (r == 1 && t.size(0) > 1) ? static_cast<long long>(t.stride(0)) : 0LL;
   };
 
-  Blas& blas = blas_for(device);
+  detail::CublasHandle& blas = detail::cublas_for(device);
   std::lock_guard<std::mutex> lock(blas.mu);
   CUBLAS_CHECK(cublasSetStream(blas.handle, detail::stream_of(device)));
-  CUBLAS_CHECK(cublasSetWorkspace(blas.handle, blas.workspace, kWorkspaceBytes));  // SetStream resets it
+  CUBLAS_CHECK(cublasSetWorkspace(blas.handle, blas.workspace, detail::kCublasWorkspaceBytes));  // SetStream resets it
   // Column-major: C^T (n x m) = op(B)^T (n x k) * op(A)^T (k x m).
   CUBLAS_CHECK(cublasGemmStridedBatchedEx(
       blas.handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, to_int(n, "n"),
@@ -118,4 +86,35 @@ void gemm(const Tensor& a_in, bool trans_a, const Tensor& b_in, bool trans_b, fl
       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+namespace detail {
+
+CublasHandle& cublas_for(int device) {
+  constexpr int kMaxDevices = 64;
+  DSV4_CHECK(device >= 0 && device < kMaxDevices, "cuda:{}: device index out of range", device);
+  static auto* once = new std::array<std::once_flag, kMaxDevices>;
+  static auto* handles = new std::array<CublasHandle, kMaxDevices>;  // leaked on purpose (used until exit)
+  CublasHandle& b = (*handles)[static_cast<size_t>(device)];
+  std::call_once((*once)[static_cast<size_t>(device)], [&] {
+    CUBLAS_CHECK(cublasCreate(&b.handle));
+    CUBLAS_CHECK(cublasSetMathMode(
+        b.handle, static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
+    CUDA_CHECK(cudaMalloc(&b.workspace, kCublasWorkspaceBytes));
+  });
+  return b;
+}
+
+cudaDataType_t cublas_type(DType t, const char* op) {
+  switch (t) {
+    case DType::F32: return CUDA_R_32F;
+    case DType::BF16: return CUDA_R_16BF;
+    default: DSV4_FAIL("{}: unsupported dtype {}", op, dtype_name(t));
+  }
+}
+
+int cublas_int(int64_t v, const char* op, const char* what) {
+  DSV4_CHECK(v >= 0 && v <= INT_MAX, "{}: {} = {} exceeds cuBLAS's int range", op, what, v);
+  return static_cast<int>(v);
+}
+
+}  // namespace detail
 }  // namespace dsv4::cuda

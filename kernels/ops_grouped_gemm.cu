@@ -19,8 +19,8 @@
 //            returns (CUDA Runtime API, "API synchronization behavior"), so the vector may go out of scope, and the
 //            scratch tensor's memory is reused only by work ordered after the GEMM on the same stream (the
 //            allocator is stream-ordered, kernels/cuda_runtime_api.h).
-// Both run under one cuBLAS handle per device (own to this file, 32 MiB workspace), serialised by a mutex and bound
-// to the caller's current stream per call.
+// Both run under the per-device cuBLAS handle of kernels/cublas_handle.cuh (shared with ops_gemm.cu), serialised
+// by its mutex and bound to the caller's current stream per call.
 #include "kernels/cuda_check.cuh"  // first: makes fmt usable under nvcc
 
 #include <cublas_v2.h>
@@ -30,6 +30,7 @@
 #include <mutex>
 #include <vector>
 
+#include "kernels/cublas_handle.cuh"
 #include "kernels/ops_common.cuh"
 #include "runtime/grouped_gemm.h"
 
@@ -40,41 +41,8 @@
 namespace dsv4::cuda {
 namespace {
 
-constexpr int kMaxDevices = 64;
-constexpr size_t kWorkspaceBytes = size_t{32} << 20;
-
-struct Blas {
-  std::mutex mu;
-  cublasHandle_t handle = nullptr;
-  void* workspace = nullptr;
-};
-
-Blas& blas_for(int device) {
-  DSV4_CHECK(device >= 0 && device < kMaxDevices, "cuda:{}: device index out of range", device);
-  static auto* once = new std::array<std::once_flag, kMaxDevices>;  // leaked on purpose (as ops_gemm.cu)
-  static auto* blas = new std::array<Blas, kMaxDevices>;
-  Blas& b = (*blas)[static_cast<size_t>(device)];
-  std::call_once((*once)[static_cast<size_t>(device)], [&] {
-    CUBLAS_CHECK(cublasCreate(&b.handle));
-    CUBLAS_CHECK(cublasSetMathMode(
-        b.handle, static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
-    CUDA_CHECK(cudaMalloc(&b.workspace, kWorkspaceBytes));
-  });
-  return b;
-}
-
-cudaDataType_t in_type(DType t) {
-  switch (t) {
-    case DType::F32: return CUDA_R_32F;
-    case DType::BF16: return CUDA_R_16BF;
-    default: DSV4_FAIL("cuda::grouped_gemm: unsupported input dtype {}", dtype_name(t));
-  }
-}
-
-int to_int(int64_t v, const char* what) {
-  DSV4_CHECK(v >= 0 && v <= INT_MAX, "cuda::grouped_gemm: {} = {} exceeds cuBLAS's int range", what, v);
-  return static_cast<int>(v);
-}
+cudaDataType_t in_type(DType t) { return detail::cublas_type(t, "cuda::grouped_gemm"); }
+int to_int(int64_t v, const char* what) { return detail::cublas_int(v, "cuda::grouped_gemm", what); }
 
 // One column-major cuBLAS problem C = op(A) op(B) + beta C.
 struct Problem {
@@ -90,13 +58,13 @@ struct Problem {
 
 void run(const std::vector<Problem>& ps, cudaDataType_t ab_type, float beta, GroupedGemmImpl impl, int device) {
   if (ps.empty()) return;
-  Blas& blas = blas_for(device);
+  detail::CublasHandle& blas = detail::cublas_for(device);
   const cudaStream_t stream = detail::stream_of(device);
   const float alpha = 1.0f;
   if (impl == GroupedGemmImpl::Loop) {
     std::lock_guard<std::mutex> lock(blas.mu);
     CUBLAS_CHECK(cublasSetStream(blas.handle, stream));
-    CUBLAS_CHECK(cublasSetWorkspace(blas.handle, blas.workspace, kWorkspaceBytes));  // SetStream resets it
+    CUBLAS_CHECK(cublasSetWorkspace(blas.handle, blas.workspace, detail::kCublasWorkspaceBytes));  // SetStream resets it
     for (const Problem& p : ps)
       CUBLAS_CHECK(cublasGemmEx(blas.handle, p.ta, p.tb, p.m, p.n, p.k, &alpha, p.A, ab_type, p.lda, p.B, ab_type,
                                 p.ldb, &beta, p.C, CUDA_R_32F, p.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
@@ -125,7 +93,7 @@ void run(const std::vector<Problem>& ps, cudaDataType_t ab_type, float beta, Gro
   void** d = static_cast<void**>(dev_ptrs.raw_data());
   std::lock_guard<std::mutex> lock(blas.mu);
   CUBLAS_CHECK(cublasSetStream(blas.handle, stream));
-  CUBLAS_CHECK(cublasSetWorkspace(blas.handle, blas.workspace, kWorkspaceBytes));
+  CUBLAS_CHECK(cublasSetWorkspace(blas.handle, blas.workspace, detail::kCublasWorkspaceBytes));
   CUBLAS_CHECK(cublasGemmGroupedBatchedEx(blas.handle, ta.data(), tb.data(), m.data(), n.data(), k.data(),
                                           alphas.data(), const_cast<const void* const*>(d), ab_type, lda.data(),
                                           const_cast<const void* const*>(d + G), ab_type, ldb.data(), betas.data(),

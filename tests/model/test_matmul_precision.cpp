@@ -8,6 +8,7 @@
 #include <random>
 
 #include "model/matmul_precision.h"
+#include "test_lora_util.h"  // random_ids
 #include "model/model.h"
 #include "runtime/cpu_blas.h"
 #include "runtime/fp8.h"
@@ -120,14 +121,6 @@ TEST(MatmulPrecision, RowFormsEqualTensorForms) {
   EXPECT_TRUE(same_bits(Y, want));
 }
 
-Tensor random_ids(int64_t n, int64_t vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int64_t> u(0, vocab - 1);
-  std::vector<int64_t> v(static_cast<size_t>(n));
-  for (auto& x : v) x = u(rng);
-  return Tensor::from_vector<int64_t>({n}, v);
-}
-
 TEST(MatmulPrecision, TinyModelTrainsCloseToFp32) {
   // Hash routing in every main layer, no CSA layer and no MTP / balance loss: a rounding cannot flip a learned top-k
   // choice (a flipped choice sends a token to other experts or keys, a discrete change no precision bound covers),
@@ -137,7 +130,7 @@ TEST(MatmulPrecision, TinyModelTrainsCloseToFp32) {
   cfg.n_hash_layers = cfg.n_layers;
   cfg.compress_ratios = {0, 8, 0, 8, 0};  // SWA and HCA only: no indexer top-k to flip either
   const SeqLayout layout(2, 32);
-  const Tensor ids = random_ids(layout.tokens(), cfg.vocab_size, 11);
+  const Tensor ids = lora_test::random_ids(layout.tokens(), cfg.vocab_size, 11);
   const LossWeights w{0.0, 0.0};
   auto run = [&](MatmulPrecision p, std::map<std::string, Tensor>* grads) {
     Model m(cfg);
