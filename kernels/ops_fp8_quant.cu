@@ -56,6 +56,23 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// VE (4 or 8) consecutive codes e4m3(v / s) stored as one 4- or 8-byte word (IEEE division, as the scalar paths).
+template <int VE>
+__device__ __forceinline__ void store_codes(uint8_t* dst, const float (&v)[VE], float s) {
+  uint32_t packed[VE / 4];
+#pragma unroll
+  for (int w = 0; w < VE / 4; ++w) {
+    packed[w] = 0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      packed[w] |= static_cast<uint32_t>(f32_to_e4m3(__fdiv_rn(v[4 * w + e], s))) << (8 * e);
+  }
+  if constexpr (VE == 4)
+    *reinterpret_cast<uint32_t*>(dst) = packed[0];
+  else
+    *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
+}
+
 // ---- rows (1x128) ----------------------------------------------------------------------------------------
 template <typename T>
 __global__ void quantize_rows_kernel(const T* x, int64_t s0, int64_t s1, int64_t M, int64_t K, uint8_t* q,
@@ -164,18 +181,7 @@ __global__ void __launch_bounds__(detail::kThreads) quantize_rows_vec_kernel(con
         so.e8m0[g] = code;
     }
     if (off[u] < 0) continue;
-    uint32_t packed[VE / 4];
-#pragma unroll
-    for (int w = 0; w < VE / 4; ++w) {
-      packed[w] = 0;
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        packed[w] |= static_cast<uint32_t>(f32_to_e4m3(__fdiv_rn(v[4 * w + e], s))) << (8 * e);
-    }
-    if constexpr (VE == 4)
-      *reinterpret_cast<uint32_t*>(q + qoff[u]) = packed[0];
-    else
-      *reinterpret_cast<uint2*>(q + qoff[u]) = make_uint2(packed[0], packed[1]);
+    store_codes<VE>(q + qoff[u], v, s);
   }
 }
 
@@ -365,18 +371,7 @@ __global__ void __launch_bounds__(detail::kThreads) quantize_blocks_vec_kernel(c
     if (r >= N || c >= K) continue;
     float v[VE];
     V::unpack(raw[p], v);
-    uint32_t packed[VE / 4];
-#pragma unroll
-    for (int w = 0; w < VE / 4; ++w) {
-      packed[w] = 0;
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        packed[w] |= static_cast<uint32_t>(f32_to_e4m3(__fdiv_rn(v[4 * w + e], s))) << (8 * e);
-    }
-    if constexpr (VE == 4)
-      *reinterpret_cast<uint32_t*>(q + r * K + c) = packed[0];
-    else
-      *reinterpret_cast<uint2*>(q + r * K + c) = make_uint2(packed[0], packed[1]);
+    store_codes<VE>(q + r * K + c, v, s);
   }
 }
 
