@@ -1,6 +1,6 @@
 // Model modules on CUDA tensors (the first modules wired to the kernels: RMSNorm through runtime/model_ops.h,
-// HyperConnection and HyperHead through kernels/attention_kernels.h) against the same modules on the CPU: outputs,
-// input gradients and accumulated parameter gradients. Tolerance per tensor, |gpu - cpu| <= rtol * max|cpu|:
+// HyperConnection and HyperHead through kernels/attention_kernels.h; Linear and Embedding through the dispatching
+// ops) against the same modules on the CPU: outputs, input gradients and accumulated parameter gradients. Tolerance per tensor, |gpu - cpu| <= rtol * max|cpu|:
 // 2e-5 for forward outputs and RMSNorm's gradients, 1e-4 for the mHC backward (as tests/gpu/test_gpu_mhc.cpp, which
 // bounds the kernels against a double reference). Skips without a GPU.
 #include <string>
@@ -8,6 +8,7 @@
 
 #include "gpu_test_util.h"
 #include "model/config.h"
+#include "model/embedding.h"
 #include "model/layers.h"
 #include "model/mhc.h"
 
@@ -100,6 +101,37 @@ TEST_F(GpuModules, HyperConnectionAndHeadMatchCpu) {
   // Mixed devices are one clear error.
   HyperConnection mixed = hc;
   EXPECT_THROW(mixed.pre(Xg, nullptr), Error);
+}
+
+// Linear in each weight-GEMM precision (cuBLAS F32 / BF16, block-scaled FP8 through cuBLASLt) and the one-rank
+// Embedding (index_select / index_add). Bounds as tests/gpu/test_gpu_matmul_precision.cpp: 2^-14 (F32, BF16) and
+// 2^-10 (FP8) of sum|a b|, which for these random shapes is below 1e-4 / 1e-2 of max|cpu|.
+// Written after the session's GPU time was spent: not yet run on a GPU (RESULTS.md lists what has).
+TEST_F(GpuModules, LinearAndEmbeddingMatchCpu) {
+  for (MatmulPrecision p : {MatmulPrecision::F32, MatmulPrecision::BF16, MatmulPrecision::FP8}) {
+    const std::string what(matmul_precision_name(p));
+    Linear cpu("lin.weight", 384, 256), gpu = cpu;
+    randomise(cpu.weight, -0.05f, 0.05f);
+    cpu.set_precision(p);
+    gpu.weight = cpu.weight;
+    to_gpu(gpu.weight);
+    gpu.set_precision(p);
+    const Tensor x = rand_cpu({64, 384}), dy = rand_cpu({64, 256});
+    LinearCtx cc, gc;
+    const double rtol = p == MatmulPrecision::FP8 ? 1e-2 : 1e-4;
+    close(gpu.forward(x.to(kGpu), &gc), cpu.forward(x, &cc), rtol, what + " linear y");
+    close(gpu.backward(dy.to(kGpu), gc), cpu.backward(dy, cc), rtol, what + " linear dx");
+    close(gpu.weight.grad, cpu.weight.grad, rtol, what + " linear dW");
+  }
+  Embedding cpu("embed.weight", 100, 48), gpu = cpu;
+  randomise(cpu.weight, -1, 1);
+  gpu.weight = cpu.weight;
+  to_gpu(gpu.weight);
+  const Tensor ids = rand_index({75}, 100), dh = rand_cpu({75, 48});
+  close(gpu.forward(ids.to(kGpu)), cpu.forward(ids), 0.0, "embedding rows");
+  cpu.backward(dh, ids);
+  gpu.backward(dh.to(kGpu), ids.to(kGpu));
+  close(gpu.weight.grad, cpu.weight.grad, 1e-6, "embedding grad");
 }
 
 }  // namespace
