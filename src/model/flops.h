@@ -14,6 +14,9 @@ struct FlopsPerToken {
   double attention = 0;          // part of `forward` in attention scores/values (+ indexer scoring)
   double mean_visible_keys = 0;  // attended keys per query, averaged over layers and positions
   double active_params = 0;      // parameters a token's matmuls touch (embedding excluded)
+  // Part of `forward` in the weight GEMMs that train.precision = fp8 runs in FP8 (model/matmul_precision.h: every
+  // Linear, expert and grouped wo_a; not the output heads, the router gate, the mHC mixing or the attention core).
+  double fp8_gemm = 0;
   double training() const { return 3 * forward; }
 };
 

@@ -63,6 +63,7 @@ struct PlanSetup {
   int64_t world = 0;                            // 0: dp * tp (a given world is checked against it)
   int64_t seq_len = 256, micro_batch = 1, grad_accum = 1;
   bool recompute = false;                       // train.recompute (per-layer activation recomputation)
+  std::string precision = "fp32";               // train.precision (fp8: the weight GEMMs at the FP8 rate on a GPU)
   bool mtp_backward = true;                     // the MTP blocks are back-propagated (an MTP or balance loss weight)
   std::string optimizer = "muon";               // muon (matrices) + adamw | adamw
   LoraSection lora;
@@ -154,6 +155,7 @@ struct PlanReport {
   double tokens_per_step = 0;     // global
   double model_flops_rank = 0;    // convention: 3 x forward per token, per rank per step
   double hw_flops_rank = 0;       // what the rank executes (LoRA: no weight gradients; recomputation: + forward)
+  double fp8_flops_rank = 0;      // part of hw_flops_rank in FP8 weight GEMMs (train.precision = fp8 on a GPU)
   double compute_seconds = 0, step_seconds = 0, step_seconds_overlap = 0;
   double tokens_per_second_gpu = 0;
   double mfu = 0;                 // model FLOPs (3 x forward convention) / step time / peak

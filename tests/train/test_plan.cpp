@@ -10,6 +10,7 @@
 #include "model/lora.h"
 #include "model/param_table.h"
 #include "runtime/error.h"
+#include "model/flops.h"
 #include "train/plan.h"
 #include "optim/clip.h"
 #include "optim/optimizer.h"
@@ -248,6 +249,26 @@ TEST(Plan, FullTrainingHoldsF32MastersSplitByShardSpec) {
   const PlanReport z = plan(s, HardwareSpec::named("h100"));
   EXPECT_LT(z.optimizer, many.optimizer);
   EXPECT_GT(z.master_shard, 0);
+}
+
+TEST(Plan, Fp8PrecisionRunsTheWeightGemmsAtTwiceTheRate) {
+  PlanSetup s;
+  s.model = model_preset("proxy-2b");
+  s.seq_len = 4096;
+  const PlanReport bf = plan(s, HardwareSpec::named("h100"));
+  s.precision = "fp8";
+  const PlanReport f8 = plan(s, HardwareSpec::named("h100"));
+  // The FP8 share: every weight GEMM but the heads, the router gate and the mHC mixing; attention is not one.
+  const FlopsPerToken fl = model_flops_per_token(s.model, s.seq_len);
+  const double head = 2.0 * double(s.model.dim) * double(s.model.vocab_size) * double(1 + s.model.n_mtp_layers);
+  EXPECT_GT(fl.fp8_gemm, 0.5 * (fl.forward - fl.attention - head));
+  EXPECT_LT(fl.fp8_gemm, fl.forward - fl.attention - head);
+  EXPECT_EQ(bf.fp8_flops_rank, 0.0);
+  EXPECT_NEAR(f8.fp8_flops_rank, f8.hw_flops_rank * fl.fp8_gemm / fl.forward, 1e-6 * f8.hw_flops_rank);
+  EXPECT_NEAR(f8.compute_seconds, bf.compute_seconds * (1 - 0.5 * fl.fp8_gemm / fl.forward), 1e-9 * bf.compute_seconds);
+  EXPECT_EQ(f8.model_flops_rank, bf.model_flops_rank);
+  // On the CPU fp8 is an emulation: not modelled as faster.
+  EXPECT_EQ(plan(s, HardwareSpec::named("cpu")).fp8_flops_rank, 0.0);
 }
 
 // ---- layout validation --------------------------------------------------------------------------------------------
