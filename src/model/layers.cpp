@@ -94,7 +94,16 @@ Tensor Linear::forward(const Tensor& x_TI, LinearCtx* ctx) const {
   DSV4_CHECK(frozen.defined() || weight.value.defined(),
              "Linear {}: the weight has no storage (built under DeferredWeightStorage and never loaded)", weight.name);
   Tensor y = frozen.defined() ? qmatmul_xwT(x_TI, frozen) : pmatmul_xwT(precision_, x_TI, weight.value);
-  if (ctx) ctx->x = x_TI;
+  if (ctx) {
+    ctx->rows = x_TI.size(0);
+    // fp8: the Wgrad operand is all the backward needs of x (1 byte per element instead of 4).
+    if (!frozen.defined() && !lora && precision_ == MatmulPrecision::FP8 && weight.trainable) {
+      ctx->x = Tensor();
+      ctx->x_fp8_t = fp8_wgrad_operand(x_TI);
+    } else {
+      ctx->x = x_TI;
+    }
+  }
   if (lora) {
     DSV4_CHECK(lora->in_features() == in_ && lora->out_features() == out_,
                "Linear {}: adapter {} is [{}, {}] x [{}, {}], the weight [{}, {}]", weight.name, lora->unit,
@@ -116,14 +125,20 @@ Tensor Linear::forward(const Tensor& x_TI, LinearCtx* ctx) const {
 }
 
 Tensor Linear::backward(const Tensor& dy_TO, const LinearCtx& ctx) {
-  DSV4_CHECK(dy_TO.ndim() == 2 && dy_TO.size(1) == out_features() && ctx.x.defined() && ctx.x.size(0) == dy_TO.size(0),
-             "Linear {}: backward dy {} does not match weight [{}, {}] / saved input {}", weight.name, dy_TO.str(),
-             out_features(), in_features(), ctx.x.str());
+  DSV4_CHECK(dy_TO.ndim() == 2 && dy_TO.size(1) == out_features() && (ctx.x.defined() || ctx.x_fp8_t.q.defined()) &&
+                 ctx.rows == dy_TO.size(0),
+             "Linear {}: backward dy {} does not match weight [{}, {}] / the forward's {} rows", weight.name,
+             dy_TO.str(), out_features(), in_features(), ctx.rows);
   Tensor dx;
   if (frozen.defined()) {
     dx = qmatmul_dyW(dy_TO, frozen);
   } else {
-    if (weight.trainable) pgemm_dW(precision_, dy_TO, ctx.x, weight.grad_buffer());
+    if (weight.trainable) {
+      if (ctx.x_fp8_t.q.defined())
+        pgemm_dW_fp8(dy_TO, ctx.x_fp8_t, weight.grad_buffer());
+      else
+        pgemm_dW(precision_, dy_TO, ctx.x, weight.grad_buffer());
+    }
     dx = pmatmul_dyW(precision_, dy_TO, weight.value);
   }
   if (lora) {

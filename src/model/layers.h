@@ -63,7 +63,9 @@ class DeferredWeightStorage {
 };
 
 struct LinearCtx {
-  Tensor x;                // [T, in]
+  int64_t rows = 0;        // T
+  Tensor x;                // [T, in]; not kept by a trainable Linear in fp8 without an adapter, which keeps
+  Fp8Tensor x_fp8_t;       // x quantised for its Wgrad instead (fp8_wgrad_operand: [in, T] codes + scales)
   Tensor lora_z;           // [T, r] adapter activations A drop(x) (with an adapter)
   uint64_t lora_draw = 0;  // the adapter's dropout draw of this forward
 };

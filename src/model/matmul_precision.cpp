@@ -81,14 +81,17 @@ void pgemm_dW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& x_TI, Tensor
   switch (p) {
     case MatmulPrecision::F32: ops::gemm(dy_TO, true, x_TI, false, 1.0f, 1.0f, dW_OI); return;
     case MatmulPrecision::BF16: ops::gemm(bf16_operand(dy_TO), true, bf16_operand(x_TI), false, 1.0f, 1.0f, dW_OI); return;
-    case MatmulPrecision::FP8: {
-      if (dy_TO.size(0) == 0) return;
-      const Tensor g = fp8_matmul(fp8_quantize_rows_t(dy_TO, kFp8Scales), fp8_quantize_rows_t(x_TI, kFp8Scales));
-      ops::copy(ops::binary(BinaryOp::Add, dW_OI, g), dW_OI);
-      return;
-    }
+    case MatmulPrecision::FP8: pgemm_dW_fp8(dy_TO, fp8_wgrad_operand(x_TI), dW_OI); return;
   }
   DSV4_FAIL("pgemm_dW: bad precision");
+}
+
+Fp8Tensor fp8_wgrad_operand(const Tensor& x_TI) { return fp8_quantize_rows_t(x_TI, kFp8Scales); }
+
+void pgemm_dW_fp8(const Tensor& dy_TO, const Fp8Tensor& x_t, Tensor& dW_OI) {
+  if (dy_TO.size(0) == 0) return;
+  const Tensor g = fp8_matmul(fp8_quantize_rows_t(dy_TO, kFp8Scales), x_t);
+  ops::copy(ops::binary(BinaryOp::Add, dW_OI, g), dW_OI);
 }
 
 void pgemm_xwT_rows(MatmulPrecision p, int64_t n, int64_t in, int64_t out, const float* X, int64_t ldx, const float* W,

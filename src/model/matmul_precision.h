@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <string_view>
 
+#include "runtime/fp8.h"
 #include "runtime/tensor.h"
 
 namespace dsv4 {
@@ -30,6 +31,11 @@ Tensor pmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const Tensor& w_OI);
 Tensor pmatmul_dyW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& w_OI);
 // dW [O, I] += dy [T, O]^T x [T, I] (dW contiguous F32).
 void pgemm_dW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& x_TI, Tensor& dW_OI);
+// FP8 Wgrad with the input already quantised: x_t = fp8_wgrad_operand(x) (128x1 tiles along the tokens, F32 scales),
+// what a Linear keeps for its backward in fp8 instead of x itself (the recipe's FP8-cached activations).
+// pgemm_dW(FP8, dy, x, dW) == pgemm_dW_fp8(dy, fp8_wgrad_operand(x), dW), bit for bit.
+Fp8Tensor fp8_wgrad_operand(const Tensor& x_TI);
+void pgemm_dW_fp8(const Tensor& dy_TO, const Fp8Tensor& x_t, Tensor& dW_OI);
 
 // Row-major CPU buffers with leading dimensions (the expert and grouped wo_a GEMMs); fp32 is exactly cpu_gemm.
 // Y [n, out] = X [n, in] W [out, in]^T + beta Y

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <random>
 
+#include "model/layers.h"
 #include "model/matmul_precision.h"
 #include "test_lora_util.h"  // random_ids
 #include "model/model.h"
@@ -119,6 +120,31 @@ TEST(MatmulPrecision, RowFormsEqualTensorForms) {
                  out);
   cpu_gemm(false, true, n, out, in, 1.0f, Xb.data<float>() + 10, ld, W.data<float>(), in, 0.0f, want.data<float>(), out);
   EXPECT_TRUE(same_bits(Y, want));
+}
+
+TEST(MatmulPrecision, Fp8LinearKeepsOnlyTheWgradOperand) {
+  Linear lin("lin.weight", 200, 90);
+  lin.weight.value = randn(90, 200, 21, 0.05f);
+  lin.set_precision(MatmulPrecision::FP8);
+  const Tensor x = randn(33, 200, 22), dy = randn(33, 90, 23);
+  LinearCtx ctx;
+  const Tensor y = lin.forward(x, &ctx);
+  EXPECT_FALSE(ctx.x.defined());  // the F32 input is not kept ...
+  ASSERT_TRUE(ctx.x_fp8_t.q.defined());
+  EXPECT_EQ(ctx.x_fp8_t.q.shape(), Shape({200, 33}));  // ... only its FP8 Wgrad operand (1 byte per element)
+  EXPECT_EQ(ctx.x_fp8_t.q.dtype(), DType::F8_E4M3);
+  const Tensor dx = lin.backward(dy, ctx);
+  Tensor dW = Tensor::zeros({90, 200}, DType::F32);
+  pgemm_dW(MatmulPrecision::FP8, dy, x, dW);
+  EXPECT_TRUE(same_bits(lin.weight.grad, dW));
+  EXPECT_TRUE(same_bits(dx, pmatmul_dyW(MatmulPrecision::FP8, dy, lin.weight.value)));
+  EXPECT_TRUE(same_bits(y, pmatmul_xwT(MatmulPrecision::FP8, x, lin.weight.value)));
+  // fp32 keeps x itself.
+  lin.set_precision(MatmulPrecision::F32);
+  LinearCtx c32;
+  lin.forward(x, &c32);
+  EXPECT_TRUE(c32.x.defined());
+  EXPECT_FALSE(c32.x_fp8_t.q.defined());
 }
 
 TEST(MatmulPrecision, TinyModelTrainsCloseToFp32) {
