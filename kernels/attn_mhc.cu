@@ -39,6 +39,7 @@
 
 #include "kernels/attention_kernels.h"
 #include "kernels/cuda_runtime_api.h"
+#include "kernels/ops_common.cuh"
 #include "runtime/ops.h"
 
 namespace dsv4::cuda {
@@ -48,17 +49,8 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxM = (2 + kMhcMaxN) * kMhcMaxN;
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ float warp_dot(const float* a, const float* b, int64_t len, int lane) {
-  float s = 0.0f;
-  for (int64_t i = lane; i < len; i += 32) s = fmaf(a[i], b[i], s);
-  return warp_sum(s);
-}
+using detail::warp_dot;
+using detail::warp_sum;
 
 __device__ __forceinline__ float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
 
@@ -176,12 +168,6 @@ struct Dims {
 };
 
 // ---- pre forward: one warp per token, after the dots GEMM ------------------------------------------------------
-__device__ __forceinline__ double warp_sum_d(double v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 __global__ void __launch_bounds__(kThreads)
     mhc_pre_fwd_kernel(const float* __restrict__ X, const float* dots, const float* __restrict__ scale,
                        const float* __restrict__ base, float* __restrict__ x, float* __restrict__ post,
@@ -198,7 +184,7 @@ __global__ void __launch_bounds__(kThreads)
 
   double ss = 0.0;
   for (int64_t k = lane; k < N; k += 32) ss += static_cast<double>(Xt[k]) * static_cast<double>(Xt[k]);
-  ss = warp_sum_d(ss);
+  ss = warp_sum(ss);
   const float rs = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(N) + dm.norm_eps));
   if (lane == 0) rstd[t] = rs;
   for (int m = lane; m < M; m += 32) {

@@ -22,6 +22,7 @@
 #include <algorithm>
 
 #include "kernels/attention_kernels.h"
+#include "kernels/ops_common.cuh"
 
 namespace dsv4::cuda {
 namespace {
@@ -30,18 +31,10 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTile = 16;  // candidate rows per shared-memory tile
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+using detail::warp_dot;
+using detail::warp_sum;
 
-// Dot product of two length-C vectors by one warp (all lanes get the result).
-__device__ __forceinline__ float warp_dot(const float* a, const float* b, int C, int lane) {
-  float s = 0.0f;
-  for (int d = lane; d < C; d += 32) s = fmaf(a[d], b[d], s);
-  return warp_sum(s);
-}
+
 
 __device__ __forceinline__ const float* cand_row(const float* kv, const float* ckv, int64_t id, int64_t n_raw,
                                                  int64_t C) {

@@ -42,6 +42,27 @@ class DeviceGuard {
 inline cudaStream_t stream_of(int device) { return static_cast<cudaStream_t>(current_stream(device)); }
 inline cudaStream_t stream_of(const Tensor& t) { return stream_of(t.device().index); }
 
+// ---- warp reductions: a fixed xor-shuffle tree, every lane gets the same value -------------------------------
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Dot product of two length-n vectors by one warp (lane-strided FMA partials, then warp_sum).
+__device__ __forceinline__ float warp_dot(const float* a, const float* b, int64_t n, int lane) {
+  float s = 0.0f;
+  for (int64_t i = lane; i < n; i += 32) s = fmaf(a[i], b[i], s);
+  return warp_sum(s);
+}
+
 // ---- launch sizes ------------------------------------------------------------------------------------
 inline constexpr int kThreads = 256;
 inline constexpr int64_t kMaxBlocks = 1 << 18;  // element-wise kernels use grid-stride loops past this

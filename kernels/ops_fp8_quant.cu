@@ -22,6 +22,7 @@ namespace dsv4::cuda {
 namespace {
 
 using detail::load_f32;
+using detail::warp_max;
 
 struct ScaleOut {
   float* f32 = nullptr;   // F32 scales, or
@@ -50,11 +51,6 @@ __device__ __forceinline__ float make_scale(float amax, const ScaleOut& so, int6
   return s;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
-  return v;
-}
 
 // VE (4 or 8) consecutive codes e4m3(v / s) stored as one 4- or 8-byte word (IEEE division, as the scalar paths).
 template <int VE>
