@@ -123,8 +123,7 @@ constexpr int64_t kDwRows = 16;
 
 __device__ __forceinline__ double block_sum_double_warps(double v, double* red) {
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  v = detail::warp_sum(v);
   if (lane == 0) red[warp] = v;
   __syncthreads();
   double r = red[0];
@@ -465,14 +464,7 @@ __global__ void moe_route_kernel(const float* aff, const float* bias, const int6
   }
   __syncthreads();
   if (tid == 0) {
-    float sum = 0.0f;
-    for (int64_t j = 0; j < K; ++j) sum += a[it[j]];
-    const float denom = sum + static_cast<float>(kRouteNormEps);
-    for (int64_t j = 0; j < K; ++j) {
-      float q = a[it[j]] / denom;
-      q *= route_scale;
-      w[t * K + j] = q;
-    }
+    moe_route_weights_row(a, it, K, route_scale, w + t * K);
   }
 }
 
@@ -526,14 +518,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32) moe_route_warp_kernel(const 
     if (lane == 0) it[j] = bi;
   }
   if (lane == 0) {
-    float sum = 0.0f;
-    for (int64_t j = 0; j < K; ++j) sum += a[it[j]];
-    const float denom = sum + static_cast<float>(kRouteNormEps);
-    for (int64_t j = 0; j < K; ++j) {
-      float q = a[it[j]] / denom;
-      q *= route_scale;
-      w[t * K + j] = q;
-    }
+    moe_route_weights_row(a, it, K, route_scale, w + t * K);
   }
 }
 

@@ -104,6 +104,20 @@ void sqrt_softplus_backward_rows(const T* s, const T* aff, const T* daff, T* ds,
   }
 }
 
+// Routing weights of one token (CPU and CUDA): w_j = route_scale * a[it_j] / (sum_l a[it_l] + kRouteNormEps), the sum
+// taken in j order.
+template <typename T>
+DSV4_HD void moe_route_weights_row(const T* a, const int64_t* it, int64_t K, double route_scale, T* w) {
+  T sum = T(0);
+  for (int64_t j = 0; j < K; ++j) sum += a[it[j]];
+  const T denom = sum + static_cast<T>(kRouteNormEps);
+  for (int64_t j = 0; j < K; ++j) {
+    T q = a[it[j]] / denom;
+    q *= static_cast<T>(route_scale);
+    w[j] = q;
+  }
+}
+
 // Routing for `rows` tokens from their affinities aff [rows, E]. fixed_idx [rows, K] (hash routing) or, when null,
 // top-K of aff + bias (bias may be null). Writes idx [rows, K] and w [rows, K].
 template <typename T>
@@ -130,14 +144,7 @@ void moe_route_rows(const T* aff, const T* bias, const int64_t* fixed_idx, int64
       std::partial_sort(order.begin(), order.begin() + K, order.end(), before);
       std::copy(order.begin(), order.begin() + K, it);
     }
-    T sum = T(0);
-    for (int64_t j = 0; j < K; ++j) sum += a[it[j]];
-    const T denom = sum + static_cast<T>(kRouteNormEps);
-    for (int64_t j = 0; j < K; ++j) {
-      T q = a[it[j]] / denom;
-      q *= static_cast<T>(route_scale);
-      w[t * K + j] = q;
-    }
+    moe_route_weights_row(a, it, K, route_scale, w + t * K);
   }
 }
 
