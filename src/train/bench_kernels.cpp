@@ -73,9 +73,7 @@ int KernelBenchCli::run() const {
   return 0;
 }
 
-namespace {
-
-bool no_device(const char* what) {
+bool bench_no_device(const char* what) {
   if (cuda_device_count() > 0) return false;
   std::printf("dsv4-bench %s: no CUDA device visible%s; nothing to time\n", what,
 #if defined(DSV4_WITH_CUDA)
@@ -87,18 +85,16 @@ bool no_device(const char* what) {
   return true;
 }
 
-}  // namespace
-
 #if !defined(DSV4_WITH_CUDA)
 
 int run_ops_bench(const KernelBenchOptions& opt) {
   if (opt.cpu) std::printf("dsv4-bench ops --cpu: needs a CUDA build\n");
-  else no_device("ops");
+  else bench_no_device("ops");
   return 0;
 }
 int run_attn_bench(const KernelBenchOptions& opt) {
   if (opt.cpu) std::printf("dsv4-bench attn --cpu: needs a CUDA build\n");
-  else no_device("attn");
+  else bench_no_device("attn");
   return 0;
 }
 
@@ -305,7 +301,7 @@ std::string device_name() {
 
 int run_ops_bench(const KernelBenchOptions& opt) {
   kGpu = opt.cpu ? Device::cpu() : Device::cuda(0);
-  if (!opt.cpu && no_device("ops")) return 0;
+  if (!opt.cpu && bench_no_device("ops")) return 0;
   const ModelConfig cfg = model_preset(opt.preset);
   const int64_t T = opt.tokens, D = cfg.dim, H = cfg.n_heads, C = cfg.head_dim, R = cfg.rope_head_dim;
   const int64_t E = cfg.n_routed_experts, K = cfg.n_activated_experts, I = cfg.moe_inter_dim, N = T * K;
@@ -466,7 +462,7 @@ int run_ops_bench(const KernelBenchOptions& opt) {
 // ---------------------------------------------------------------------------------------------------------------
 int run_attn_bench(const KernelBenchOptions& opt) {
   kGpu = opt.cpu ? Device::cpu() : Device::cuda(0);
-  if (!opt.cpu && no_device("attn")) return 0;
+  if (!opt.cpu && bench_no_device("attn")) return 0;
   const ModelConfig cfg = model_preset(opt.preset);
   const int64_t T = opt.tokens, H = cfg.n_heads, C = cfg.head_dim, W = cfg.window_size, topk = cfg.index_topk;
   int64_t csa_ratio = 0, hca_ratio = 0;

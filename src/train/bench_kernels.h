@@ -38,6 +38,9 @@ class KernelBenchCli {
   KernelBenchOptions ops_opt_, attn_opt_;
 };
 
+// Prints "dsv4-bench WHAT: no CUDA device visible ..." and returns true when no GPU is visible (the subcommand then
+// exits 0 without timing anything).
+bool bench_no_device(const char* what);
 int run_ops_bench(const KernelBenchOptions& opt);
 int run_attn_bench(const KernelBenchOptions& opt);
 

@@ -120,16 +120,7 @@ std::vector<GemmShape> parse_shapes(const std::string& spec) {
 int run_gemm_bench(int64_t tokens, int iters, const std::string& shapes_spec, bool fallback) {
   using namespace dsv4;
   const std::vector<GemmShape> shapes = parse_shapes(shapes_spec);
-  if (cuda_device_count() == 0) {
-    std::printf("dsv4-bench gemm: no CUDA device visible%s; nothing to time\n",
-#if defined(DSV4_WITH_CUDA)
-                ""
-#else
-                " (built without CUDA)"
-#endif
-    );
-    return 0;
-  }
+  if (bench::bench_no_device("gemm")) return 0;
 #if defined(DSV4_WITH_CUDA)
   const Device gpu = Device::cuda(0);
   std::mt19937 rng(3);
@@ -190,6 +181,7 @@ int run_gemm_bench(int64_t tokens, int iters, const std::string& shapes_spec, bo
 
 // ---- grouped expert GEMMs ------------------------------------------------------------------------------------------
 
+#if defined(DSV4_WITH_CUDA)  // helpers of the grouped benchmark, which only times on a GPU
 // Rows per expert: `rows` draws from a fixed-seed multinomial over E experts with p_e ~ exp(sigma z_e), z ~ N(0, 1).
 std::vector<int64_t> imbalanced_counts(int64_t E, int64_t rows, double sigma, uint32_t seed) {
   std::mt19937 gen(seed);
@@ -212,19 +204,11 @@ std::vector<std::string> split_commas(const std::string& s) {
   }
   return out;
 }
+#endif
 
 int run_grouped_bench(const std::string& presets, int64_t tokens_opt, int iters, double sigma) {
   using namespace dsv4;
-  if (cuda_device_count() == 0) {
-    std::printf("dsv4-bench grouped: no CUDA device visible%s; nothing to time\n",
-#if defined(DSV4_WITH_CUDA)
-                ""
-#else
-                " (built without CUDA)"
-#endif
-    );
-    return 0;
-  }
+  if (bench::bench_no_device("grouped")) return 0;
 #if defined(DSV4_WITH_CUDA)
   const Device gpu = Device::cuda(0);
   const auto stream = static_cast<cudaStream_t>(cuda::current_stream(0));
