@@ -28,6 +28,16 @@ const std::vector<MhcCase>& cases() {
   return c;
 }
 
+HcDims dims_of(const MhcCase& c) {
+  HcDims d;
+  d.n = c.n;
+  d.dim = c.D;
+  d.iters = c.iters;
+  d.hc_eps = 1e-6;
+  d.norm_eps = 1e-6;
+  return d;
+}
+
 struct MhcProblem {
   MhcCase c;
   HcDims d;
@@ -37,11 +47,7 @@ struct MhcProblem {
 MhcProblem make_problem(const MhcCase& c) {
   MhcProblem p;
   p.c = c;
-  p.d.n = c.n;
-  p.d.dim = c.D;
-  p.d.iters = c.iters;
-  p.d.hc_eps = 1e-6;
-  p.d.norm_eps = 1e-6;
+  p.d = dims_of(c);
   const int64_t M = p.d.mix(), N = p.d.width();
   const float fs = 1.0f / std::sqrt(static_cast<float>(N));
   p.X = uniform(c.T * N, -1.0f, 1.0f);
@@ -175,11 +181,7 @@ struct HeadProblem {
 HeadProblem make_head_problem(const MhcCase& c) {
   HeadProblem p;
   p.c = c;
-  p.d.n = c.n;
-  p.d.dim = c.D;
-  p.d.iters = c.iters;
-  p.d.hc_eps = 1e-6;
-  p.d.norm_eps = 1e-6;
+  p.d = dims_of(c);
   const int64_t n = c.n, N = p.d.width();
   const float fs = 1.0f / std::sqrt(static_cast<float>(N));
   p.X = uniform(c.T * N, -1.0f, 1.0f);
@@ -241,6 +243,17 @@ TEST(MhcCpu, HeadFloatReferenceMeetsTheStatedTolerance) {
 
 class GpuMhc : public GpuTest {};
 
+cuda::MhcShape shape_of(const MhcCase& c, const HcDims& d) {
+  cuda::MhcShape s;
+  s.T = c.T;
+  s.n = c.n;
+  s.D = c.D;
+  s.iters = c.iters;
+  s.hc_eps = d.hc_eps;
+  s.norm_eps = d.norm_eps;
+  return s;
+}
+
 Tensor gpu_f(const std::vector<float>& v) { return Tensor::from_floats({static_cast<int64_t>(v.size())}, v).to(kGpu); }
 Tensor gpu_zeros(int64_t n) { return Tensor::zeros({std::max<int64_t>(n, 1)}, DType::F32, kGpu); }
 std::vector<double> host(const Tensor& t, int64_t n) {
@@ -250,13 +263,7 @@ std::vector<double> host(const Tensor& t, int64_t n) {
 
 MhcResult run_gpu(const MhcProblem& p) {
   const int64_t T = p.c.T, n = p.c.n, D = p.c.D, M = p.d.mix(), N = p.d.width();
-  cuda::MhcShape s;
-  s.T = T;
-  s.n = n;
-  s.D = D;
-  s.iters = p.c.iters;
-  s.hc_eps = p.d.hc_eps;
-  s.norm_eps = p.d.norm_eps;
+  const cuda::MhcShape s = shape_of(p.c, p.d);
   void* st = cuda::current_stream(0);
   const Tensor X = gpu_f(p.X), fn = gpu_f(p.fn), scale = gpu_f(p.scale), base = gpu_f(p.base), dx = gpu_f(p.dx),
                dpost = gpu_f(p.dpost), dcomb = gpu_f(p.dcomb), F = gpu_f(p.F), dXnew = gpu_f(p.dXnew);
@@ -311,13 +318,7 @@ TEST_F(GpuMhc, MatchesCpuReference) {
 
 HeadResult run_gpu_head(const HeadProblem& p) {
   const int64_t T = p.c.T, n = p.c.n, D = p.c.D, N = p.d.width();
-  cuda::MhcShape s;
-  s.T = T;
-  s.n = n;
-  s.D = D;
-  s.iters = p.c.iters;
-  s.hc_eps = p.d.hc_eps;
-  s.norm_eps = p.d.norm_eps;
+  const cuda::MhcShape s = shape_of(p.c, p.d);
   void* st = cuda::current_stream(0);
   const Tensor X = gpu_f(p.X), fn = gpu_f(p.fn), scale = gpu_f(p.scale), base = gpu_f(p.base), dh = gpu_f(p.dh);
   const Tensor h = gpu_f(std::vector<float>(static_cast<size_t>(T * D), NAN)),

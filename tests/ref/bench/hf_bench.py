@@ -21,6 +21,22 @@ from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 CSA, HCA, SWA = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
 
 
+def v4_proxy(dim, layers, heads, q_lora, groups, o_lora, experts, inter, index_heads, index_dim, index_topk):
+    """The proxies of shared/design/BENCHMARKS.md, as src/model/config.cpp's proxy(): V4's shape rules (head_dim 512,
+    64 rope dims, window 128, CSA 4 / HCA 128, 3 hash layers, top-6, vocab 129280), SWA, SWA, then CSA/HCA."""
+    kinds = [SWA, SWA] + [CSA if i % 2 == 0 else HCA for i in range(2, layers)]
+    return dict(vocab_size=129280, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads, head_dim=512,
+                qk_rope_head_dim=64, partial_rotary_factor=64 / 512, q_lora_rank=q_lora, o_groups=groups,
+                o_lora_rank=o_lora, sliding_window=128, layer_types=kinds, compress_rates={CSA: 4, HCA: 128},
+                n_routed_experts=experts, num_experts_per_tok=6, moe_intermediate_size=inter,
+                index_n_heads=index_heads, index_head_dim=index_dim, index_topk=index_topk,
+                mlp_layer_types=["hash_moe"] * 3 + ["moe"] * (layers - 3),
+                rope_parameters={"main": {"rope_type": "default", "rope_theta": 10000.0},
+                                 "compress": {"rope_type": "yarn", "rope_theta": 160000.0, "factor": 16.0,
+                                              "original_max_position_embeddings": 65536, "beta_fast": 32.0,
+                                              "beta_slow": 1.0, "attention_factor": 1.0}})
+
+
 def preset(name):
     if name == "tiny":
         return dict(vocab_size=2048, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=32,
@@ -34,27 +50,9 @@ def preset(name):
                                                   "original_max_position_embeddings": 64, "beta_fast": 32.0,
                                                   "beta_slow": 1.0, "attention_factor": 1.0}})
     if name == "small":
-        layers = [SWA, SWA, CSA, HCA, CSA, HCA]
-        return dict(vocab_size=129280, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, head_dim=512,
-                    qk_rope_head_dim=64, partial_rotary_factor=64 / 512, q_lora_rank=128, o_groups=2, o_lora_rank=64,
-                    sliding_window=128, layer_types=layers, compress_rates={CSA: 4, HCA: 128}, n_routed_experts=16,
-                    num_experts_per_tok=6, moe_intermediate_size=128, index_n_heads=4, index_head_dim=64,
-                    index_topk=16, mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 3,
-                    rope_parameters={"main": {"rope_type": "default", "rope_theta": 10000.0},
-                                     "compress": {"rope_type": "yarn", "rope_theta": 160000.0, "factor": 16.0,
-                                                  "original_max_position_embeddings": 65536, "beta_fast": 32.0,
-                                                  "beta_slow": 1.0, "attention_factor": 1.0}})
+        return v4_proxy(256, 6, 4, 128, 2, 64, 16, 128, 4, 64, 16)
     if name == "proxy-2b":
-        layers = [SWA, SWA] + [CSA if i % 2 == 0 else HCA for i in range(2, 8)]
-        return dict(vocab_size=129280, hidden_size=2048, num_hidden_layers=8, num_attention_heads=16, head_dim=512,
-                    qk_rope_head_dim=64, partial_rotary_factor=64 / 512, q_lora_rank=512, o_groups=4, o_lora_rank=512,
-                    sliding_window=128, layer_types=layers, compress_rates={CSA: 4, HCA: 128}, n_routed_experts=32,
-                    num_experts_per_tok=6, moe_intermediate_size=1024, index_n_heads=16, index_head_dim=128,
-                    index_topk=512, mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 5,
-                    rope_parameters={"main": {"rope_type": "default", "rope_theta": 10000.0},
-                                     "compress": {"rope_type": "yarn", "rope_theta": 160000.0, "factor": 16.0,
-                                                  "original_max_position_embeddings": 65536, "beta_fast": 32.0,
-                                                  "beta_slow": 1.0, "attention_factor": 1.0}})
+        return v4_proxy(2048, 8, 16, 512, 4, 512, 32, 1024, 16, 128, 512)
     raise SystemExit(f"unknown preset {name}")
 
 
