@@ -1,5 +1,7 @@
 #include "model/layers.h"
 
+#include "model/exec_path.h"
+
 #include "runtime/model_ops.h"
 #include "runtime/ops.h"
 
@@ -62,6 +64,14 @@ thread_local bool g_defer_weights = false;
 DeferredWeightStorage::DeferredWeightStorage() : previous_(g_defer_weights) { g_defer_weights = true; }
 DeferredWeightStorage::~DeferredWeightStorage() { g_defer_weights = previous_; }
 bool DeferredWeightStorage::active() { return g_defer_weights; }
+
+namespace {
+thread_local bool g_force_ops_path = false;
+}
+
+ForceOpsPath::ForceOpsPath() : previous_(g_force_ops_path) { g_force_ops_path = true; }
+ForceOpsPath::~ForceOpsPath() { g_force_ops_path = previous_; }
+bool ForceOpsPath::active() { return g_force_ops_path; }
 
 Linear::Linear(std::string name, int64_t in_features, int64_t out_features) : in_(in_features), out_(out_features) {
   if (DeferredWeightStorage::active())

@@ -321,6 +321,39 @@ void Model::visit(const ParamVisitor& f) {
   for (auto& m : mtp) m->visit(f);
 }
 
+void Model::to(Device device) {
+  if (!device.is_cpu()) {
+    auto no_frozen = [&](const QuantizedWeight& q, const std::string& name) {
+      DSV4_CHECK(!q.defined(), "Model.to({}): {} is a frozen {} weight; frozen weights run on the CPU only so far",
+                 device.str(), name, q.str());
+    };
+    auto linear = [&](const Linear& l) { no_frozen(l.frozen, l.weight.name); };
+    auto block = [&](const Block& b) {
+      for (const Linear* l : {&b.attn.wq_a, &b.attn.wq_b, &b.attn.wkv, &b.attn.wo_b, &b.attn.compressor.wkv,
+                              &b.attn.compressor.wgate, &b.attn.indexer.wq_b, &b.attn.indexer.weights_proj,
+                              &b.attn.indexer.compressor.wkv, &b.attn.indexer.compressor.wgate})
+        linear(*l);
+      no_frozen(b.attn.wo_a_frozen, b.attn.wo_a.name);
+      auto expert = [&](const ExpertWeights& ew) {
+        for (int k = 1; k <= 3; ++k) no_frozen(ew.frozen(k), ew.param(k).name);
+      };
+      for (const auto& ew : b.ffn.experts) expert(ew);
+      if (b.ffn.has_shared()) expert(b.ffn.shared);
+    };
+    linear(head);
+    for (const auto& l : layers) block(*l);
+    for (const auto& m : mtp) {
+      linear(m->e_proj);
+      linear(m->h_proj);
+      block(m->block);
+    }
+  }
+  visit([&](Param& p) {
+    if (p.value.defined()) p.value = p.value.to(device);
+    if (p.grad.defined()) p.grad = p.grad.to(device);
+  });
+}
+
 void Model::zero_grad() {
   visit([](Param& p) { p.zero_grad(); });
 }
