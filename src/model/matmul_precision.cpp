@@ -54,27 +54,51 @@ void store_rows(const Tensor& R, float beta, float* Y, int64_t ldy) {
     }
 }
 
+
+// y = r + beta y for the FP8 GEMMs (fp8_gemm overwrites a contiguous output).
+void fp8_gemm_into(const Fp8Tensor& a, const Fp8Tensor& b, float beta, Tensor& y) {
+  if (beta == 0.0f && y.is_contiguous()) {
+    fp8_gemm(a, b, y);
+    return;
+  }
+  const Tensor r = fp8_matmul(a, b);
+  ops::copy(beta == 0.0f ? r : ops::binary(BinaryOp::Add, r, beta == 1.0f ? y : ops::affine(y, beta, 0.0)), y);
+}
 }  // namespace
 
-Tensor pmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const Tensor& w_OI) {
+void pgemm_xwT(MatmulPrecision p, const Tensor& x_TI, const Tensor& w_OI, float beta, Tensor& y_TO) {
   switch (p) {
-    case MatmulPrecision::F32: return ops::matmul(x_TI, w_OI, false, true);
-    case MatmulPrecision::BF16: return ops::matmul(bf16_operand(x_TI), bf16_operand(w_OI), false, true);
+    case MatmulPrecision::F32: ops::gemm(x_TI, false, w_OI, true, 1.0f, beta, y_TO); return;
+    case MatmulPrecision::BF16: ops::gemm(bf16_operand(x_TI), false, bf16_operand(w_OI), true, 1.0f, beta, y_TO); return;
     case MatmulPrecision::FP8:
-      return fp8_matmul(fp8_quantize_rows(x_TI, kFp8Scales), fp8_quantize_blocks(w_OI, kFp8Scales));
+      fp8_gemm_into(fp8_quantize_rows(x_TI, kFp8Scales), fp8_quantize_blocks(w_OI, kFp8Scales), beta, y_TO);
+      return;
   }
-  DSV4_FAIL("pmatmul_xwT: bad precision");
+  DSV4_FAIL("pgemm_xwT: bad precision");
+}
+
+void pgemm_dyW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& w_OI, float beta, Tensor& dx_TI) {
+  switch (p) {
+    case MatmulPrecision::F32: ops::gemm(dy_TO, false, w_OI, false, 1.0f, beta, dx_TI); return;
+    case MatmulPrecision::BF16: ops::gemm(bf16_operand(dy_TO), false, bf16_operand(w_OI), false, 1.0f, beta, dx_TI); return;
+    case MatmulPrecision::FP8:
+      fp8_gemm_into(fp8_quantize_rows(dy_TO, kFp8Scales), fp8_transpose_blocks(fp8_quantize_blocks(w_OI, kFp8Scales)),
+                    beta, dx_TI);
+      return;
+  }
+  DSV4_FAIL("pgemm_dyW: bad precision");
+}
+
+Tensor pmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const Tensor& w_OI) {
+  Tensor y = Tensor::empty({x_TI.size(0), w_OI.size(0)}, DType::F32, x_TI.device());
+  pgemm_xwT(p, x_TI, w_OI, 0.0f, y);
+  return y;
 }
 
 Tensor pmatmul_dyW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& w_OI) {
-  switch (p) {
-    case MatmulPrecision::F32: return ops::matmul(dy_TO, w_OI);
-    case MatmulPrecision::BF16: return ops::matmul(bf16_operand(dy_TO), bf16_operand(w_OI));
-    case MatmulPrecision::FP8:
-      return fp8_matmul(fp8_quantize_rows(dy_TO, kFp8Scales),
-                        fp8_transpose_blocks(fp8_quantize_blocks(w_OI, kFp8Scales)));
-  }
-  DSV4_FAIL("pmatmul_dyW: bad precision");
+  Tensor dx = Tensor::empty({dy_TO.size(0), w_OI.size(1)}, DType::F32, dy_TO.device());
+  pgemm_dyW(p, dy_TO, w_OI, 0.0f, dx);
+  return dx;
 }
 
 void pgemm_dW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& x_TI, Tensor& dW_OI) {

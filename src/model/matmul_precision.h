@@ -29,6 +29,11 @@ MatmulPrecision parse_matmul_precision(std::string_view s, std::string_view what
 Tensor pmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const Tensor& w_OI);
 // dx [T, I] = dy [T, O] W [O, I].
 Tensor pmatmul_dyW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& w_OI);
+// Into an existing output (F32, unit inner stride, e.g. a row range of a larger tensor; contiguous for fp8 with
+// beta = 0): y [T, O] = x W^T + beta y, and dx [T, I] = dy W + beta dx. With beta = 0 each equals the allocating
+// form above, bit for bit.
+void pgemm_xwT(MatmulPrecision p, const Tensor& x_TI, const Tensor& w_OI, float beta, Tensor& y_TO);
+void pgemm_dyW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& w_OI, float beta, Tensor& dx_TI);
 // dW [O, I] += dy [T, O]^T x [T, I] (dW contiguous F32).
 void pgemm_dW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& x_TI, Tensor& dW_OI);
 // FP8 Wgrad with the input already quantised: x_t = fp8_wgrad_operand(x) (128x1 tiles along the tokens, F32 scales),

@@ -15,7 +15,9 @@
 //  * Shared expert clamp: present in the newest HF and in the later official code (§2.9 item 1); we clamp it.
 #include "model/moe.h"
 
+#include "model/exec_path.h"
 #include "model/layers.h"
+#include "runtime/ops.h"
 #include "runtime/cpu_blas.h"
 
 namespace dsv4 {
@@ -310,8 +312,42 @@ Tensor exchange(const Communicator* g, const Tensor& in, const std::vector<int64
 
 }  // namespace
 
+std::vector<int64_t> MoE::hash_expert_ids(const Tensor& input_ids_T, int64_t T, int64_t t0, int64_t rows) const {
+  const int64_t E = n_experts_, K = top_k_;
+  DSV4_CHECK(input_ids_T.defined() && input_ids_T.dtype() == DType::I64 && input_ids_T.numel() == T,
+             "MoE {}: hash routing needs I64 input_ids with {} entries, got {}", prefix_, T,
+             input_ids_T.defined() ? input_ids_T.str() : std::string("none"));
+  DSV4_CHECK(tid2eid.value.dtype() == DType::I64 && tid2eid.value.shape() == (Shape{vocab_, K}) &&
+                 tid2eid.value.is_contiguous(),
+             "MoE {}: {} must be a contiguous I64 [{}, {}] tensor, got {}", prefix_, tid2eid.name, vocab_, K,
+             tid2eid.value.str());
+  const Tensor ids = input_ids_T.contiguous().to(Device::cpu());
+  const int64_t* id = ids.data<int64_t>() + t0;
+  for (int64_t t = 0; t < rows; ++t)
+    DSV4_CHECK(id[t] >= 0 && id[t] < vocab_, "MoE {}: input id {} at position {} outside [0, {})", prefix_, id[t],
+               t0 + t, vocab_);
+  // The table's rows of these ids (gathered where the table lives: a device table is not copied whole).
+  std::vector<int64_t> fixed(static_cast<size_t>(rows * K));
+  if (tid2eid.value.device().is_cpu()) {
+    const int64_t* table = tid2eid.value.data<int64_t>();
+    for (int64_t t = 0; t < rows; ++t) std::copy_n(table + id[t] * K, K, fixed.data() + t * K);
+  } else if (rows > 0) {
+    const Tensor g = ops::index_select(tid2eid.value, ids.slice(0, t0, t0 + rows).to(tid2eid.value.device()))
+                         .to(Device::cpu());
+    std::copy_n(g.data<int64_t>(), rows * K, fixed.data());
+  }
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t e = fixed[static_cast<size_t>(t * K + j)];
+      DSV4_CHECK(e >= 0 && e < E, "MoE {}: {}[{}, {}] = {} is not an expert id in [0, {})", prefix_, tid2eid.name,
+                 id[t], j, e, E);
+    }
+  return fixed;
+}
+
 Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayout& layout, MoECtx* ctx,
                     MoEStats* stats) const {
+  if (use_ops_path(x_TD)) return forward_ops(x_TD, input_ids_T, layout, ctx, stats);
   check_rows("MoE.forward", x_TD, dim_);
   const int64_t T = x_TD.size(0), D = dim_, E = n_experts_, K = top_k_, I = inter_;
   const int64_t EL = n_local_experts();
@@ -378,28 +414,7 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
   // ---- routing ----
   std::vector<int64_t> fixed;
   if (hash_) {
-    DSV4_CHECK(input_ids_T.defined() && input_ids_T.dtype() == DType::I64 && input_ids_T.numel() == T &&
-                   input_ids_T.device().is_cpu(),
-               "MoE {}: hash routing needs CPU I64 input_ids with {} entries, got {}", prefix_, T,
-               input_ids_T.defined() ? input_ids_T.str() : std::string("none"));
-    DSV4_CHECK(tid2eid.value.dtype() == DType::I64 && tid2eid.value.shape() == (Shape{vocab_, K}) &&
-                   tid2eid.value.is_contiguous(),
-               "MoE {}: {} must be a contiguous I64 [{}, {}] tensor, got {}", prefix_, tid2eid.name, vocab_, K,
-               tid2eid.value.str());
-    const Tensor ids = input_ids_T.contiguous();
-    const int64_t* id = ids.data<int64_t>() + t0;
-    const int64_t* table = tid2eid.value.data<int64_t>();
-    fixed.resize(static_cast<size_t>(TL * K));
-    for (int64_t t = 0; t < TL; ++t) {
-      DSV4_CHECK(id[t] >= 0 && id[t] < vocab_, "MoE {}: input id {} at position {} outside [0, {})", prefix_, id[t],
-                 t0 + t, vocab_);
-      for (int64_t j = 0; j < K; ++j) {
-        const int64_t e = table[id[t] * K + j];
-        DSV4_CHECK(e >= 0 && e < E, "MoE {}: {}[{}, {}] = {} is not an expert id in [0, {})", prefix_, tid2eid.name,
-                   id[t], j, e, E);
-        fixed[static_cast<size_t>(t * K + j)] = e;
-      }
-    }
+    fixed = hash_expert_ids(input_ids_T, T, t0, TL);
   } else {
     DSV4_CHECK(gate_bias.value.dtype() == DType::F32 && gate_bias.value.shape() == (Shape{E}) &&
                    gate_bias.value.is_contiguous(),
@@ -571,6 +586,7 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
 }
 
 Tensor MoE::backward(const Tensor& dy_TD, const MoECtx& ctx, double balance_alpha) {
+  if (ctx.ops_path) return backward_ops(dy_TD, ctx, balance_alpha);
   check_rows("MoE.backward", dy_TD, dim_);
   const int64_t T = dy_TD.size(0), D = dim_, E = n_experts_, K = top_k_, I = inter_;
   const int64_t EL = n_local_experts();

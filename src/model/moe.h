@@ -231,6 +231,10 @@ struct MoECtx {
   int64_t batch = 0, seq = 0;        // the layout's rows, for the balance loss
   std::vector<double> balance_counts;  // [B*E] complete (tp-summed) slot counts per sequence row
   MoEStats stats;
+  // Tensor-op path (model/exec_path.h; one rank, no adapters): every tensor above on x's device, g / u in the
+  // expert-sorted slot order (recv_* and send/recv rows unused), plus the sort itself on the device.
+  bool ops_path = false;
+  Tensor sorted_slot_N;  // I64 [N] on the device: sorted_slot
   // LoRA dropout draws of this forward: [0] the gate adapter, then 4 per LOCAL routed expert (w1, w2, w3, w13), then 4
   // for the shared expert (empty without adapters).
   std::vector<uint64_t> lora_draws;
@@ -250,7 +254,10 @@ class MoE {
   // router and shared-expert parameters (and their adapters) are Placement::TpPartial.
   MoE(std::string prefix, const ModelConfig& cfg, bool hash_routed, const Parallel* parallel = nullptr);
 
-  // x_TD: CPU F32 [T, D]; input_ids_T: I64 [T] (needed by hash layers, may be undefined for learned ones);
+  // x_TD: F32 [T, D], CPU or (after Model::to) the parameters' CUDA device, where the tensor-op path runs
+  // (model/exec_path.h: router -> moe_sort_slots -> moe_permute -> per-expert GEMMs in the MoE's precision ->
+  // swiglu -> moe_unpermute, the same order of operations as the CPU loops; one rank and no adapters so far).
+  // input_ids_T: I64 [T] on any device (needed by hash layers, may be undefined for learned ones);
   // layout.tokens() == T. ctx may be null when no backward follows. Stats are written to ctx->stats and *stats.
   Tensor forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayout& layout, MoECtx* ctx,
                  MoEStats* stats = nullptr) const;
@@ -285,6 +292,11 @@ class MoE {
 
  private:
   void sync_placements();
+  Tensor forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayout& layout, MoECtx* ctx,
+                     MoEStats* stats) const;
+  Tensor backward_ops(const Tensor& dy_TD, const MoECtx& ctx, double balance_alpha);
+  // The hash layer's fixed expert ids of tokens [t0, t0 + rows) (checked), row-major [rows, K], on the host.
+  std::vector<int64_t> hash_expert_ids(const Tensor& input_ids_T, int64_t T, int64_t t0, int64_t rows) const;
 
   std::string prefix_;
   const Parallel* parallel_ = nullptr;

@@ -1,0 +1,97 @@
+// The MoE block on CUDA tensors (its tensor-op path, model/moe_ops.cpp) against the same block on the CPU (the
+// reference loops): output, load and balance statistics, dx and every parameter gradient, learned and hash routing,
+// in fp32, bf16 and fp8. Tolerance per tensor, |gpu - cpu| <= rtol * max|cpu|: fp32 2e-5 forward / 1e-4 backward
+// (cuBLAS vs CPU BLAS accumulation order, CUDA expf/log1pf within an ulp or two); bf16 1e-3 and fp8 1e-2 (the last-bit
+// differences of the FP32 intermediates can flip the rounding of an operand element to BF16 / E4M3; first bounds, to
+// tighten after the first GPU run). The selection is compared exactly (random data has no near-ties at these sizes).
+// Skips without a GPU.
+#include <map>
+#include <string>
+
+#include "gpu_test_util.h"
+#include "model/config.h"
+#include "model/moe.h"
+
+namespace dsv4::gputest {
+namespace {
+
+class GpuMoe : public GpuTest {};
+
+ModelConfig moe_config() {
+  ModelConfig c;
+  c.dim = 264;  // three FP8 blocks along D, the last partial
+  c.n_routed_experts = 9;
+  c.n_activated_experts = 3;
+  c.moe_inter_dim = 200;
+  c.n_shared_experts = 1;
+  c.vocab_size = 50;
+  c.route_scale = 1.5;
+  c.swiglu_limit = 1.0;
+  return c;
+}
+
+void close(const Tensor& gpu, const Tensor& cpu, double rtol, const std::string& what) {
+  ASSERT_EQ(gpu.shape(), cpu.shape()) << what;
+  const auto g = gpu.to(kCpu).to_floats(), c = cpu.to_floats();
+  expect_close_scaled({g.begin(), g.end()}, {c.begin(), c.end()}, rtol, what);
+}
+
+void check(bool hash, MatmulPrecision p, int64_t batch, int64_t seq, double rtol_fwd, double rtol_bwd) {
+  SCOPED_TRACE(std::string(hash ? "hash " : "learned ") + std::string(matmul_precision_name(p)));
+  const ModelConfig cfg = moe_config();
+  const int64_t T = batch * seq, D = cfg.dim;
+  MoE cpu("layers.0.ffn.", cfg, hash);
+  cpu.visit([&](Param& q) {
+    if (q.value.dtype() == DType::F32)
+      q.value = rand_cpu(q.value.shape(), q.name.ends_with("gate.bias") ? -0.3f : -0.1f,
+                         q.name.ends_with("gate.bias") ? 0.3f : 0.1f);
+  });
+  if (hash) cpu.tid2eid.value = rand_index(cpu.tid2eid.value.shape(), cfg.n_routed_experts);
+  for (auto& ew : cpu.experts) ew.precision = p;
+  cpu.shared.precision = p;
+  MoE gpu = cpu;
+  gpu.visit([](Param& q) {
+    q.value = q.value.to(kGpu);
+    q.grad = Tensor();
+  });
+  const Tensor x = rand_cpu({T, D}, -2, 2), dy = rand_cpu({T, D}), ids = rand_index({T}, cfg.vocab_size);
+  const SeqLayout layout(batch, seq);
+  MoECtx cc, gc;
+  MoEStats cs, gs;
+  const Tensor y_cpu = cpu.forward(x, ids, layout, &cc, &cs);
+  const Tensor y_gpu = gpu.forward(x.to(kGpu), ids, layout, &gc, &gs);
+  EXPECT_TRUE(gc.ops_path);
+  expect_same_bits(gc.idx, cc.idx, "selected experts");
+  EXPECT_EQ(gs.load, cs.load);
+  EXPECT_NEAR(gs.balance_term, cs.balance_term, 1e-6 * std::abs(cs.balance_term));
+  close(y_gpu, y_cpu, rtol_fwd, "y");
+  close(gpu.backward(dy.to(kGpu), gc, 0.01), cpu.backward(dy, cc, 0.01), rtol_bwd, "dx");
+  std::map<std::string, Tensor> cpu_grads;
+  cpu.visit([&](Param& q) {
+    if (q.grad.defined()) cpu_grads[q.name] = q.grad;
+  });
+  size_t n = 0;
+  gpu.visit([&](Param& q) {
+    if (!q.grad.defined()) return;
+    ++n;
+    ASSERT_TRUE(cpu_grads.count(q.name)) << q.name;
+    EXPECT_TRUE(q.grad.device().is_cuda()) << q.name;
+    close(q.grad, cpu_grads.at(q.name), rtol_bwd, q.name);
+  });
+  EXPECT_EQ(n, cpu_grads.size());
+}
+
+TEST_F(GpuMoe, Fp32MatchesCpu) {
+  check(false, MatmulPrecision::F32, 2, 37, 2e-5, 1e-4);
+  check(true, MatmulPrecision::F32, 1, 53, 2e-5, 1e-4);
+  check(false, MatmulPrecision::F32, 1, 1, 2e-5, 1e-4);  // one token: most experts without rows
+}
+
+TEST_F(GpuMoe, Bf16AndFp8MatchCpu) {
+  check(false, MatmulPrecision::BF16, 2, 45, 1e-3, 1e-3);
+  check(false, MatmulPrecision::FP8, 2, 45, 1e-2, 1e-2);
+  check(true, MatmulPrecision::FP8, 1, 61, 1e-2, 1e-2);
+}
+
+}  // namespace
+}  // namespace dsv4::gputest
