@@ -81,6 +81,7 @@ class Schema {
     integer("train", "seed", &c.train.seed, 0);
     integer("train", "threads", &c.train.threads, 0);
     str("train", "precision", &c.train.precision, {"fp32", "bf16", "fp8"});
+    str("train", "device", &c.train.device, {"cpu", "cuda"});
     // checkpoint
     integer("checkpoint", "interval", &c.checkpoint.interval, 0);
     integer("checkpoint", "keep", &c.checkpoint.keep, 1);

@@ -64,6 +64,7 @@ struct TrainSection {
   int64_t seed = 1;
   int64_t threads = 0;                // CPU threads for the BLAS backend (0: library default)
   std::string precision = "fp32";     // weight GEMMs: fp32 | bf16 | fp8 (model/matmul_precision.h)
+  std::string device = "cpu";         // cpu | cuda: where parameters, gradients, optimizer state and activations live
 };
 
 struct CheckpointSection {

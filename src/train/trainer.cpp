@@ -135,6 +135,20 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
                       lc.alpha, counts[0], static_cast<double>(counts[1]) / 1e6));
   }
 
+  if (cfg_.train.device == "cuda") {
+    // One GPU per process: the parameters, their gradients and the optimizer state live there; batches come from
+    // the host loader and are uploaded by the model. What the GPU path does not cover yet fails here, before any
+    // step or checkpoint.
+    DSV4_CHECK(cuda_device_count() > 0, "train.device: cuda, but {}",
+               cuda_built() ? "no CUDA device is visible" : "this dsv4 was built without CUDA (no nvcc at configure time)");
+    DSV4_CHECK(!lora, "train.device: cuda with lora.enabled: LoRA adapters and frozen FP8/FP4 base weights run on the "
+                      "CPU only so far; set train.device: cpu");
+    DSV4_CHECK(par_->world_size() == 1,
+               "train.device: cuda runs one process so far (got {} ranks; multi-GPU needs NCCL groups in Parallel)",
+               par_->world_size());
+    model_->to(Device::cuda(0));
+  }
+
   OptimizerConfig oc = OptimizerConfig::for_model(
       model_cfg_, cfg_.optim.type == "adamw" ? OptimizerMode::AdamW : OptimizerMode::MuonAdamW);
   oc.muon.momentum = cfg_.optim.muon_momentum;
@@ -193,8 +207,10 @@ void Trainer::check_replicas_in_sync() const {
     if (!g) continue;
     uint32_t crc = 0;
     model_->visit([&](Param& p) {
-      if ((p.placement == Placement::Expert) == expert && p.value.defined())
-        crc = crc32c(p.value.raw_data(), static_cast<size_t>(p.value.nbytes()), crc);
+      if ((p.placement == Placement::Expert) == expert && p.value.defined()) {
+        const Tensor h = p.value.to(Device::cpu()).contiguous();
+        crc = crc32c(h.raw_data(), static_cast<size_t>(h.nbytes()), crc);
+      }
     });
     Tensor v = Tensor::from_vector<int64_t>({2}, {static_cast<int64_t>(crc), -static_cast<int64_t>(crc)});
     g->all_reduce(v, CommReduce::Max);

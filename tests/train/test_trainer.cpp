@@ -123,3 +123,23 @@ TEST_F(TrainerTest, NonFiniteStepsAreSkippedThenStopTheRun) {
 
 }  // namespace
 }  // namespace dsv4
+
+namespace dsv4 {
+namespace {
+
+// train.device: cuda on a machine (or build) without a GPU stops before anything is written, with one line saying why.
+TEST_F(TrainerTest, CudaDeviceWithoutAGpuFailsClearly) {
+  if (cuda_device_count() > 0) GTEST_SKIP() << "a CUDA device is visible";
+  try {
+    Trainer t(config(2, {"train.device=cuda"}), source(), nullptr);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("train.device: cuda, but"), std::string::npos) << m;
+    EXPECT_EQ(m.find('\n'), std::string::npos) << m;
+  }
+  EXPECT_FALSE(fs::exists(dir / "checkpoints" / "step_00000001"));
+}
+
+}  // namespace
+}  // namespace dsv4
