@@ -6,8 +6,8 @@ namespace dsv4 {
 
 void update_expert_bias(Param& bias, const std::vector<int64_t>& load, double speed) {
   DSV4_CHECK(bias.value.defined() && bias.value.dtype() == DType::F32 && bias.value.ndim() == 1 &&
-                 bias.value.device().is_cpu() && bias.value.is_contiguous(),
-             "expert bias update: {} must be a contiguous CPU F32 vector, got {}", bias.name,
+                 bias.value.is_contiguous(),
+             "expert bias update: {} must be a contiguous F32 vector, got {}", bias.name,
              bias.value.defined() ? bias.value.str() : std::string("undefined"));
   const int64_t E = bias.value.size(0);
   DSV4_CHECK(static_cast<int64_t>(load.size()) == E, "expert bias update: {} has {} experts but {} loads were given",
@@ -18,12 +18,14 @@ void update_expert_bias(Param& bias, const std::vector<int64_t>& load, double sp
     total += l;
   }
   const float step = static_cast<float>(speed);
-  float* b = bias.value.data<float>();
+  Tensor host = bias.value.to(Device::cpu());  // the parameter itself on the CPU; E values through the host otherwise
+  float* b = host.data<float>();
   for (int64_t i = 0; i < E; ++i) {
     const int64_t diff = total - E * load[static_cast<size_t>(i)];  // E * (mean - load_i)
     if (diff > 0) b[i] += step;
     else if (diff < 0) b[i] -= step;
   }
+  if (!bias.value.device().is_cpu()) bias.value.copy_from(host);
 }
 
 void accumulate_moe_loads(std::vector<std::vector<int64_t>>& acc, const std::vector<MoEStats>& stats) {
