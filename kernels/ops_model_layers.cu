@@ -335,6 +335,15 @@ __global__ void __launch_bounds__(kRowThreads) rope_vec_kernel(float* __restrict
   }
 }
 
+// ---- hashed dropout ---------------------------------------------------------------------------------------------
+__global__ void hashed_dropout_kernel(const float* x, int64_t ld, float* out, int64_t n, int64_t m, uint64_t stream,
+                                      double p, float keep_scale, uint64_t mask_offset) {
+  GRID_STRIDE(k, n * m) {
+    const int64_t i = k / m, j = k - i * m;
+    out[k] = dropout_keep(stream, mask_offset + static_cast<uint64_t>(k), p) ? x[i * ld + j] * keep_scale : 0.0f;
+  }
+}
+
 // ---- clamped SwiGLU -------------------------------------------------------------------------------------------
 __global__ void swiglu_kernel(const float* g, const float* u, const float* w, float* h, int64_t n, int64_t I,
                               bool clamp, float L) {
@@ -905,6 +914,13 @@ void rope_apply(Tensor& x, const Tensor& pos, const Tensor& inv_freq, bool inver
   rope_kernel<<<blocks_for(R * half), kRowThreads, 0, stream_of(x)>>>(x.data<float>(), R, dim, rs,
                                                                     pos.data<int64_t>(), R / P,
                                                                     inv_freq.data<float>(), half, inverse);
+  CUDA_CHECK_LAUNCH();
+}
+
+void hashed_dropout(const Tensor& x, uint64_t stream, double p, float keep_scale, uint64_t mask_offset, Tensor& out) {
+  detail::DeviceGuard guard(x.device().index);
+  hashed_dropout_kernel<<<blocks_for(x.numel()), kRowThreads, 0, stream_of(x)>>>(
+      x.data<float>(), x.stride(0), out.data<float>(), x.size(0), x.size(1), stream, p, keep_scale, mask_offset);
   CUDA_CHECK_LAUNCH();
 }
 

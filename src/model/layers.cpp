@@ -118,9 +118,21 @@ Tensor Linear::forward(const Tensor& x_TI, LinearCtx* ctx) const {
     DSV4_CHECK(lora->in_features() == in_ && lora->out_features() == out_,
                "Linear {}: adapter {} is [{}, {}] x [{}, {}], the weight [{}, {}]", weight.name, lora->unit,
                lora->out_features(), lora->rank(), lora->rank(), lora->in_features(), out_, in_);
+    const uint64_t draw = lora->next_draw();
+    if (use_ops_path(x_TI)) {  // tensor forms (lora.h), any device
+      DSV4_CHECK(!row_group_, "Linear {}: a row-parallel adapter on the tensor-op path is not implemented yet",
+                 weight.name);
+      Tensor z = lora_down(*lora, x_TI, draw, 0);
+      if (row_adds_) lora_up(*lora, z, 0, y);
+      if (ctx) {
+        ctx->x = x_TI;
+        ctx->lora_z = z;
+        ctx->lora_draw = draw;
+      }
+      return y;
+    }
     const Tensor x = x_TI.contiguous();
     const int64_t T = x.size(0);
-    const uint64_t draw = lora->next_draw();
     Tensor z = Tensor::empty({T, lora->rank()}, DType::F32);
     lora_down(*lora, T, x.data<float>(), in_, draw, 0, z.data<float>());
     if (row_group_) group_sum(row_group_, z);  // row-parallel: the partial sums of z over the input slices
@@ -154,6 +166,12 @@ Tensor Linear::backward(const Tensor& dy_TO, const LinearCtx& ctx) {
   if (lora) {
     DSV4_CHECK(ctx.lora_z.defined() && ctx.lora_z.size(0) == dy_TO.size(0) && ctx.lora_z.size(1) == lora->rank(),
                "Linear {}: backward through adapter {} without its forward context", weight.name, lora->unit);
+    if (use_ops_path(dy_TO)) {
+      Tensor dz = Tensor::zeros({dy_TO.size(0), lora->rank()}, DType::F32, dy_TO.device());
+      lora_up_backward(*lora, dy_TO, ctx.lora_z, 0, dz);
+      lora_down_backward(*lora, dz, ctx.x, ctx.lora_draw, 0, &dx);
+      return dx;
+    }
     const Tensor dy = dy_TO.contiguous();
     const Tensor x = ctx.x.contiguous();
     dx = dx.contiguous();

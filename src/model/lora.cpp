@@ -11,17 +11,12 @@
 #include "model/model.h"
 #include "model/param_table.h"
 #include "runtime/cpu_blas.h"
+#include "runtime/model_ops.h"
+#include "runtime/ops.h"
 
 namespace dsv4 {
 
 namespace {
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
 
 uint64_t fnv1a64(const std::string& s) {
   uint64_t h = 0xCBF29CE484222325ull;
@@ -97,9 +92,76 @@ Tensor LoraAdapter::delta(int64_t b0, int64_t m) const {
 }
 
 bool lora_dropout_keep(const LoraAdapter& ad, uint64_t draw, uint64_t index) {
-  const uint64_t stream = splitmix64(ad.dropout_key + 0x9E3779B97F4A7C15ull * (draw + 1));
-  const uint64_t u = splitmix64(stream ^ (index * 0xD1B54A32D192ED03ull)) >> 40;  // 24 bits
-  return static_cast<double>(u) * 0x1p-24 >= ad.dropout;
+  return dropout_keep(dropout_stream(ad.dropout_key, draw), index, ad.dropout);
+}
+
+// ---- tensor forms -------------------------------------------------------------------------------------------------
+namespace {
+void check_adapter_on(const LoraAdapter& ad, Device dev) {
+  DSV4_CHECK(ad.A.value.defined() && ad.B.value.defined() && ad.A.value.dtype() == DType::F32 &&
+                 ad.B.value.dtype() == DType::F32 && ad.A.value.ndim() == 2 && ad.B.value.ndim() == 2 &&
+                 ad.A.value.is_contiguous() && ad.B.value.is_contiguous() && ad.A.value.device() == dev &&
+                 ad.B.value.device() == dev && ad.B.value.size(1) == ad.A.value.size(0),
+             "LoRA adapter {}: A and B must be contiguous F32 [r, in] and [out, r] on {}, got A {}, B {}", ad.unit,
+             dev.str(), ad.A.value.defined() ? ad.A.value.str() : std::string("none"),
+             ad.B.value.defined() ? ad.B.value.str() : std::string("none"));
+}
+
+// drop(x) when the adapter's dropout is active, else x itself.
+Tensor dropped_t(const LoraAdapter& ad, const Tensor& x, uint64_t draw, uint64_t mask_offset) {
+  if (!ad.dropout_active()) return x;
+  return hashed_dropout(x, dropout_stream(ad.dropout_key, draw), ad.dropout,
+                        static_cast<float>(1.0 / (1.0 - ad.dropout)), mask_offset);
+}
+
+Tensor b_rows(const LoraAdapter& ad, int64_t b0, int64_t m) {
+  DSV4_CHECK(b0 >= 0 && b0 + m <= ad.out_features(), "LoRA adapter {}: rows [{}, {}) outside B {}", ad.unit, b0,
+             b0 + m, ad.B.value.str());
+  return ad.B.value.slice(0, b0, b0 + m);
+}
+}  // namespace
+
+Tensor lora_down(const LoraAdapter& ad, const Tensor& x, uint64_t draw, uint64_t mask_offset) {
+  check_adapter_on(ad, x.device());
+  DSV4_CHECK(x.ndim() == 2 && x.size(1) == ad.in_features(), "LoRA adapter {}: input {} does not match A {}", ad.unit,
+             x.str(), ad.A.value.str());
+  if (x.size(0) == 0) return Tensor::zeros({0, ad.rank()}, DType::F32, x.device());
+  return ops::matmul(dropped_t(ad, x, draw, mask_offset), ad.A.value, false, true);
+}
+
+void lora_up(const LoraAdapter& ad, const Tensor& z, int64_t b0, Tensor& y) {
+  check_adapter_on(ad, z.device());
+  const Tensor B = b_rows(ad, b0, y.size(1));
+  if (z.size(0) == 0 || y.size(1) == 0) return;
+  ops::gemm(z, false, B, true, static_cast<float>(ad.scale), 1.0f, y);
+}
+
+void lora_up_backward(LoraAdapter& ad, const Tensor& dy, const Tensor& z, int64_t b0, Tensor& dz) {
+  check_adapter_on(ad, dy.device());
+  const int64_t m = dy.size(1);
+  const Tensor B = b_rows(ad, b0, m);
+  const float s = static_cast<float>(ad.scale);
+  if (ad.B.trainable) {
+    Tensor dB = ad.B.grad_buffer().slice(0, b0, b0 + m);
+    if (dy.size(0) > 0 && m > 0) ops::gemm(dy, true, z, false, s, 1.0f, dB);
+  }
+  if (dy.size(0) > 0 && m > 0) ops::gemm(dy, false, B, false, s, 1.0f, dz);
+}
+
+void lora_down_backward(LoraAdapter& ad, const Tensor& dz, const Tensor& x, uint64_t draw, uint64_t mask_offset,
+                        Tensor* dx) {
+  check_adapter_on(ad, dz.device());
+  if (ad.A.trainable) {
+    Tensor& dA = ad.A.grad_buffer();
+    if (x.size(0) > 0) ops::gemm(dz, true, dropped_t(ad, x, draw, mask_offset), false, 1.0f, 1.0f, dA);
+  }
+  if (!dx || x.size(0) == 0) return;
+  if (!ad.dropout_active()) {
+    ops::gemm(dz, false, ad.A.value, false, 1.0f, 1.0f, *dx);
+    return;
+  }
+  const Tensor t = dropped_t(ad, ops::matmul(dz, ad.A.value), draw, mask_offset);
+  ops::copy(ops::add(*dx, t), *dx);
 }
 
 // ---- cores ----------------------------------------------------------------------------------------------------

@@ -141,6 +141,17 @@ void lora_up_backward(LoraAdapter& ad, int64_t n, const float* dy, int64_t lddy,
 // Backward of lora_down: dA += dz^T drop(x) (when A is trainable); dx (row stride lddx, may be null) += drop'(dz A).
 void lora_down_backward(LoraAdapter& ad, int64_t n, const float* dz, const float* x, int64_t ldx, uint64_t draw,
                         uint64_t mask_offset, float* dx, int64_t lddx);
+// ---- tensor forms (any device: the tensor-op path, model/exec_path.h), the same operations as the cores above; the
+// masks come from runtime/model_ops.h's hashed_dropout (CPU and CUDA twins, bit-identical) ------------------------
+// z [n, r] = drop(x) A^T; x [n, in] with unit inner stride.
+Tensor lora_down(const LoraAdapter& ad, const Tensor& x, uint64_t draw, uint64_t mask_offset);
+// y [n, m] (unit inner stride, e.g. a column range of a wider output) += s z B[b0 : b0+m]^T.
+void lora_up(const LoraAdapter& ad, const Tensor& z, int64_t b0, Tensor& y);
+// dB[b0 : b0+m] += s dy^T z (when B is trainable); dz [n, r] += s dy B[b0 : b0+m] (dy [n, m]).
+void lora_up_backward(LoraAdapter& ad, const Tensor& dy, const Tensor& z, int64_t b0, Tensor& dz);
+// dA += dz^T drop(x) (when A is trainable); dx [n, in] (may be null) += drop'(dz A).
+void lora_down_backward(LoraAdapter& ad, const Tensor& dz, const Tensor& x, uint64_t draw, uint64_t mask_offset,
+                        Tensor* dx);
 // Dropout keep decision of element `index` in draw `draw` (exposed for tests).
 bool lora_dropout_keep(const LoraAdapter& ad, uint64_t draw, uint64_t index);
 

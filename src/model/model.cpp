@@ -322,31 +322,32 @@ void Model::visit(const ParamVisitor& f) {
 }
 
 void Model::to(Device device) {
-  if (!device.is_cpu()) {
-    auto no_frozen = [&](const QuantizedWeight& q, const std::string& name) {
-      DSV4_CHECK(!q.defined(), "Model.to({}): {} is a frozen {} weight; frozen weights run on the CPU only so far",
-                 device.str(), name, q.str());
+  // Frozen (quantised) weights: Linears move with their format (FP4 converted to FP8 off the CPU); the MoE experts'
+  // and the grouped wo_a's frozen weights run on the CPU only so far.
+  auto no_frozen = [&](const QuantizedWeight& q, const std::string& name) {
+    DSV4_CHECK(device.is_cpu() || !q.defined(),
+               "Model.to({}): {} is a frozen {} weight; frozen expert and wo_a weights run on the CPU only so far",
+               device.str(), name, q.str());
+  };
+  auto linear = [&](Linear& l) { l.frozen = to_device(l.frozen, device, l.weight.name); };
+  auto block = [&](Block& b) {
+    for (Linear* l : {&b.attn.wq_a, &b.attn.wq_b, &b.attn.wkv, &b.attn.wo_b, &b.attn.compressor.wkv,
+                      &b.attn.compressor.wgate, &b.attn.indexer.wq_b, &b.attn.indexer.weights_proj,
+                      &b.attn.indexer.compressor.wkv, &b.attn.indexer.compressor.wgate})
+      linear(*l);
+    no_frozen(b.attn.wo_a_frozen, b.attn.wo_a.name);
+    auto expert = [&](const ExpertWeights& ew) {
+      for (int k = 1; k <= 3; ++k) no_frozen(ew.frozen(k), ew.param(k).name);
     };
-    auto linear = [&](const Linear& l) { no_frozen(l.frozen, l.weight.name); };
-    auto block = [&](const Block& b) {
-      for (const Linear* l : {&b.attn.wq_a, &b.attn.wq_b, &b.attn.wkv, &b.attn.wo_b, &b.attn.compressor.wkv,
-                              &b.attn.compressor.wgate, &b.attn.indexer.wq_b, &b.attn.indexer.weights_proj,
-                              &b.attn.indexer.compressor.wkv, &b.attn.indexer.compressor.wgate})
-        linear(*l);
-      no_frozen(b.attn.wo_a_frozen, b.attn.wo_a.name);
-      auto expert = [&](const ExpertWeights& ew) {
-        for (int k = 1; k <= 3; ++k) no_frozen(ew.frozen(k), ew.param(k).name);
-      };
-      for (const auto& ew : b.ffn.experts) expert(ew);
-      if (b.ffn.has_shared()) expert(b.ffn.shared);
-    };
-    linear(head);
-    for (const auto& l : layers) block(*l);
-    for (const auto& m : mtp) {
-      linear(m->e_proj);
-      linear(m->h_proj);
-      block(m->block);
-    }
+    for (const auto& ew : b.ffn.experts) expert(ew);
+    if (b.ffn.has_shared()) expert(b.ffn.shared);
+  };
+  linear(head);
+  for (auto& l : layers) block(*l);
+  for (auto& m : mtp) {
+    linear(m->e_proj);
+    linear(m->h_proj);
+    block(m->block);
   }
   visit([&](Param& p) {
     if (p.value.defined()) p.value = p.value.to(device);

@@ -1,5 +1,7 @@
 #include "model/quant.h"
 
+#include "runtime/ops.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -329,9 +331,40 @@ void qgemm_dyW(const QuantizedWeight& W, int64_t n, const float* dy, int64_t ldd
   }
 }
 
+QuantizedWeight to_device(const QuantizedWeight& W, Device device, const std::string& name) {
+  if (!W.defined()) return W;
+  const QuantizedWeight src = W.format == WeightFormat::FP4 && !device.is_cpu() ? fp4_to_fp8(W, name) : W;
+  QuantizedWeight out;
+  out.format = src.format;
+  out.data = src.data.to(device);
+  if (src.scale.defined()) out.scale = src.scale.to(device);
+  return out;
+}
+
+Tensor dequantize_on_device(const QuantizedWeight& W) {
+  const Device dev = W.data.device();
+  switch (W.format) {
+    case WeightFormat::F32: return W.data;
+    case WeightFormat::BF16: return W.data.to(DType::F32);
+    case WeightFormat::FP8: return fp8_dequantize(Fp8Tensor{W.data, W.scale, Fp8Layout::Blocks128x128});
+    case WeightFormat::FP4: break;
+  }
+  DSV4_FAIL("dequantize_on_device: an fp4 weight on {} (convert it with fp4_to_fp8 first, as Model::to does)",
+            dev.str());
+}
+
+namespace {
+void check_weight_device(const Tensor& x, const QuantizedWeight& W, const char* op) {
+  DSV4_CHECK(x.device() == W.data.device(), "{}: input on {} but the frozen weight {} on {}", op, x.device().str(),
+             W.str(), W.data.device().str());
+}
+}  // namespace
+
 Tensor qmatmul_xwT(const Tensor& x_TI, const QuantizedWeight& W) {
-  DSV4_CHECK(x_TI.dtype() == DType::F32 && x_TI.ndim() == 2 && x_TI.size(1) == W.cols() && x_TI.device().is_cpu(),
+  DSV4_CHECK(x_TI.dtype() == DType::F32 && x_TI.ndim() == 2 && x_TI.size(1) == W.cols(),
              "qmatmul_xwT: input {} does not match weight {}", x_TI.str(), W.str());
+  check_weight_device(x_TI, W, "qmatmul_xwT");
+  if (!x_TI.device().is_cpu()) return ops::matmul(x_TI, dequantize_on_device(W), false, true);
   const Tensor x = x_TI.contiguous();
   Tensor y = Tensor::empty({x.size(0), W.rows()}, DType::F32);
   qgemm_xwT(W, x.size(0), x.data<float>(), W.cols(), 0.0f, y.data<float>(), W.rows());
@@ -339,8 +372,10 @@ Tensor qmatmul_xwT(const Tensor& x_TI, const QuantizedWeight& W) {
 }
 
 Tensor qmatmul_dyW(const Tensor& dy_TO, const QuantizedWeight& W) {
-  DSV4_CHECK(dy_TO.dtype() == DType::F32 && dy_TO.ndim() == 2 && dy_TO.size(1) == W.rows() && dy_TO.device().is_cpu(),
+  DSV4_CHECK(dy_TO.dtype() == DType::F32 && dy_TO.ndim() == 2 && dy_TO.size(1) == W.rows(),
              "qmatmul_dyW: gradient {} does not match weight {}", dy_TO.str(), W.str());
+  check_weight_device(dy_TO, W, "qmatmul_dyW");
+  if (!dy_TO.device().is_cpu()) return ops::matmul(dy_TO, dequantize_on_device(W));
   const Tensor dy = dy_TO.contiguous();
   Tensor dx = Tensor::empty({dy.size(0), W.cols()}, DType::F32);
   qgemm_dyW(W, dy.size(0), dy.data<float>(), W.rows(), 0.0f, dx.data<float>(), W.cols());

@@ -113,8 +113,15 @@ void qgemm_xwT(const QuantizedWeight& W, int64_t n, const float* x, int64_t ldx,
 // dx [n, in] (row stride lddx) = dy [n, R] (row stride lddy) W' + beta * dx
 void qgemm_dyW(const QuantizedWeight& W, int64_t n, const float* dy, int64_t lddy, float beta, float* dx,
                int64_t lddx, int64_t row0 = 0, int64_t row1 = -1);
-// Tensor forms on contiguous CPU F32 inputs: x [T, in] -> [T, out]; dy [T, out] -> [T, in].
+// Tensor forms on F32 inputs: x [T, in] -> [T, out]; dy [T, out] -> [T, in]. On the CPU the tile GEMMs above; with
+// the weight and the input on a CUDA device, the whole matrix is dequantised there into a transient F32 tensor
+// (dequantize_on_device, exact) and multiplied in FP32 (cuBLAS), the same products as the CPU's.
 Tensor qmatmul_xwT(const Tensor& x_TI, const QuantizedWeight& W);
 Tensor qmatmul_dyW(const Tensor& dy_TO, const QuantizedWeight& W);
+// W as F32 on its own device (F32 as is, BF16 widened, FP8 through runtime/fp8.h's fp8_dequantize); FP4 must be
+// converted to FP8 first (fp4_to_fp8: lossless for the release's scales, see the header comment).
+Tensor dequantize_on_device(const QuantizedWeight& W);
+// W's tensors moved to `device` (FP4 converted to FP8 first when `device` is not the CPU).
+QuantizedWeight to_device(const QuantizedWeight& W, Device device, const std::string& name);
 
 }  // namespace dsv4

@@ -47,6 +47,16 @@ void swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& w, const Te
                                     g.size(0), g.size(1), limit);
 }
 
+void hashed_dropout(const Tensor& x, uint64_t stream, double p, float keep_scale, uint64_t mask_offset, Tensor& out) {
+  const int64_t n = x.size(0), m = x.size(1), ld = x.stride(0);
+  const float* xp = x.data<float>();
+  float* o = out.data<float>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < m; ++j)
+      o[i * m + j] =
+          dropout_keep(stream, mask_offset + static_cast<uint64_t>(i * m + j), p) ? xp[i * ld + j] * keep_scale : 0.0f;
+}
+
 void sqrt_softplus(const Tensor& s, Tensor& aff) { sqrt_softplus_rows<float>(s.data<float>(), aff.data<float>(), s.numel()); }
 
 void sqrt_softplus_backward(const Tensor& s, const Tensor& aff, const Tensor& daff, Tensor& ds) {

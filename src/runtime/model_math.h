@@ -14,6 +14,23 @@
 
 namespace dsv4 {
 
+// ---- hashed dropout (LoRA's drop(), model/lora.h): a keep decision that is a pure function of (key, draw, index) ----
+DSV4_HD uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+// The stream of one forward's masks: draw d of the adapter with dropout key `key`.
+DSV4_HD uint64_t dropout_stream(uint64_t key, uint64_t draw) {
+  return splitmix64(key + 0x9E3779B97F4A7C15ull * (draw + 1));
+}
+// Keep element `index` of the stream: a 24-bit uniform u, kept when u * 2^-24 >= p.
+DSV4_HD bool dropout_keep(uint64_t stream, uint64_t index, double p) {
+  const uint64_t u = splitmix64(stream ^ (index * 0xD1B54A32D192ED03ull)) >> 40;
+  return static_cast<double>(u) * 0x1p-24 >= p;
+}
+
 // ---- RMSNorm core: y = w * x * rstd, rstd = 1/sqrt(mean(x^2) + eps), over rows of length dim ----------
 // w may be null (unweighted). rstd_out[rows] receives the per-row rstd.
 template <typename T>

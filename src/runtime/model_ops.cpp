@@ -90,6 +90,15 @@ Tensor swiglu(const Tensor& g, const Tensor& u, const Tensor& w, double limit) {
   return h;
 }
 
+Tensor hashed_dropout(const Tensor& x, uint64_t stream, double p, float keep_scale, uint64_t mask_offset) {
+  DSV4_CHECK(x.defined() && x.dtype() == DType::F32 && x.ndim() == 2 && (x.size(1) <= 1 || x.stride(1) == 1),
+             "hashed_dropout: x must be an F32 2-D tensor with unit stride in the last dim, got {}", describe(x));
+  DSV4_CHECK(p >= 0.0 && p < 1.0, "hashed_dropout: p = {} outside [0, 1)", p);
+  Tensor out = Tensor::empty(x.shape(), DType::F32, x.device());
+  if (x.numel() > 0) DSV4_MODEL_DISPATCH(x.device(), hashed_dropout, x, stream, p, keep_scale, mask_offset, out);
+  return out;
+}
+
 SwigluGrad swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& w, const Tensor& dh, double limit) {
   const char* op = "swiglu_backward";
   check_arg(g, op, "g", DType::F32, 2, g.defined() ? g.device() : Device::cpu());

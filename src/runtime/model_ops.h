@@ -6,7 +6,7 @@
 // Legend: T rows (tokens), D row width, E experts, K experts per token, N = T*K slots, V (local) vocabulary.
 //
 // How close the CUDA twins come to the CPU (tests/gpu/test_gpu_model_ops.cpp checks these bounds):
-//   bit-identical  moe_route (given the same affinities), moe_sort_slots, moe_permute, moe_unpermute, adamw_step,
+//   bit-identical  hashed_dropout, moe_route (given the same affinities), moe_sort_slots, moe_permute, moe_unpermute, adamw_step,
 //                  muon_momentum_step, muon_apply_step (the CUDA files are built with --fmad=false and use IEEE
 //                  division / square root; sums that the CPU runs sequentially run in the same order).
 //   last bits      functions of exp / log / sin / cos (sqrt_softplus(+backward), swiglu(+backward), rope: CUDA's
@@ -52,6 +52,11 @@ struct SwigluGrad {
   Tensor dw;      // [T] (only with w)
 };
 SwigluGrad swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& w, const Tensor& dh, double limit);
+
+// ---- hashed dropout (model/lora.h's drop()): out [n, m] (contiguous) = x * keep_scale where
+// dropout_keep(stream, mask_offset + i * m + j, p) (runtime/model_math.h), else 0. x: F32 [n, m], unit stride in the
+// last dim (any row stride). Bit-identical on both backends.
+Tensor hashed_dropout(const Tensor& x, uint64_t stream, double p, float keep_scale, uint64_t mask_offset);
 
 // ---- router: aff = sqrt(softplus(s)); top-K of aff + bias (ties to the lower id, NaN first) or fixed ids (hash);
 // w = aff[idx] / (sum aff[idx] + 1e-20) * route_scale ------------------------------------------------------------
@@ -110,6 +115,8 @@ void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, doub
   void swiglu(const Tensor& g, const Tensor& u, const Tensor& w, double limit, Tensor& h);                          \
   void swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& w, const Tensor& dh, double limit,           \
                        Tensor& dg, Tensor& du, Tensor& dw);                                                         \
+  void hashed_dropout(const Tensor& x, uint64_t stream, double p, float keep_scale, uint64_t mask_offset,          \
+                      Tensor& out);                                                                                 \
   void sqrt_softplus(const Tensor& s, Tensor& aff);                                                                 \
   void sqrt_softplus_backward(const Tensor& s, const Tensor& aff, const Tensor& daff, Tensor& ds);                  \
   void moe_route(const Tensor& aff, const Tensor& bias, const Tensor& fixed_idx, double route_scale, Tensor& idx,   \

@@ -1,0 +1,66 @@
+// LoRA and frozen weights on CUDA tensors: the hashed_dropout op (bit-identical to the CPU twin, strided input), a
+// Linear with an adapter over an F32, frozen BF16, frozen FP8 and frozen FP4 (moved as FP8, lossless here) base on the
+// GPU against the same Linear on the CPU (y, dx, dA, dB within 2e-5 · max|cpu|: cuBLAS vs CPU BLAS FP32 accumulation
+// order; the FP8 / BF16 dequantisation is exact on both sides). Skips without a GPU.
+#include <optional>
+#include <string>
+
+#include "gpu_test_util.h"
+#include "model/layers.h"
+#include "model/lora.h"
+#include "model/quant.h"
+#include "runtime/model_math.h"
+#include "runtime/model_ops.h"
+
+namespace dsv4::gputest {
+namespace {
+
+class GpuLora : public GpuTest {};
+
+void close(const Tensor& gpu, const Tensor& cpu, double rtol, const std::string& what) {
+  ASSERT_EQ(gpu.shape(), cpu.shape()) << what;
+  EXPECT_TRUE(gpu.device().is_cuda()) << what;
+  const auto g = gpu.to(kCpu).to_floats(), c = cpu.to_floats();
+  expect_close_scaled({g.begin(), g.end()}, {c.begin(), c.end()}, rtol, what);
+}
+
+TEST_F(GpuLora, HashedDropoutMatchesCpuBitForBit) {
+  const Tensor wide = rand_cpu({37, 300});
+  const Tensor x = wide.slice(1, 7, 290);
+  const uint64_t stream = dropout_stream(77, 3);
+  expect_same_bits(hashed_dropout(x.to(kGpu).contiguous(), stream, 0.3, 1.0f / 0.7f, 12345),
+                   hashed_dropout(x.contiguous(), stream, 0.3, 1.0f / 0.7f, 12345), "contiguous");
+  const Tensor wide_gpu = wide.to(kGpu);
+  expect_same_bits(hashed_dropout(wide_gpu.slice(1, 7, 290), stream, 0.3, 1.0f / 0.7f, 12345),
+                   hashed_dropout(x, stream, 0.3, 1.0f / 0.7f, 12345), "strided");
+}
+
+TEST_F(GpuLora, LinearAdapterOnFrozenBasesMatchesCpu) {
+  for (int variant = 0; variant < 4; ++variant) {  // F32 trainable-off base, BF16, FP8, FP4 frozen
+    SCOPED_TRACE(variant);
+    const int64_t in = 300, out = 260, T = 45;
+    Linear cpu("x.weight", in, out);
+    cpu.weight.value = rand_cpu({out, in}, -0.5f, 0.5f);
+    cpu.weight.trainable = false;
+    const WeightFormat fmt[] = {WeightFormat::F32, WeightFormat::BF16, WeightFormat::FP8, WeightFormat::FP4};
+    if (variant > 0) cpu.set_frozen(quantize_weight(cpu.weight.value, fmt[variant], ScaleFormat::E8M0, "x"));
+    cpu.lora.emplace("x", 8, in, out, 2.0, 0.2, 41);
+    cpu.lora->train = true;
+    cpu.lora->A.value = rand_cpu({8, in}, -0.3f, 0.3f);
+    cpu.lora->B.value = rand_cpu({out, 8}, -0.3f, 0.3f);
+    Linear gpu = cpu;
+    if (variant > 0) gpu.frozen = to_device(cpu.frozen, kGpu, "x.weight");
+    else gpu.weight.value = cpu.weight.value.to(kGpu);
+    gpu.lora->A.value = cpu.lora->A.value.to(kGpu);
+    gpu.lora->B.value = cpu.lora->B.value.to(kGpu);
+    const Tensor x = rand_cpu({T, in}), dy = rand_cpu({T, out});
+    LinearCtx cc, gc;
+    close(gpu.forward(x.to(kGpu), &gc), cpu.forward(x, &cc), 2e-5, "y");
+    close(gpu.backward(dy.to(kGpu), gc), cpu.backward(dy, cc), 2e-5, "dx");
+    close(gpu.lora->A.grad, cpu.lora->A.grad, 2e-5, "dA");
+    close(gpu.lora->B.grad, cpu.lora->B.grad, 2e-5, "dB");
+  }
+}
+
+}  // namespace
+}  // namespace dsv4::gputest
