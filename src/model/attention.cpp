@@ -464,9 +464,9 @@ Tensor Attention::forward_ops(const Tensor& x_TD, const SeqLayout& layout, Atten
   // Grouped low-rank output: y[:, g] = o[:, g] @ wo_a_g^T (column slices), then wo_b.
   Tensor y = Tensor::empty({T, G * R}, DType::F32, dev);
   for (int64_t g = 0; g < G; ++g) {
+    const Tensor o_g = c.o_rot.slice(1, g * K, (g + 1) * K), w_g = wo_a.value.slice(0, g * R, (g + 1) * R);
     Tensor y_g = y.slice(1, g * R, (g + 1) * R);
-    ops::copy(pmatmul_xwT(wo_a_precision_, c.o_rot.slice(1, g * K, (g + 1) * K), wo_a.value.slice(0, g * R, (g + 1) * R)),
-              y_g);
+    ops::copy(pmatmul_xwT(wo_a_precision_, o_g, w_g), y_g);
   }
   return wo_b.forward(y, &c.wo_b);
 }

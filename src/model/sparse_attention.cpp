@@ -50,7 +50,8 @@ AttnDims check_inputs(const SparseAttnIndex& idx, const Tensor& q, const Tensor&
   check_f32("kv", kv, Shape{d.n_raw, d.C}, dev);
   if (ckv.defined()) check_f32("ckv", ckv, Shape{d.n_comp, d.C}, dev);
   check_f32("sink", sink, Shape{d.H}, dev);
-  DSV4_CHECK(idx.queries() == d.T, "sparse attention: candidate lists of {} queries for {} queries", idx.queries(), d.T);
+  DSV4_CHECK(idx.queries() == d.T, "sparse attention: candidate lists of {} queries for {} queries", idx.queries(),
+             d.T);
   return d;
 }
 

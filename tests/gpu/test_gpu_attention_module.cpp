@@ -7,7 +7,9 @@
 // Tolerance per tensor, |gpu - cpu| <= rtol * max|cpu|: 1e-4 for the output (cuBLAS F32 vs CPU BLAS and the kernels'
 // summation order: tests/gpu/test_gpu_attention.cpp bounds the core alone at 2e-5 forward) and 5e-4 for dx and the
 // gradients (the core's backward alone is bounded at 1e-4; these chain it with up to five GEMMs, two RMSNorm
-// backwards and the compressor's pooling backward). Skips without a GPU.
+// backwards and the compressor's pooling backward). The BF16 tensor-core forward
+// (AttentionOptions::tensor_core_forward, off by default) is checked separately at C = 512, H = 16 (2e-2 of max|out|).
+// Skips without a GPU.
 // Written without a GPU (compile-checked only): not yet run on one (tests/gpu/RESULTS.md lists what has).
 #include <map>
 #include <string>
@@ -108,6 +110,37 @@ TEST_F(GpuAttentionModule, CompressedSparseMatchesCpu) {
 TEST_F(GpuAttentionModule, HeavilyCompressedMatchesCpu) {
   check_layer(2, SeqLayout(2, 45));
   check_layer(2, packed_row());
+}
+
+// AttentionOptions::tensor_core_forward: the BF16 tensor-core core forward (needs C = 512, H % 16 == 0) is taken when
+// asked for (the output differs from the FP32 kernel's) and stays within BF16 accuracy of the CPU module: the kernel
+// alone is bounded at 4e-3 max|kv| on o (tests/gpu/test_gpu_attention.cpp); through wo_a / wo_b, 2e-2 of max|out|.
+TEST_F(GpuAttentionModule, TensorCoreForwardOnlyWhenAskedAndClose) {
+  ModelConfig cfg = model_preset("tiny");
+  cfg.head_dim = 512;
+  cfg.n_heads = 16;
+  cfg.o_groups = 4;
+  for (int64_t layer : {0, 2}) {
+    const Attention cpu = random_attention(cfg, layer);
+    Attention fp32 = on_gpu(cpu);
+    AttentionOptions tc_opts;
+    tc_opts.tensor_core_forward = true;
+    Attention tc(prefix_of(layer), cfg, layer, tc_opts);
+    {
+      Attention src = on_gpu(cpu);
+      std::map<std::string, Tensor> values;
+      src.visit([&](Param& p) { values[p.name] = p.value; });
+      tc.visit([&](Param& p) { p.value = values.at(p.name); });
+    }
+    const SeqLayout L(2, 45);
+    const Tensor x = rand_cpu({L.tokens(), cfg.dim});
+    const Tensor out_c = cpu.forward(x, L, nullptr);
+    const Tensor out_f = fp32.forward(x.to(kGpu), L, nullptr), out_t = tc.forward(x.to(kGpu), L, nullptr);
+    const std::string tag = "layer " + std::to_string(layer) + " ";
+    close(out_f, out_c, kOutRtol, tag + "fp32 kernel out");
+    close(out_t, out_c, 2e-2, tag + "tensor-core out");
+    EXPECT_NE(host_bytes(out_t), host_bytes(out_f)) << tag << "the tensor-core forward was not taken";
+  }
 }
 
 TEST_F(GpuAttentionModule, ParameterOnTheWrongDeviceIsOneClearError) {
