@@ -6,13 +6,13 @@
 
 #include "model/exec_path.h"
 #include "model/quant_sim.h"
+#include "model/sparse_attention.h"
 #include "runtime/compress_math.h"
 #include "runtime/model_ops.h"
 #include "runtime/ops.h"
 
 #if defined(DSV4_WITH_CUDA)
 #include "kernels/attention_kernels.h"
-#include "kernels/cuda_runtime_api.h"
 #endif
 
 namespace dsv4 {
@@ -195,17 +195,9 @@ void Compressor::check_ops_path(const std::string& module, Device device) const 
   check_param_for_ops(module, norm.weight, device);
 }
 
-namespace {
-#if defined(DSV4_WITH_CUDA)
-void* stream_of(const Tensor& t) { return cuda::current_stream(t.device().index); }
-#else
-[[noreturn]] void no_cuda(const char* what) { DSV4_FAIL("{}: CUDA tensors, but dsv4 was built without CUDA", what); }
-#endif
-}  // namespace
-
 Tensor Compressor::forward_ops(const Tensor& x_TD, const CompressPlan& plan, const RopeTable& rope,
                                CompressorCtx* ctx) const {
-  const std::string module = "Compressor " + wkv.weight.name;
+  const std::string module = "Compressor " + wkv.weight.name.substr(0, wkv.weight.name.rfind("wkv.weight"));
   DSV4_CHECK(plan.ratio == ratio_, "{}: plan ratio {} != compressor ratio {}", module, plan.ratio, ratio_);
   DSV4_CHECK(x_TD.dtype() == DType::F32 && x_TD.ndim() == 2 &&
                  x_TD.size(0) == static_cast<int64_t>(plan.first_entry.size()) && x_TD.size(1) == wkv.in_features(),
@@ -232,9 +224,9 @@ Tensor Compressor::forward_ops(const Tensor& x_TD, const CompressPlan& plan, con
 #if defined(DSV4_WITH_CUDA)
     cuda::compress_pool_forward(c.kv_TW.data<float>(), c.gate_TW.data<float>(), ape.value.data<float>(),
                                 c.entry_token.data<int64_t>(), c.entry_has_prev.data<uint8_t>(), E, ratio_, C,
-                                overlap(), pooled.data<float>(), stream_of(x_TD));
+                                overlap(), pooled.data<float>(), attention_kernel_stream(x_TD));
 #else
-    no_cuda("Compressor.forward");
+    fail_without_cuda("Compressor.forward");
 #endif
   } else {
     compress_pool_forward<float>(c.kv_TW.data<float>(), c.gate_TW.data<float>(), ape.value.data<float>(),
@@ -263,9 +255,9 @@ Tensor Compressor::backward_ops(const Tensor& dentries_EC, const RopeTable& rope
     cuda::compress_pool_backward(ctx.kv_TW.data<float>(), ctx.gate_TW.data<float>(), ape.value.data<float>(),
                                  ctx.entry_token.data<int64_t>(), ctx.entry_has_prev.data<uint8_t>(), E, ratio_, C,
                                  overlap(), dpooled.data<float>(), dkv.data<float>(), dgate.data<float>(),
-                                 dape.data<float>(), ws.data<float>(), stream_of(dpooled));
+                                 dape.data<float>(), ws.data<float>(), attention_kernel_stream(dpooled));
 #else
-    no_cuda("Compressor.backward");
+    fail_without_cuda("Compressor.backward");
 #endif
   } else {
     compress_pool_backward<float>(ctx.kv_TW.data<float>(), ctx.gate_TW.data<float>(), ape.value.data<float>(),

@@ -7,13 +7,13 @@
 #include <type_traits>
 
 #include "model/quant_sim.h"
+#include "model/sparse_attention.h"
 #include "runtime/compress_math.h"
 #include "runtime/cpu_blas.h"
 #include "runtime/model_ops.h"
 
 #if defined(DSV4_WITH_CUDA)
 #include "kernels/attention_kernels.h"
-#include "kernels/cuda_runtime_api.h"
 #endif
 
 namespace dsv4 {
@@ -187,7 +187,7 @@ void Indexer::select_topk_ops(const Tensor& x_TD, const Tensor& qr_TQ, const std
                               std::vector<int64_t>& offsets, std::vector<int64_t>& ids) const {
   const int64_t T = x_TD.size(0), nI = n_heads_, cI = head_dim_;
   const Device dev = x_TD.device();
-  const std::string module = "Indexer " + wq_b.weight.name;
+  const std::string module = "Indexer " + wq_b.weight.name.substr(0, wq_b.weight.name.rfind("wq_b.weight"));
   DSV4_CHECK(static_cast<int64_t>(pos.size()) == T && qr_TQ.size(0) == T && qr_TQ.device() == dev &&
                  static_cast<int64_t>(plan.first_entry.size()) == T,
              "{}: {} tokens on {}, {} positions, qr {}, plan of {} tokens", module, T, dev.str(), pos.size(),
@@ -208,7 +208,7 @@ void Indexer::select_topk_ops(const Tensor& x_TD, const Tensor& qr_TQ, const std
   const float weight_scale = static_cast<float>(std::pow(static_cast<double>(global_heads_), -0.5));
   if (dev.is_cuda()) {
 #if defined(DSV4_WITH_CUDA)
-    void* stream = cuda::current_stream(dev.index);
+    void* stream = attention_kernel_stream(x_TD);
     const int64_t E = plan.entries();
     const int64_t n_scores = score_offsets.back();
     const int64_t max_visible = *std::max_element(plan.n_visible.begin(), plan.n_visible.end());
@@ -226,7 +226,7 @@ void Indexer::select_topk_ops(const Tensor& x_TD, const Tensor& qr_TQ, const std
     const int32_t* p = ids_h.data<int32_t>();
     ids.assign(p, p + offsets.back());
 #else
-    DSV4_FAIL("{}: CUDA tensors, but dsv4 was built without CUDA", module);
+    fail_without_cuda("Indexer.select_topk_ops");
 #endif
     return;
   }

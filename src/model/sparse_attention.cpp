@@ -58,16 +58,24 @@ AttnDims check_inputs(const SparseAttnIndex& idx, const Tensor& q, const Tensor&
 const float* data_or_null(const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data<float>() : nullptr; }
 
 #if defined(DSV4_WITH_CUDA)
-void* stream_of(const Tensor& t) { return cuda::current_stream(t.device().index); }
 void check_device_index(const SparseAttnDeviceIndex& didx, bool key_major) {
   DSV4_CHECK(didx.cand_offsets.defined() && didx.cand_ids.defined() && (!key_major || didx.key_offsets.defined()),
              "sparse attention on CUDA tensors: the device candidate lists were not built{}",
              key_major ? " (with the key-major transpose for the backward)" : "");
 }
-#else
-[[noreturn]] void no_cuda() { DSV4_FAIL("sparse attention: CUDA tensors, but dsv4 was built without CUDA"); }
 #endif
 }  // namespace
+
+void* attention_kernel_stream(const Tensor& t) {
+#if defined(DSV4_WITH_CUDA)
+  return cuda::current_stream(t.device().index);
+#else
+  (void)t;
+  fail_without_cuda("attention kernels");
+#endif
+}
+
+void fail_without_cuda(const char* what) { DSV4_FAIL("{}: CUDA tensors, but dsv4 was built without CUDA", what); }
 
 SparseAttnDeviceIndex SparseAttnDeviceIndex::build(const SparseAttnIndex& idx, int64_t n_raw, int64_t n_comp,
                                                    Device device, bool key_major) {
@@ -86,7 +94,7 @@ SparseAttnDeviceIndex SparseAttnDeviceIndex::build(const SparseAttnIndex& idx, i
   }
 #else
   (void)idx, (void)n_raw, (void)n_comp, (void)key_major;
-  no_cuda();
+  fail_without_cuda("SparseAttnDeviceIndex");
 #endif
   return d;
 }
@@ -105,10 +113,10 @@ SparseAttnOut sparse_attn_forward_tensors(const SparseAttnIndex& idx, const Spar
     (tc ? cuda::sparse_attn_forward_tc : cuda::sparse_attn_forward)(
         q.data<float>(), kv.data<float>(), data_or_null(ckv), sink.data<float>(), didx.cand_offsets.data<int32_t>(),
         didx.cand_ids.data<int32_t>(), d.T, d.n_raw, d.n_comp, d.H, d.C, scale, r.o.data<float>(),
-        r.lse.data<float>(), stream_of(q));
+        r.lse.data<float>(), attention_kernel_stream(q));
 #else
     (void)didx, (void)tensor_cores;
-    no_cuda();
+    fail_without_cuda("sparse_attn_forward_tensors");
 #endif
     return r;
   }
@@ -141,10 +149,10 @@ SparseAttnGrads sparse_attn_backward_tensors(const SparseAttnIndex& idx, const S
                                didx.key_offsets.data<int32_t>(), didx.key_queries.data<int32_t>(), d.T, d.n_raw,
                                d.n_comp, d.H, d.C, scale, g.dq.data<float>(), g.dkv.data<float>(),
                                g.dckv.defined() && d.n_comp > 0 ? g.dckv.data<float>() : nullptr,
-                               g.dsink.data<float>(), ws.data<float>(), stream_of(q));
+                               g.dsink.data<float>(), ws.data<float>(), attention_kernel_stream(q));
 #else
     (void)didx;
-    no_cuda();
+    fail_without_cuda("sparse_attn_backward_tensors");
 #endif
     return g;
   }

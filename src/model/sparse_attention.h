@@ -139,6 +139,12 @@ void sparse_attn_backward(const SparseAttnIndex& idx, const T* q, const T* kv, c
 // CPU tensors run the templates above (the CPU twins); CUDA tensors the kernels of kernels/attention_kernels.h, which
 // take the candidates as one combined CSR over [raw keys; compressed entries] (window first, as gather_candidates),
 // plus its key-major transpose for the backward: built on the host from the SparseAttnIndex and copied to the device.
+// Shared by the attention modules' tensor-op paths (sparse attention, compressor, indexer): the stream the kernels of
+// kernels/attention_kernels.h run on for tensors on t's CUDA device (its current stream; the tensor copies use the
+// same one), and the error of a build without CUDA given CUDA tensors (`what` names the caller).
+void* attention_kernel_stream(const Tensor& t);
+[[noreturn]] void fail_without_cuda(const char* what);
+
 struct SparseAttnDeviceIndex {
   Tensor cand_offsets, cand_ids;    // I32 [T + 1], [nnz] (CUDA only; undefined for CPU tensors)
   Tensor key_offsets, key_queries;  // I32 [n_raw + n_comp + 1], [nnz] (CUDA, when built for a backward)
