@@ -47,7 +47,7 @@ void randomize(Attention& a, uint32_t seed) {
   });
 }
 
-struct Run {
+struct PathRun {
   Tensor out, dx;
   std::map<std::string, Tensor> grads;
   SparseAttnIndex index;
@@ -55,9 +55,9 @@ struct Run {
 
 // Forward (under ForceOpsPath when ops) and backward; the backward runs outside the scope: it follows the path the
 // forward recorded in its context.
-Run run(Attention& a, const Tensor& x, const Tensor& dy, const SeqLayout& L, bool ops) {
+PathRun run(Attention& a, const Tensor& x, const Tensor& dy, const SeqLayout& L, bool ops) {
   a.visit([](Param& p) { p.grad = Tensor(); });
-  Run r;
+  PathRun r;
   AttentionCtx ctx;
   {
     std::optional<ForceOpsPath> scope;
@@ -94,7 +94,7 @@ void compare(int64_t layer, const SeqLayout& L, uint32_t seed, MatmulPrecision p
   a.set_matmul_precision(precision);
   std::mt19937 rng(seed + 1);
   const Tensor x = random_tensor({L.tokens(), cfg.dim}, rng), dy = random_tensor({L.tokens(), cfg.dim}, rng);
-  const Run ref = run(a, x, dy, L, false), ops = run(a, x, dy, L, true);
+  const PathRun ref = run(a, x, dy, L, false), ops = run(a, x, dy, L, true);
   const std::string tag = "layer " + std::to_string(layer) + " (" + std::string(matmul_precision_name(precision)) +
                           ", " + std::to_string(L.batch) + "x" + std::to_string(L.seq) + (L.packed() ? " packed" : "") +
                           ") ";
@@ -141,6 +141,30 @@ TEST(AttentionOpsPath, SequencesShorterThanABlock) {  // no compressed entry any
 TEST(AttentionOpsPath, Bf16GroupedGemmsBitIdenticalToReference) {  // precision through the column-slice wo_a GEMMs
   compare(kCsa, SeqLayout(2, 27), 10, MatmulPrecision::BF16);
   compare(kHca, three_docs(), 11, MatmulPrecision::BF16);
+}
+
+// A context reused across paths: each forward records its own path, and backward follows the latest one.
+TEST(AttentionOpsPath, ContextReusedAcrossPaths) {
+  const ModelConfig cfg = model_preset("tiny");
+  Attention a(prefix_of(kCsa), cfg, kCsa);
+  randomize(a, 31);
+  const SeqLayout L(2, 27);
+  std::mt19937 rng(32);
+  const Tensor x = random_tensor({L.tokens(), cfg.dim}, rng), dy = random_tensor({L.tokens(), cfg.dim}, rng);
+  const PathRun ref = run(a, x, dy, L, false);
+  AttentionCtx ctx;
+  {
+    ForceOpsPath scope;
+    a.forward(x, L, &ctx);
+  }
+  EXPECT_TRUE(ctx.ops_path);
+  EXPECT_TRUE(ctx.compressor.ops_path);
+  a.visit([](Param& p) { p.grad = Tensor(); });
+  expect_same_bits(a.forward(x, L, &ctx), ref.out, "reference forward after an ops forward");
+  EXPECT_FALSE(ctx.ops_path);
+  EXPECT_FALSE(ctx.compressor.ops_path);
+  expect_same_bits(a.backward(dy, ctx), ref.dx, "reference backward");
+  expect_same_bits(a.attn_sink.grad, ref.grads.at(a.attn_sink.name), "attn_sink grad");
 }
 
 // What the tensor-op path does not support yet fails with one line naming the module and what is missing.
