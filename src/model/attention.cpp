@@ -18,8 +18,11 @@
 
 #include <cmath>
 
+#include "model/exec_path.h"
 #include "model/quant_sim.h"
 #include "runtime/cpu_blas.h"
+#include "runtime/model_ops.h"
+#include "runtime/ops.h"
 
 namespace dsv4 {
 
@@ -192,7 +195,9 @@ SparseAttnIndex Attention::build_index(const Tensor& x_TD, const Tensor& qr_TQ, 
     idx.win_begin[static_cast<size_t>(t)] = std::max(t - window_ + 1, doc0);
     idx.win_end[static_cast<size_t>(t)] = t + 1;
   }
-  if (ratio_ == 4) {
+  if (ratio_ == 4 && use_ops_path(x_TD)) {
+    indexer.select_topk_ops(x_TD, qr_TQ, pos, plan, rope_, index_topk_, idx.comp_offsets, idx.comp_ids);
+  } else if (ratio_ == 4) {
     const IndexScores s = indexer.scores(x_TD, qr_TQ, pos, plan, rope_);
     Indexer::select_topk(s, plan, index_topk_, idx.comp_offsets, idx.comp_ids);
   } else {
@@ -209,6 +214,8 @@ SparseAttnIndex Attention::build_index(const Tensor& x_TD, const Tensor& qr_TQ, 
 }
 
 Tensor Attention::forward(const Tensor& x_TD, const SeqLayout& layout, AttentionCtx* ctx) const {
+  if (use_ops_path(x_TD)) return forward_ops(x_TD, layout, ctx);
+  if (ctx) ctx->ops_path = false;
   layout.validate("Attention.forward");
   const int64_t T = layout.tokens(), H = heads_, C = head_dim_, HC = H * C, G = groups_, R = o_lora_;
   DSV4_CHECK(x_TD.dtype() == DType::F32 && x_TD.ndim() == 2 && x_TD.size(0) == T && x_TD.size(1) == dim_ &&
@@ -293,6 +300,7 @@ Tensor Attention::forward(const Tensor& x_TD, const SeqLayout& layout, Attention
 
 Tensor Attention::backward(const Tensor& dout_TD, const AttentionCtx& c) {
   DSV4_CHECK(c.q.defined() && c.o_rot.defined(), "Attention {}: backward without a forward context", prefix_);
+  if (c.ops_path) return backward_ops(dout_TD, c);
   const int64_t T = c.q.size(0), H = heads_, C = head_dim_, HC = H * C, G = groups_, R = o_lora_, K = HC / G;
   DSV4_CHECK(dout_TD.ndim() == 2 && dout_TD.size(0) == T && dout_TD.size(1) == dim_,
              "Attention {}: backward gradient {} does not match [{}, {}]", prefix_, dout_TD.str(), T, dim_);
@@ -380,6 +388,140 @@ void Attention::set_matmul_precision(MatmulPrecision p) {
                     &indexer.compressor.wkv, &indexer.compressor.wgate})
     l->set_precision(p);
   wo_a_precision_ = p;
+}
+
+// ---- tensor-op path --------------------------------------------------------------------------------------------
+// The reference above, step by step, as runtime ops on x's device (same order of operations and accumulations).
+
+void Attention::check_ops_path(Device device) const {
+  const std::string module = "Attention " + prefix_;
+  DSV4_CHECK(!tp_, "{}: the tensor-op path (CUDA tensors) does not support tensor parallelism (tp > 1) yet", module);
+  DSV4_CHECK(!opts_.simulate_release_quant,
+             "{}: the tensor-op path (CUDA tensors) does not support simulate_release_quant yet", module);
+  DSV4_CHECK(wo_a_lora.empty(), "{}: the tensor-op path (CUDA tensors) does not support LoRA adapters on wo_a yet",
+             module);
+  DSV4_CHECK(!wo_a_frozen.defined(), "{}: the tensor-op path (CUDA tensors) does not support a frozen wo_a yet",
+             module);
+  for (const Linear* l : {&wq_a, &wq_b, &wkv, &wo_b}) check_linear_for_ops(module, *l, device);
+  for (const RMSNorm* n : {&q_norm, &kv_norm}) check_param_for_ops(module, n->weight, device);
+  check_param_for_ops(module, wo_a, device);
+  check_param_for_ops(module, attn_sink, device);
+  if (ratio_ > 0) compressor.check_ops_path(module, device);
+  if (ratio_ == 4) indexer.check_ops_path(module, device);
+}
+
+Tensor Attention::forward_ops(const Tensor& x_TD, const SeqLayout& layout, AttentionCtx* ctx) const {
+  layout.validate("Attention.forward");
+  const int64_t T = layout.tokens(), H = heads_, C = head_dim_, HC = H * C, G = groups_, R = o_lora_, K = HC / G;
+  const Device dev = x_TD.device();
+  DSV4_CHECK(x_TD.dtype() == DType::F32 && x_TD.ndim() == 2 && x_TD.size(0) == T && x_TD.size(1) == dim_ &&
+                 x_TD.is_contiguous(),
+             "Attention {}: input {} does not match [{} tokens, {}] (contiguous F32)", prefix_, x_TD.str(), T, dim_);
+  check_ops_path(dev);
+  AttentionCtx local;
+  AttentionCtx& c = ctx ? *ctx : local;
+  c.ops_path = true;
+  c.pos.resize(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) c.pos[static_cast<size_t>(t)] = layout.position(t);
+  c.pos_t = index_tensor(c.pos, dev);
+  c.inv_freq = rope_inv_freq(rope_, dev);
+
+  // Queries: low-rank, per-head unweighted RMSNorm on the [T*H, C] rows, RoPE (row t*H + h at pos[t]).
+  const Tensor qr = q_norm.forward(wq_a.forward(x_TD, &c.wq_a), &c.q_norm);
+  c.q_raw = wq_b.forward(qr, &c.wq_b).contiguous();
+  RmsNormOut qn = rmsnorm_forward(c.q_raw.view({T * H, C}), Tensor(), eps_);
+  rope_apply(qn.y, c.pos_t, c.inv_freq, false);
+  c.q = qn.y.view({T, H, C});
+  c.q_rstd = qn.rstd;
+
+  // Shared K = V head.
+  c.kv = kv_norm.forward(wkv.forward(x_TD, &c.wkv), &c.kv_norm);
+  rope_apply(c.kv, c.pos_t, c.inv_freq, false);
+
+  // Compressed entries (the compressor's tensor-op path) and the candidate lists (host; CSA's top-k on x's device).
+  if (ratio_ > 0) {
+    c.plan = CompressPlan::build(layout, ratio_);
+    c.ckv = compressor.forward(x_TD, c.plan, rope_, ctx ? &c.compressor : nullptr);
+  } else {
+    c.plan = CompressPlan{};
+    c.ckv = Tensor();
+  }
+  c.index = build_index(x_TD, qr, layout, c.pos, c.plan);
+  const int64_t E = ratio_ > 0 ? c.plan.entries() : 0;
+  c.index.validate(T, E);
+  c.dindex = SparseAttnDeviceIndex::build(c.index, T, E, dev, /*key_major=*/ctx != nullptr);
+
+  // Core attention with sink, then the inverse RoPE at the query position.
+  const float scale = static_cast<float>(std::pow(static_cast<double>(C), -0.5));
+  SparseAttnOut core = sparse_attn_forward_tensors(c.index, c.dindex, c.q, c.kv, c.ckv, attn_sink.value, scale,
+                                                   opts_.tensor_core_forward);
+  c.o = core.o;
+  c.lse = core.lse;
+  Tensor o_rows = c.o.clone().view({T * H, C});
+  rope_apply(o_rows, c.pos_t, c.inv_freq, true);
+  c.o_rot = o_rows.view({T, HC});
+
+  // Grouped low-rank output: y[:, g] = o[:, g] @ wo_a_g^T (column slices), then wo_b.
+  Tensor y = Tensor::empty({T, G * R}, DType::F32, dev);
+  for (int64_t g = 0; g < G; ++g) {
+    const Tensor o_g = c.o_rot.slice(1, g * K, (g + 1) * K), w_g = wo_a.value.slice(0, g * R, (g + 1) * R);
+    Tensor y_g = y.slice(1, g * R, (g + 1) * R);
+    ops::copy(pmatmul_xwT(wo_a_precision_, o_g, w_g), y_g);
+  }
+  return wo_b.forward(y, &c.wo_b);
+}
+
+Tensor Attention::backward_ops(const Tensor& dout_TD, const AttentionCtx& c) {
+  const int64_t T = c.q.size(0), H = heads_, C = head_dim_, HC = H * C, G = groups_, R = o_lora_, K = HC / G;
+  const Device dev = c.q.device();
+  DSV4_CHECK(dout_TD.ndim() == 2 && dout_TD.size(0) == T && dout_TD.size(1) == dim_ && dout_TD.device() == dev,
+             "Attention {}: backward gradient {} does not match [{}, {}] on {}", prefix_, dout_TD.str(), T, dim_,
+             dev.str());
+  check_ops_path(dev);
+
+  // Output projections: per group, d_o[:, g] = dy[:, g] wo_a_g and dwo_a_g += dy[:, g]^T o[:, g].
+  const Tensor dy = wo_b.backward(dout_TD.contiguous(), c.wo_b);  // [T, G*R]
+  Tensor d_o = Tensor::empty({T, HC}, DType::F32, dev);
+  for (int64_t g = 0; g < G; ++g) {
+    const Tensor dy_g = dy.slice(1, g * R, (g + 1) * R), w_g = wo_a.value.slice(0, g * R, (g + 1) * R);
+    Tensor d_o_g = d_o.slice(1, g * K, (g + 1) * K);
+    ops::copy(pmatmul_dyW(wo_a_precision_, dy_g, w_g), d_o_g);
+    if (wo_a.trainable) {
+      Tensor dw_g = wo_a.grad_buffer().slice(0, g * R, (g + 1) * R);
+      pgemm_dW(wo_a_precision_, dy_g, c.o_rot.slice(1, g * K, (g + 1) * K), dw_g);
+    }
+  }
+  Tensor d_o_rows = d_o.view({T * H, C});
+  rope_apply(d_o_rows, c.pos_t, c.inv_freq, false);  // backward of the inverse
+
+  // Core attention (the sink's gradient summed from zero, then added on the device).
+  const float scale = static_cast<float>(std::pow(static_cast<double>(C), -0.5));
+  SparseAttnGrads core = sparse_attn_backward_tensors(c.index, c.dindex, c.q, c.kv, c.ckv, attn_sink.value, c.o,
+                                                      c.lse, d_o.view({T, H, C}), scale);
+  if (attn_sink.trainable) {
+    Tensor& g = attn_sink.grad_buffer();
+    ops::copy(ops::add(g, core.dsink), g);
+  }
+
+  // Compressed entries (the indexer contributes nothing).
+  const int64_t E = ratio_ > 0 ? c.plan.entries() : 0;
+  Tensor dx = E > 0 ? compressor.backward(core.dckv, c.plan, rope_, c.compressor)
+                    : Tensor::zeros({T, dim_}, DType::F32, dev);
+  if (ratio_ > 0 && E == 0)
+    compressor.visit([](Param& p) {
+      if (p.trainable) p.grad_buffer();
+    });
+
+  // KV path.
+  rope_apply(core.dkv, c.pos_t, c.inv_freq, true);
+  dx = ops::add(dx, wkv.backward(kv_norm.backward(core.dkv, c.kv_norm), c.wkv));
+
+  // Query path: inverse RoPE, the per-head norm's backward on the [T*H, C] rows.
+  Tensor dq_rows = core.dq.view({T * H, C});
+  rope_apply(dq_rows, c.pos_t, c.inv_freq, true);
+  const RmsNormGrad qn = rmsnorm_backward(dq_rows, c.q_raw.view({T * H, C}), Tensor(), c.q_rstd);
+  const Tensor dqr = wq_b.backward(qn.dx.view({T, HC}), c.wq_b);
+  return ops::add(dx, wq_a.backward(q_norm.backward(dqr, c.q_norm), c.wq_a));
 }
 
 }  // namespace dsv4

@@ -42,6 +42,10 @@ struct AttentionOptions {
   // back-propagates only its heads, so their gradients are TpPartial and backward sums dx over tp once at the end.
   // Adapters: see Attention::place_adapters.
   const Parallel* parallel = nullptr;
+  // Tensor-op path on CUDA tensors only: the BF16 tensor-core forward of the core attention
+  // (cuda::sparse_attn_forward_tc: q * scale, keys and probabilities rounded to BF16, FP32 accumulation) where it
+  // supports H and C, instead of the FP32 kernel. Off by default; the backward is FP32 either way.
+  bool tensor_core_forward = false;
 };
 
 struct AttentionCtx {
@@ -61,6 +65,11 @@ struct AttentionCtx {
   SparseAttnIndex index;
   CompressPlan plan;
   CompressorCtx compressor;
+  // Tensor-op path (set by a forward on it; backward follows the same path).
+  bool ops_path = false;
+  Tensor pos_t;                 // I64 [T] positions on x's device
+  Tensor inv_freq;              // F32 [r / 2] the layer's RoPE frequencies on x's device
+  SparseAttnDeviceIndex dindex;  // the candidate lists in the CUDA kernels' form (CUDA only)
 };
 
 class Attention {
@@ -70,6 +79,13 @@ class Attention {
   Attention(std::string prefix, const ModelConfig& cfg, int64_t layer, AttentionOptions opts = {});
 
   // x_TD: the attn_norm output. ctx may be null when no backward follows.
+  // With use_ops_path(x_TD) (x on a CUDA device, or a ForceOpsPath scope; model/exec_path.h) forward and backward run
+  // the tensor-op path: every step a runtime op or kernel on x's device (Linear / RMSNorm, rmsnorm_forward per head,
+  // rope_apply, the compressor's and indexer's tensor-op paths, sparse_attn_forward_tensors, grouped wo_a through
+  // pmatmul_xwT on column slices), FP32 throughout; the candidate lists are built on the host (CSA's top-k comes
+  // from the device). On CPU tensors it runs the same CPU functions in the same order as the reference, so it is
+  // bit-identical to it. Not supported there yet (one-line errors): LoRA adapters, tensor parallelism,
+  // simulate_release_quant, frozen weights; every parameter must be on x's device.
   Tensor forward(const Tensor& x_TD, const SeqLayout& layout, AttentionCtx* ctx) const;
   // Returns dx_TD; accumulates the gradients of every trainable parameter (the indexer's get none).
   Tensor backward(const Tensor& dout_TD, const AttentionCtx& ctx);
@@ -121,6 +137,9 @@ class Attention {
 
  private:
   void check_wo_a_lora() const;
+  void check_ops_path(Device device) const;
+  Tensor forward_ops(const Tensor& x_TD, const SeqLayout& layout, AttentionCtx* ctx) const;
+  Tensor backward_ops(const Tensor& dout_TD, const AttentionCtx& ctx);
 
   std::string prefix_;
   AttnKind kind_ = AttnKind::SlidingWindow;

@@ -4,8 +4,16 @@
 #include <cmath>
 #include <limits>
 
+#include "model/exec_path.h"
 #include "model/quant_sim.h"
+#include "model/sparse_attention.h"
 #include "runtime/compress_math.h"
+#include "runtime/model_ops.h"
+#include "runtime/ops.h"
+
+#if defined(DSV4_WITH_CUDA)
+#include "kernels/attention_kernels.h"
+#endif
 
 namespace dsv4 {
 
@@ -98,6 +106,8 @@ void Compressor::set_trainable(bool trainable) {
 
 Tensor Compressor::forward(const Tensor& x_TD, const CompressPlan& plan, const RopeTable& rope,
                            CompressorCtx* ctx) const {
+  if (use_ops_path(x_TD)) return forward_ops(x_TD, plan, rope, ctx);
+  if (ctx) ctx->ops_path = false;
   DSV4_CHECK(plan.ratio == ratio_, "Compressor: plan ratio {} != compressor ratio {}", plan.ratio, ratio_);
   DSV4_CHECK(x_TD.ndim() == 2 && x_TD.size(0) == static_cast<int64_t>(plan.first_entry.size()),
              "Compressor: input {} does not match the plan's {} tokens", x_TD.str(), plan.first_entry.size());
@@ -134,8 +144,9 @@ Tensor Compressor::backward(const Tensor& dentries_EC, const CompressPlan& plan,
   const int64_t E = plan.entries(), C = head_dim_, T = static_cast<int64_t>(plan.first_entry.size());
   DSV4_CHECK(dentries_EC.ndim() == 2 && dentries_EC.size(0) == E && dentries_EC.size(1) == C,
              "Compressor: backward gradient {} does not match [{}, {}]", dentries_EC.str(), E, C);
-  if (E == 0) return Tensor::zeros({T, wkv.in_features()}, DType::F32);
+  if (E == 0) return Tensor::zeros({T, wkv.in_features()}, DType::F32, dentries_EC.device());
   DSV4_CHECK(ctx.kv_TW.defined(), "Compressor: backward without a forward context");
+  if (ctx.ops_path) return backward_ops(dentries_EC, rope, ctx);
   Tensor d = dentries_EC.clone();  // fake quantisers: straight through
   float* dp = d.data<float>();
   if (simulate_ && rotate_) hadamard_rows<float>(dp, E, C, C);  // H/sqrt(n) is symmetric and orthogonal
@@ -158,6 +169,108 @@ Tensor Compressor::backward(const Tensor& dentries_EC, const CompressPlan& plan,
   const float* p2 = dx2.data<float>();
   for (int64_t i = 0; i < dx.numel(); ++i) px[i] += p2[i];
   return dx;
+}
+
+// ---- tensor-op path ------------------------------------------------------------------------------------------
+void check_linear_for_ops(const std::string& module, const Linear& l, Device device) {
+  DSV4_CHECK(!l.lora, "{}: the tensor-op path (CUDA tensors) does not support LoRA adapters yet ({} has adapter {})",
+             module, l.weight.name, l.lora ? l.lora->unit : std::string());
+  DSV4_CHECK(!l.is_frozen(), "{}: the tensor-op path (CUDA tensors) does not support frozen weights yet ({} is frozen)",
+             module, l.weight.name);
+  check_param_for_ops(module, l.weight, device);
+}
+
+void check_param_for_ops(const std::string& module, const Param& p, Device device) {
+  DSV4_CHECK(p.value.defined() && p.value.device() == device,
+             "{}: parameter {} is on {}, the input on {} (move the model with Model::to / the parameters with .to)",
+             module, p.name, p.value.defined() ? p.value.device().str() : std::string("nowhere (no storage)"),
+             device.str());
+}
+
+void Compressor::check_ops_path(const std::string& module, Device device) const {
+  DSV4_CHECK(!simulate_, "{}: the tensor-op path (CUDA tensors) does not support simulate_release_quant yet", module);
+  check_linear_for_ops(module, wkv, device);
+  check_linear_for_ops(module, wgate, device);
+  check_param_for_ops(module, ape, device);
+  check_param_for_ops(module, norm.weight, device);
+}
+
+Tensor Compressor::forward_ops(const Tensor& x_TD, const CompressPlan& plan, const RopeTable& rope,
+                               CompressorCtx* ctx) const {
+  const std::string module = "Compressor " + wkv.weight.name.substr(0, wkv.weight.name.rfind("wkv.weight"));
+  DSV4_CHECK(plan.ratio == ratio_, "{}: plan ratio {} != compressor ratio {}", module, plan.ratio, ratio_);
+  DSV4_CHECK(x_TD.dtype() == DType::F32 && x_TD.ndim() == 2 &&
+                 x_TD.size(0) == static_cast<int64_t>(plan.first_entry.size()) && x_TD.size(1) == wkv.in_features(),
+             "{}: input {} does not match the plan's {} tokens x {}", module, x_TD.str(), plan.first_entry.size(),
+             wkv.in_features());
+  const Device dev = x_TD.device();
+  check_ops_path(module, dev);
+  const int64_t E = plan.entries(), C = head_dim_;
+  if (E == 0) {
+    if (ctx) *ctx = {};
+    return Tensor::empty({0, C}, DType::F32, dev);
+  }
+  CompressorCtx local;
+  CompressorCtx& c = ctx ? *ctx : local;
+  c = {};
+  c.ops_path = true;
+  c.kv_TW = wkv.forward(x_TD, &c.wkv);
+  c.gate_TW = wgate.forward(x_TD, &c.wgate);
+  c.entry_token = index_tensor(plan.entry_token, dev);
+  c.entry_has_prev = Tensor::from_vector<uint8_t>(Shape{E}, plan.entry_has_prev).to(dev);
+  c.entry_pos = index_tensor(plan.entry_pos, dev);
+  Tensor pooled = Tensor::empty({E, C}, DType::F32, dev);
+  if (dev.is_cuda()) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::compress_pool_forward(c.kv_TW.data<float>(), c.gate_TW.data<float>(), ape.value.data<float>(),
+                                c.entry_token.data<int64_t>(), c.entry_has_prev.data<uint8_t>(), E, ratio_, C,
+                                overlap(), pooled.data<float>(), attention_kernel_stream(x_TD));
+#else
+    fail_without_cuda("Compressor.forward");
+#endif
+  } else {
+    compress_pool_forward<float>(c.kv_TW.data<float>(), c.gate_TW.data<float>(), ape.value.data<float>(),
+                                 c.entry_token.data<int64_t>(), c.entry_has_prev.data<uint8_t>(), E, ratio_, C,
+                                 overlap(), pooled.data<float>());
+  }
+  Tensor out = norm.forward(pooled, &c.norm);
+  rope_apply(out, c.entry_pos, rope_inv_freq(rope, dev), false);
+  return out;
+}
+
+Tensor Compressor::backward_ops(const Tensor& dentries_EC, const RopeTable& rope, const CompressorCtx& ctx) {
+  const Device dev = dentries_EC.device();
+  const int64_t E = dentries_EC.size(0), C = head_dim_, T = ctx.kv_TW.size(0), W = ctx.kv_TW.size(1);
+  DSV4_CHECK(ctx.kv_TW.device() == dev, "Compressor {}: backward gradient on {}, the forward on {}", wkv.weight.name,
+             dev.str(), ctx.kv_TW.device().str());
+  Tensor d = dentries_EC.contiguous().clone();
+  rope_apply(d, ctx.entry_pos, rope_inv_freq(rope, dev), true);
+  const Tensor dpooled = norm.backward(d, ctx.norm);
+  Tensor dkv = Tensor::zeros({T, W}, DType::F32, dev), dgate = Tensor::zeros({T, W}, DType::F32, dev);
+  Tensor dape = Tensor::zeros(ape.value.shape(), DType::F32, dev);
+  if (dev.is_cuda()) {
+#if defined(DSV4_WITH_CUDA)
+    Tensor ws = Tensor::empty({std::max<int64_t>(cuda::compress_pool_backward_workspace(E, ratio_, C, overlap()), 1)},
+                              DType::F32, dev);
+    cuda::compress_pool_backward(ctx.kv_TW.data<float>(), ctx.gate_TW.data<float>(), ape.value.data<float>(),
+                                 ctx.entry_token.data<int64_t>(), ctx.entry_has_prev.data<uint8_t>(), E, ratio_, C,
+                                 overlap(), dpooled.data<float>(), dkv.data<float>(), dgate.data<float>(),
+                                 dape.data<float>(), ws.data<float>(), attention_kernel_stream(dpooled));
+#else
+    fail_without_cuda("Compressor.backward");
+#endif
+  } else {
+    compress_pool_backward<float>(ctx.kv_TW.data<float>(), ctx.gate_TW.data<float>(), ape.value.data<float>(),
+                                  ctx.entry_token.data<int64_t>(), ctx.entry_has_prev.data<uint8_t>(), E, ratio_, C,
+                                  overlap(), dpooled.data<float>(), dkv.data<float>(), dgate.data<float>(),
+                                  dape.data<float>());
+  }
+  if (ape.trainable) {
+    Tensor& g = ape.grad_buffer();
+    ops::copy(ops::add(g, dape), g);
+  }
+  const Tensor dx = wkv.backward(dkv, ctx.wkv);  // the reference's order: dx(wkv) + dx(wgate)
+  return ops::add(dx, wgate.backward(dgate, ctx.wgate));
 }
 
 }  // namespace dsv4

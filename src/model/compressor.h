@@ -54,7 +54,15 @@ struct CompressorCtx {
   LinearCtx wkv, wgate;
   Tensor kv_TW, gate_TW;  // projections
   RMSNormCtx norm;
+  // Tensor-op path (model/exec_path.h): set by a forward on that path; the plan's per-entry arrays on x's device.
+  bool ops_path = false;
+  Tensor entry_token, entry_has_prev, entry_pos;  // I64 [E], U8 [E], I64 [E]
 };
+
+// Checks of the tensor-op path (CUDA tensors, or CPU tensors under ForceOpsPath), one line naming `module` and what is
+// missing: a Linear without an adapter, not frozen, its weight on `device`; a parameter's value on `device`.
+void check_linear_for_ops(const std::string& module, const Linear& l, Device device);
+void check_param_for_ops(const std::string& module, const Param& p, Device device);
 
 class Compressor {
  public:
@@ -64,7 +72,9 @@ class Compressor {
   Compressor(const std::string& prefix, const ModelConfig& cfg, int64_t ratio, int64_t head_dim, bool rotate,
              bool simulate_release_quant);
 
-  // x_TD -> entries [E, C] in plan order.
+  // x_TD -> entries [E, C] in plan order. Takes the tensor-op path when use_ops_path(x_TD) (model/exec_path.h): the
+  // projections, pooling (cuda::compress_pool_forward on CUDA, compress_pool_forward<float> on the CPU), RMSNorm and
+  // rope_apply on x's device; backward then follows the same path.
   Tensor forward(const Tensor& x_TD, const CompressPlan& plan, const RopeTable& rope, CompressorCtx* ctx) const;
   // dentries [E, C] -> dx_TD; accumulates the gradients of wkv, wgate, ape and norm.
   Tensor backward(const Tensor& dentries_EC, const CompressPlan& plan, const RopeTable& rope, const CompressorCtx& ctx);
@@ -74,6 +84,9 @@ class Compressor {
   int64_t ratio() const { return ratio_; }
   int64_t head_dim() const { return head_dim_; }
   bool overlap() const { return ratio_ == 4; }
+  // What the tensor-op path does not support (adapters, frozen weights, simulate_release_quant) and parameters off
+  // `device`: one-line errors naming `module`.
+  void check_ops_path(const std::string& module, Device device) const;
 
   Linear wkv;    // [coff*C, D]
   Linear wgate;  // [coff*C, D]
@@ -81,6 +94,9 @@ class Compressor {
   RMSNorm norm;  // [C]
 
  private:
+  Tensor forward_ops(const Tensor& x_TD, const CompressPlan& plan, const RopeTable& rope, CompressorCtx* ctx) const;
+  Tensor backward_ops(const Tensor& dentries_EC, const RopeTable& rope, const CompressorCtx& ctx);
+
   int64_t ratio_ = 0, head_dim_ = 0, rope_dim_ = 0;
   bool rotate_ = false, simulate_ = false, ue8m0_ = true;
 };

@@ -7,8 +7,14 @@
 #include <type_traits>
 
 #include "model/quant_sim.h"
+#include "model/sparse_attention.h"
 #include "runtime/compress_math.h"
 #include "runtime/cpu_blas.h"
+#include "runtime/model_ops.h"
+
+#if defined(DSV4_WITH_CUDA)
+#include "kernels/attention_kernels.h"
+#endif
 
 namespace dsv4 {
 
@@ -40,6 +46,13 @@ void Indexer::visit(const ParamVisitor& f) {
   wq_b.visit(f);
   weights_proj.visit(f);
   compressor.visit(f);
+}
+
+std::vector<int64_t> indexer_score_offsets(const CompressPlan& plan) {
+  const size_t T = plan.n_visible.size();
+  std::vector<int64_t> offsets(T + 1, 0);
+  for (size_t t = 0; t < T; ++t) offsets[t + 1] = offsets[t] + plan.n_visible[t];
+  return offsets;
 }
 
 template <typename T>
@@ -119,9 +132,7 @@ IndexScores Indexer::scores(const Tensor& x_TD, const Tensor& qr_TQ, const std::
   const float weight_scale = static_cast<float>(std::pow(static_cast<double>(global_heads_), -0.5));
 
   IndexScores s;
-  s.offsets.assign(static_cast<size_t>(T + 1), 0);
-  for (int64_t t = 0; t < T; ++t)
-    s.offsets[static_cast<size_t>(t + 1)] = s.offsets[static_cast<size_t>(t)] + plan.n_visible[static_cast<size_t>(t)];
+  s.offsets = indexer_score_offsets(plan);
   s.values.assign(static_cast<size_t>(s.offsets.back()), 0.0f);
 
   indexer_scores_rows<float>(qp, kp, wp, plan, nI, cI, score_scale, weight_scale, s.offsets, s.values.data());
@@ -160,6 +171,71 @@ void Indexer::select_topk(const IndexScores& s, const CompressPlan& plan, int64_
     for (int64_t e : order) ids.push_back(fe + e);
     offsets[static_cast<size_t>(t + 1)] = static_cast<int64_t>(ids.size());
   }
+}
+
+// ---- tensor-op path ------------------------------------------------------------------------------------------
+void Indexer::check_ops_path(const std::string& module, Device device) const {
+  DSV4_CHECK(!tp_, "{}: the tensor-op path (CUDA tensors) does not support tensor parallelism (tp > 1) yet", module);
+  DSV4_CHECK(!simulate_, "{}: the tensor-op path (CUDA tensors) does not support simulate_release_quant yet", module);
+  check_linear_for_ops(module, wq_b, device);
+  check_linear_for_ops(module, weights_proj, device);
+  compressor.check_ops_path(module, device);
+}
+
+void Indexer::select_topk_ops(const Tensor& x_TD, const Tensor& qr_TQ, const std::vector<int64_t>& pos,
+                              const CompressPlan& plan, const RopeTable& rope, int64_t topk,
+                              std::vector<int64_t>& offsets, std::vector<int64_t>& ids) const {
+  const int64_t T = x_TD.size(0), nI = n_heads_, cI = head_dim_;
+  const Device dev = x_TD.device();
+  const std::string module = "Indexer " + wq_b.weight.name.substr(0, wq_b.weight.name.rfind("wq_b.weight"));
+  DSV4_CHECK(static_cast<int64_t>(pos.size()) == T && qr_TQ.size(0) == T && qr_TQ.device() == dev &&
+                 static_cast<int64_t>(plan.first_entry.size()) == T,
+             "{}: {} tokens on {}, {} positions, qr {}, plan of {} tokens", module, T, dev.str(), pos.size(),
+             qr_TQ.str(), plan.first_entry.size());
+  check_ops_path(module, dev);
+  const std::vector<int64_t> score_offsets = indexer_score_offsets(plan);
+  if (score_offsets.back() == 0) {  // no query sees an entry
+    offsets.assign(static_cast<size_t>(T + 1), 0);
+    ids.clear();
+    return;
+  }
+  Tensor q = wq_b.forward(qr_TQ, nullptr);  // [T, nI * cI]
+  Tensor q_rows = q.view({T * nI, cI});
+  rope_apply(q_rows, index_tensor(pos, dev), rope_inv_freq(rope, dev), false);
+  const Tensor k = compressor.forward(x_TD, plan, rope, nullptr);  // [E, cI] (the compressor's tensor-op path)
+  const Tensor w = weights_proj.forward(x_TD, nullptr);           // [T, nI]
+  const float score_scale = static_cast<float>(std::pow(static_cast<double>(cI), -0.5));
+  const float weight_scale = static_cast<float>(std::pow(static_cast<double>(global_heads_), -0.5));
+  if (dev.is_cuda()) {
+#if defined(DSV4_WITH_CUDA)
+    void* stream = attention_kernel_stream(x_TD);
+    const int64_t E = plan.entries();
+    const int64_t n_scores = score_offsets.back();
+    const int64_t max_visible = *std::max_element(plan.n_visible.begin(), plan.n_visible.end());
+    const Tensor first_d = index_tensor(plan.first_entry, dev), offsets_d = index_tensor(score_offsets, dev);
+    Tensor scores = Tensor::empty({n_scores}, DType::F32, dev);
+    cuda::indexer_scores(q.data<float>(), k.data<float>(), w.data<float>(), first_d.data<int64_t>(),
+                         offsets_d.data<int64_t>(), T, E, nI, cI, max_visible, score_scale, weight_scale,
+                         /*round_bf16=*/false, scores.data<float>(), stream);
+    cuda::indexer_topk_offsets(plan.n_visible, topk, offsets);
+    const Tensor topk_offsets_d = index_tensor(offsets, dev);
+    Tensor ids_d = Tensor::empty({std::max<int64_t>(offsets.back(), 1)}, DType::I32, dev);
+    cuda::indexer_topk(scores.data<float>(), offsets_d.data<int64_t>(), first_d.data<int64_t>(),
+                       topk_offsets_d.data<int64_t>(), T, E, ids_d.data<int32_t>(), stream);
+    const Tensor ids_h = ids_d.to(Device::cpu());  // waits for the stream
+    const int32_t* p = ids_h.data<int32_t>();
+    ids.assign(p, p + offsets.back());
+#else
+    fail_without_cuda("Indexer.select_topk_ops");
+#endif
+    return;
+  }
+  IndexScores s;
+  s.offsets = score_offsets;
+  s.values.assign(static_cast<size_t>(s.offsets.back()), 0.0f);
+  indexer_scores_rows<float>(q.data<float>(), k.data<float>(), w.data<float>(), plan, nI, cI, score_scale,
+                             weight_scale, s.offsets, s.values.data());
+  select_topk(s, plan, topk, offsets, ids);
 }
 
 }  // namespace dsv4

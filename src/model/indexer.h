@@ -33,6 +33,9 @@ struct IndexScores {
 // output, unscaled). values[s.offsets[t] + e] (s.offsets: prefix sums of plan.n_visible) are overwritten with
 // sum_h indexer_score_term(q[t, h] . k[first_entry[t] + e], w[t, h] * weight_scale, score_scale), h ascending.
 // No BF16 rounding here (Indexer::scores rounds after the tp sum). float: dots by GEMM; double: plain loops.
+// CSR offsets of a plan's scores: prefix sums of plan.n_visible ([T + 1]).
+std::vector<int64_t> indexer_score_offsets(const CompressPlan& plan);
+
 template <typename T>
 void indexer_scores_rows(const T* q, const T* k, const T* w, const CompressPlan& plan, int64_t nI, int64_t cI,
                          T score_scale, T weight_scale, const std::vector<int64_t>& offsets, T* values);
@@ -49,6 +52,15 @@ class Indexer {
   // x_TD: the attention input; qr_TQ: q_norm(wq_a(x)); pos: the tokens' (document-relative) positions.
   IndexScores scores(const Tensor& x_TD, const Tensor& qr_TQ, const std::vector<int64_t>& pos,
                      const CompressPlan& plan, const RopeTable& rope) const;
+  // The tensor-op path (model/exec_path.h) of scores + select_topk: projections, RoPE (rope_apply) and the compressor
+  // on x's device, then cuda::indexer_scores + cuda::indexer_topk on CUDA tensors (the ids copied back to the host)
+  // or indexer_scores_rows<float> + select_topk on CPU tensors. Same CSR as select_topk(scores(...)).
+  void select_topk_ops(const Tensor& x_TD, const Tensor& qr_TQ, const std::vector<int64_t>& pos,
+                       const CompressPlan& plan, const RopeTable& rope, int64_t topk, std::vector<int64_t>& offsets,
+                       std::vector<int64_t>& ids) const;
+  // What the tensor-op path does not support (tensor parallelism, adapters, frozen weights, simulate_release_quant)
+  // and parameters off `device`: one-line errors naming `module`.
+  void check_ops_path(const std::string& module, Device device) const;
   // Top-k per query as CSR lists of global entry ids (ascending within a query).
   static void select_topk(const IndexScores& s, const CompressPlan& plan, int64_t topk, std::vector<int64_t>& offsets,
                           std::vector<int64_t>& ids);

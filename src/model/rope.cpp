@@ -51,4 +51,14 @@ RopeTable RopeTable::for_ratio(const ModelConfig& c, int64_t ratio) {
   return ratio == 0 ? plain(c.rope_head_dim, c.rope_theta) : yarn(c.rope_head_dim, c.compress_rope_theta, c.yarn);
 }
 
+Tensor rope_inv_freq(const RopeTable& table, Device device) {
+  DSV4_CHECK(static_cast<int64_t>(table.inv_freq.size()) * 2 == table.rot_dim, "RoPE: {} frequencies for rot_dim {}",
+             table.inv_freq.size(), table.rot_dim);
+  return Tensor::from_vector<float>(Shape{static_cast<int64_t>(table.inv_freq.size())}, table.inv_freq).to(device);
+}
+
+Tensor index_tensor(const std::vector<int64_t>& pos, Device device) {
+  return Tensor::from_vector<int64_t>(Shape{static_cast<int64_t>(pos.size())}, pos).to(device);
+}
+
 }  // namespace dsv4

@@ -12,6 +12,7 @@
 
 #include "model/config.h"
 #include "runtime/model_math.h"
+#include "runtime/tensor.h"
 
 namespace dsv4 {
 
@@ -32,5 +33,13 @@ void rope_rows(T* x, int64_t rows, int64_t dim, int64_t row_stride, const int64_
                bool inverse) {
   rope_rows_freq(x, rows, dim, row_stride, pos, table.inv_freq.data(), table.rot_dim, inverse);
 }
+
+// The tensor-op path's form of the same rotation (runtime/model_ops.h rope_apply, CPU and CUDA twins of rope_rows):
+// the table's inv_freq as an F32 [rot_dim / 2] tensor and positions as an I64 [P] tensor (index_tensor: any host
+// int64 values, also the plan arrays the kernels read), both on `device`.
+// rope_apply(x, pos, inv_freq, inverse) on x [R, dim] (R a multiple of P, row r at pos[r / (R / P)]) runs
+// rope_rows_freq with the same inv_freq values and rot_dim = 2 * inv_freq.numel(), so its CPU twin equals rope_rows.
+Tensor rope_inv_freq(const RopeTable& table, Device device);
+Tensor index_tensor(const std::vector<int64_t>& pos, Device device);
 
 }  // namespace dsv4

@@ -1,5 +1,10 @@
 #include "model/sparse_attention.h"
 
+#if defined(DSV4_WITH_CUDA)
+#include "kernels/attention_kernels.h"
+#include "kernels/cuda_runtime_api.h"
+#endif
+
 namespace dsv4 {
 
 void SparseAttnIndex::validate(int64_t n_raw, int64_t n_comp) const {
@@ -23,5 +28,140 @@ template void sparse_attn_forward<float>(const SparseAttnIndex&, const float*, c
 template void sparse_attn_backward<float>(const SparseAttnIndex&, const float*, const float*, const float*,
                                           const float*, const float*, const float*, const float*, int64_t, int64_t,
                                           float, float*, float*, float*, float*);
+
+namespace {
+void check_f32(const char* what, const Tensor& t, const Shape& shape, Device device) {
+  DSV4_CHECK(t.defined() && t.dtype() == DType::F32 && t.is_contiguous() && t.device() == device && t.shape() == shape,
+             "sparse attention: {} must be a contiguous F32 {} tensor on {}, got {}", what, shape.str(), device.str(),
+             t.defined() ? t.str() : std::string("undefined"));
+}
+
+// Shapes of one call: T queries, H heads, C head dim, n_raw keys, n_comp entries; every tensor on q's device.
+struct AttnDims {
+  int64_t T, H, C, n_raw, n_comp;
+};
+AttnDims check_inputs(const SparseAttnIndex& idx, const Tensor& q, const Tensor& kv, const Tensor& ckv,
+                      const Tensor& sink) {
+  DSV4_CHECK(q.defined() && q.ndim() == 3 && kv.defined() && kv.ndim() == 2,
+             "sparse attention: expected q [T, H, C] and kv [n_raw, C], got {} and {}", q.str(), kv.str());
+  const AttnDims d{q.size(0), q.size(1), q.size(2), kv.size(0), ckv.defined() ? ckv.size(0) : 0};
+  const Device dev = q.device();
+  check_f32("q", q, q.shape(), dev);
+  check_f32("kv", kv, Shape{d.n_raw, d.C}, dev);
+  if (ckv.defined()) check_f32("ckv", ckv, Shape{d.n_comp, d.C}, dev);
+  check_f32("sink", sink, Shape{d.H}, dev);
+  DSV4_CHECK(idx.queries() == d.T, "sparse attention: candidate lists of {} queries for {} queries", idx.queries(),
+             d.T);
+  return d;
+}
+
+const float* data_or_null(const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data<float>() : nullptr; }
+
+#if defined(DSV4_WITH_CUDA)
+void check_device_index(const SparseAttnDeviceIndex& didx, bool key_major) {
+  DSV4_CHECK(didx.cand_offsets.defined() && didx.cand_ids.defined() && (!key_major || didx.key_offsets.defined()),
+             "sparse attention on CUDA tensors: the device candidate lists were not built{}",
+             key_major ? " (with the key-major transpose for the backward)" : "");
+}
+#endif
+}  // namespace
+
+void* attention_kernel_stream(const Tensor& t) {
+#if defined(DSV4_WITH_CUDA)
+  return cuda::current_stream(t.device().index);
+#else
+  (void)t;
+  fail_without_cuda("attention kernels");
+#endif
+}
+
+void fail_without_cuda(const char* what) { DSV4_FAIL("{}: CUDA tensors, but dsv4 was built without CUDA", what); }
+
+SparseAttnDeviceIndex SparseAttnDeviceIndex::build(const SparseAttnIndex& idx, int64_t n_raw, int64_t n_comp,
+                                                   Device device, bool key_major) {
+  SparseAttnDeviceIndex d;
+  if (device.is_cpu()) return d;
+#if defined(DSV4_WITH_CUDA)
+  std::vector<int32_t> offsets, ids;
+  cuda::build_sparse_candidates(idx.win_begin, idx.win_end, idx.comp_offsets, idx.comp_ids, n_raw, offsets, ids);
+  d.cand_offsets = Tensor::from_vector<int32_t>(Shape{static_cast<int64_t>(offsets.size())}, offsets).to(device);
+  d.cand_ids = Tensor::from_vector<int32_t>(Shape{static_cast<int64_t>(ids.size())}, ids).to(device);
+  if (key_major) {
+    std::vector<int32_t> koff, kq;
+    cuda::build_key_major(offsets, ids, n_raw + n_comp, koff, kq);
+    d.key_offsets = Tensor::from_vector<int32_t>(Shape{static_cast<int64_t>(koff.size())}, koff).to(device);
+    d.key_queries = Tensor::from_vector<int32_t>(Shape{static_cast<int64_t>(kq.size())}, kq).to(device);
+  }
+#else
+  (void)idx, (void)n_raw, (void)n_comp, (void)key_major;
+  fail_without_cuda("SparseAttnDeviceIndex");
+#endif
+  return d;
+}
+
+SparseAttnOut sparse_attn_forward_tensors(const SparseAttnIndex& idx, const SparseAttnDeviceIndex& didx,
+                                          const Tensor& q, const Tensor& kv, const Tensor& ckv, const Tensor& sink,
+                                          float scale, bool tensor_cores) {
+  const AttnDims d = check_inputs(idx, q, kv, ckv, sink);
+  const Device dev = q.device();
+  SparseAttnOut r{Tensor::empty({d.T, d.H, d.C}, DType::F32, dev), Tensor::empty({d.T, d.H}, DType::F32, dev)};
+  if (d.T == 0) return r;
+  if (dev.is_cuda()) {
+#if defined(DSV4_WITH_CUDA)
+    check_device_index(didx, false);
+    const bool tc = tensor_cores && cuda::sparse_attn_tc_supported(d.H, d.C);
+    (tc ? cuda::sparse_attn_forward_tc : cuda::sparse_attn_forward)(
+        q.data<float>(), kv.data<float>(), data_or_null(ckv), sink.data<float>(), didx.cand_offsets.data<int32_t>(),
+        didx.cand_ids.data<int32_t>(), d.T, d.n_raw, d.n_comp, d.H, d.C, scale, r.o.data<float>(),
+        r.lse.data<float>(), attention_kernel_stream(q));
+#else
+    (void)didx, (void)tensor_cores;
+    fail_without_cuda("sparse_attn_forward_tensors");
+#endif
+    return r;
+  }
+  sparse_attn_forward<float>(idx, q.data<float>(), kv.data<float>(), data_or_null(ckv), sink.data<float>(), d.H, d.C,
+                             scale, r.o.data<float>(), r.lse.data<float>());
+  return r;
+}
+
+SparseAttnGrads sparse_attn_backward_tensors(const SparseAttnIndex& idx, const SparseAttnDeviceIndex& didx,
+                                             const Tensor& q, const Tensor& kv, const Tensor& ckv, const Tensor& sink,
+                                             const Tensor& o, const Tensor& lse, const Tensor& dout, float scale) {
+  const AttnDims d = check_inputs(idx, q, kv, ckv, sink);
+  const Device dev = q.device();
+  check_f32("o", o, q.shape(), dev);
+  check_f32("lse", lse, Shape{d.T, d.H}, dev);
+  check_f32("dout", dout, q.shape(), dev);
+  SparseAttnGrads g;
+  g.dq = Tensor::empty(q.shape(), DType::F32, dev);
+  g.dkv = Tensor::zeros({d.n_raw, d.C}, DType::F32, dev);
+  if (ckv.defined()) g.dckv = Tensor::zeros({d.n_comp, d.C}, DType::F32, dev);
+  g.dsink = Tensor::zeros({d.H}, DType::F32, dev);
+  if (d.T == 0) return g;
+  if (dev.is_cuda()) {
+#if defined(DSV4_WITH_CUDA)
+    check_device_index(didx, true);
+    Tensor ws = Tensor::empty({std::max<int64_t>(cuda::sparse_attn_backward_workspace(d.T, d.H), 1)}, DType::F32, dev);
+    cuda::sparse_attn_backward(q.data<float>(), kv.data<float>(), data_or_null(ckv), sink.data<float>(),
+                               o.data<float>(), lse.data<float>(), dout.data<float>(),
+                               didx.cand_offsets.data<int32_t>(), didx.cand_ids.data<int32_t>(),
+                               didx.key_offsets.data<int32_t>(), didx.key_queries.data<int32_t>(), d.T, d.n_raw,
+                               d.n_comp, d.H, d.C, scale, g.dq.data<float>(), g.dkv.data<float>(),
+                               g.dckv.defined() && d.n_comp > 0 ? g.dckv.data<float>() : nullptr,
+                               g.dsink.data<float>(), ws.data<float>(), attention_kernel_stream(q));
+#else
+    (void)didx;
+    fail_without_cuda("sparse_attn_backward_tensors");
+#endif
+    return g;
+  }
+  sparse_attn_backward<float>(idx, q.data<float>(), kv.data<float>(), data_or_null(ckv), sink.data<float>(),
+                              o.data<float>(), lse.data<float>(), dout.data<float>(), d.H, d.C, scale,
+                              g.dq.data<float>(), g.dkv.data<float>(),
+                              g.dckv.defined() && d.n_comp > 0 ? g.dckv.data<float>() : nullptr,
+                              g.dsink.data<float>());
+  return g;
+}
 
 }  // namespace dsv4

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "runtime/error.h"
+#include "runtime/tensor.h"
 
 namespace dsv4 {
 
@@ -133,5 +134,43 @@ void sparse_attn_backward(const SparseAttnIndex& idx, const T* q, const T* kv, c
     }
   }
 }
+
+// ---- tensor-op path (model/exec_path.h): the same core on F32 tensors of one device --------------------------------
+// CPU tensors run the templates above (the CPU twins); CUDA tensors the kernels of kernels/attention_kernels.h, which
+// take the candidates as one combined CSR over [raw keys; compressed entries] (window first, as gather_candidates),
+// plus its key-major transpose for the backward: built on the host from the SparseAttnIndex and copied to the device.
+// Shared by the attention modules' tensor-op paths (sparse attention, compressor, indexer): the stream the kernels of
+// kernels/attention_kernels.h run on for tensors on t's CUDA device (its current stream; the tensor copies use the
+// same one), and the error of a build without CUDA given CUDA tensors (`what` names the caller).
+void* attention_kernel_stream(const Tensor& t);
+[[noreturn]] void fail_without_cuda(const char* what);
+
+struct SparseAttnDeviceIndex {
+  Tensor cand_offsets, cand_ids;    // I32 [T + 1], [nnz] (CUDA only; undefined for CPU tensors)
+  Tensor key_offsets, key_queries;  // I32 [n_raw + n_comp + 1], [nnz] (CUDA, when built for a backward)
+  // Undefined tensors for `device` = CPU; key_major: also the transpose (needed by the backward only).
+  static SparseAttnDeviceIndex build(const SparseAttnIndex& idx, int64_t n_raw, int64_t n_comp, Device device,
+                                     bool key_major);
+};
+
+struct SparseAttnOut {
+  Tensor o;    // [T, H, C]
+  Tensor lse;  // [T, H]
+};
+// q [T, H, C], kv [n_raw, C], ckv [n_comp, C] (undefined when n_comp = 0), sink [H]: contiguous F32 on one device.
+// tensor_cores: on CUDA, the BF16 tensor-core forward (cuda::sparse_attn_forward_tc) where it supports H and C; the
+// FP32 kernel otherwise. Ignored on the CPU.
+SparseAttnOut sparse_attn_forward_tensors(const SparseAttnIndex& idx, const SparseAttnDeviceIndex& didx,
+                                          const Tensor& q, const Tensor& kv, const Tensor& ckv, const Tensor& sink,
+                                          float scale, bool tensor_cores);
+struct SparseAttnGrads {
+  Tensor dq;     // [T, H, C]
+  Tensor dkv;    // [n_raw, C]
+  Tensor dckv;   // [n_comp, C] (undefined when n_comp = 0)
+  Tensor dsink;  // [H], summed from zero (the caller adds it to the parameter's gradient)
+};
+SparseAttnGrads sparse_attn_backward_tensors(const SparseAttnIndex& idx, const SparseAttnDeviceIndex& didx,
+                                             const Tensor& q, const Tensor& kv, const Tensor& ckv, const Tensor& sink,
+                                             const Tensor& o, const Tensor& lse, const Tensor& dout, float scale);
 
 }  // namespace dsv4
