@@ -105,14 +105,23 @@ Mtp::Mtp(const std::string& prefix, const ModelConfig& cfg, int64_t layer, const
       hc_head(prefix, cfg),
       norm(prefix + "norm.weight", cfg.dim, cfg.norm_eps) {}
 
+namespace {
+// Token t+1 of the same row at position t; the last position repeats its own token (its target is ignored). Built on
+// the host from the ids wherever they are, then put on `device` (the MTP block's streams): one copy each way at most.
+Tensor next_token_ids(const Tensor& ids_T, const SeqLayout& layout, Device device) {
+  const int64_t T = ids_T.size(0);
+  Tensor next = Tensor::empty({T}, DType::I64);
+  const Tensor ids = ids_T.to(Device::cpu()).contiguous();
+  for (int64_t t = 0; t < T; ++t)
+    next.data<int64_t>()[t] = ids.data<int64_t>()[(t % layout.seq) + 1 < layout.seq ? t + 1 : t];
+  return next.to(device);
+}
+}  // namespace
+
 Tensor Mtp::forward(const Tensor& X_main_TND, const Tensor& ids_T, const SeqLayout& layout, const Embedding& embed,
                     const Linear& head, MtpCtx* ctx, MoEStats* stats) const {
   const int64_t T = X_main_TND.size(0), n = X_main_TND.size(1), D = X_main_TND.size(2);
-  // Token t+1 of the same row at position t; the last position repeats its own token (its target is ignored).
-  Tensor next = Tensor::empty({T}, DType::I64);
-  const Tensor ids = ids_T.contiguous();
-  for (int64_t t = 0; t < T; ++t)
-    next.data<int64_t>()[t] = ids.data<int64_t>()[(t % layout.seq) + 1 < layout.seq ? t + 1 : t];
+  const Tensor next = next_token_ids(ids_T, layout, X_main_TND.device());
   const Tensor e = e_proj.forward(enorm.forward(embed.forward(next), ctx ? &ctx->enorm : nullptr),
                                   ctx ? &ctx->e_proj : nullptr);
   const Tensor h = h_proj.forward(hnorm.forward(X_main_TND.view({T * n, D}), ctx ? &ctx->hnorm : nullptr),
@@ -327,7 +336,11 @@ void Model::to(Device device) {
       DSV4_CHECK(!q.defined(), "Model.to({}): {} is a frozen {} weight; frozen weights run on the CPU only so far",
                  device.str(), name, q.str());
     };
-    auto linear = [&](const Linear& l) { no_frozen(l.frozen, l.weight.name); };
+    auto linear = [&](const Linear& l) {
+      no_frozen(l.frozen, l.weight.name);
+      DSV4_CHECK(!l.lora, "Model.to({}): {} has a LoRA adapter ({}); adapters of a Linear run on the CPU only so far",
+                 device.str(), l.weight.name, l.lora ? l.lora->unit : std::string());
+    };
     auto block = [&](const Block& b) {
       for (const Linear* l : {&b.attn.wq_a, &b.attn.wq_b, &b.attn.wkv, &b.attn.wo_b, &b.attn.compressor.wkv,
                               &b.attn.compressor.wgate, &b.attn.indexer.wq_b, &b.attn.indexer.weights_proj,
