@@ -395,8 +395,7 @@ bool Model::foreign_expert(const std::string& name) const {
 void Model::init_random(uint64_t seed, double stddev) {
   // Each parameter draws its GLOBAL tensor from its own stream (seeded by the run seed and its name) and keeps the
   // part this rank holds, so every parallel layout starts from the same weights as one rank.
-  visit([&](Param& p) {
-    if (!p.value.defined()) return;
+  auto init = [&](Param& p) {
     const std::string& name = p.name;
     std::mt19937_64 rng(param_seed(seed, name));
     if (name.find("tid2eid") != std::string::npos) {
@@ -426,6 +425,15 @@ void Model::init_random(uint64_t seed, double stddev) {
       for (int64_t i = 0; i < full.numel(); ++i) v[i] = normal(rng);
       if (p.placement == Placement::TpSplit) ops::copy(p.local_part(full), p.value);
     }
+  };
+  visit([&](Param& p) {
+    if (!p.value.defined()) return;
+    if (p.value.device().is_cpu()) return init(p);
+    // A model already on a device (Model::to): drawn on the host, then copied over (the values a CPU model gets).
+    Param host = p;
+    host.value = Tensor::empty(p.value.shape(), p.value.dtype());
+    init(host);
+    ops::copy(host.value, p.value);
   });
 }
 

@@ -183,6 +183,7 @@ class Model {
   // Random initialisation in the style of the HF port (linear/embedding N(0, initializer std), norms 1,
   // mHC scale 1 and base 0, sinks/ape/bias 0, hash tables a seeded choice of distinct experts per token). Each
   // parameter has its own stream seeded by (seed, name) and draws its global tensor: every layout gets the same model.
+  // Parameters on a device are drawn on the host and copied (the same values as on the CPU).
   void init_random(uint64_t seed, double stddev = 0.02);
   // Copies every tensor of a native-name state dict (global shapes) into the parameters (this rank's parts). Missing,
   // unexpected, or mis-shaped tensors are reported together in one error naming them (`source` names the file).
