@@ -53,7 +53,8 @@ Tensor Embedding::ids_on_weight_device(const Tensor& ids_T) const { return ids_T
 
 void Embedding::check_vocab_parallel_on_cpu(const char* what) const {
   DSV4_CHECK(weight.value.device().is_cpu(),
-             "Embedding {}: the vocab-parallel {} (tensor parallelism > 1) runs on the CPU only so far; the weight is on {}",
+             "Embedding {}: the vocab-parallel {} (tensor parallelism > 1) runs on the CPU only so far; the weight is "
+             "on {}",
              weight.name, what, weight.value.device().str());
 }
 
@@ -69,8 +70,8 @@ void Embedding::set_vocab_shard(const Communicator* group, int64_t begin, int64_
 
 CrossEntropyResult cross_entropy(const Tensor& logits_TV, const Tensor& targets_T, bool with_grad, double normalizer,
                                  const VocabShard& shard) {
-  DSV4_CHECK(logits_TV.dtype() == DType::F32 && logits_TV.ndim() == 2, "cross_entropy: logits must be F32 [T, V], got {}",
-             logits_TV.str());
+  DSV4_CHECK(logits_TV.dtype() == DType::F32 && logits_TV.ndim() == 2,
+             "cross_entropy: logits must be F32 [T, V], got {}", logits_TV.str());
   DSV4_CHECK(targets_T.dtype() == DType::I64 && targets_T.ndim() == 1 && targets_T.size(0) == logits_TV.size(0),
              "cross_entropy: targets must be I64 [{}], got {}", logits_TV.size(0), targets_T.str());
   DSV4_CHECK(!shard.group || logits_TV.device().is_cpu(),

@@ -14,9 +14,9 @@ struct VocabShard {
 };
 
 // h[t] = embed[ids[t]] (no scaling). ids: I64 [T] on any device: the rows are looked up (index_select) and their
-// gradients accumulated (index_add) on the weight's device, where ids held elsewhere (the data loader's CPU ids with the
-// weight on a GPU) are copied first, once per call. The vocab-parallel embedding (tensor parallelism > 1) runs on the
-// CPU only so far: a weight on another device is an error naming it.
+// gradients accumulated (index_add) on the weight's device, where ids held elsewhere (the data loader's CPU ids with
+// the weight on a GPU) are copied first, once per call. The vocab-parallel embedding (tensor parallelism > 1) runs on
+// the CPU only so far: a weight on another device is an error naming it.
 class Embedding {
  public:
   Embedding() = default;

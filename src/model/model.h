@@ -170,9 +170,9 @@ class Model {
   void zero_grad();
   // Moves every parameter (values, and gradients where allocated) to `device`; CUDA tensors then run each module's
   // tensor-op path (model/exec_path.h). Throws naming the weight when a frozen (quantised) weight or a Linear with a
-  // LoRA adapter is present and `device` is not the CPU (both run on the CPU only so far). Only parameters move: ids and
-  // targets are built per call, and constant tables a module owns outside its parameters (Attention's RoPE table) are
-  // for its tensor-op path to place.
+  // LoRA adapter is present and `device` is not the CPU (both run on the CPU only so far). Only parameters move: ids
+  // and targets are built per call, and constant tables a module owns outside its parameters (Attention's RoPE table)
+  // are for its tensor-op path to place.
   void to(Device device);
   // Precision of the weight GEMMs (model/matmul_precision.h; train.precision): every Linear, expert and grouped wo_a
   // of the layers and MTP blocks; the output head runs BF16 when p is FP8 (the recipe keeps it out of FP8).
