@@ -11,9 +11,10 @@ namespace dsv4 {
 Tensor Embedding::forward(const Tensor& ids_T) const {
   DSV4_CHECK(ids_T.dtype() == DType::I64 && ids_T.ndim() == 1, "Embedding {}: ids must be I64 [T], got {}", weight.name,
              ids_T.str());
-  if (!shard_.group) return ops::index_select(weight.value, ids_T);
+  if (!shard_.group) return ops::index_select(weight.value, ids_on_weight_device(ids_T));
+  check_vocab_parallel_on_cpu("forward");
   // Vocab-parallel: the rows this rank holds, zeros elsewhere, summed over the group (exactly one rank adds each row).
-  const Tensor ids = ids_T.contiguous();
+  const Tensor ids = ids_T.to(Device::cpu()).contiguous();
   const int64_t T = ids.size(0), D = weight.value.size(1), local = weight.value.size(0);
   Tensor h = Tensor::zeros({T, D}, DType::F32);
   const float* w = weight.value.data<float>();
@@ -32,10 +33,11 @@ Tensor Embedding::forward(const Tensor& ids_T) const {
 void Embedding::backward(const Tensor& dh_TD, const Tensor& ids_T) {
   if (!weight.trainable) return;
   if (!shard_.group) {
-    ops::index_add(weight.grad_buffer(), ids_T, dh_TD);
+    ops::index_add(weight.grad_buffer(), ids_on_weight_device(ids_T), dh_TD);
     return;
   }
-  const Tensor ids = ids_T.contiguous();
+  check_vocab_parallel_on_cpu("backward");
+  const Tensor ids = ids_T.to(Device::cpu()).contiguous();
   const Tensor dh = dh_TD.contiguous();
   const int64_t T = ids.size(0), D = weight.value.size(1), local = weight.value.size(0);
   float* g = weight.grad_buffer().data<float>();
@@ -45,6 +47,15 @@ void Embedding::backward(const Tensor& dh_TD, const Tensor& ids_T) {
     if (row < 0 || row >= local) continue;
     for (int64_t k = 0; k < D; ++k) g[row * D + k] += d[t * D + k];
   }
+}
+
+Tensor Embedding::ids_on_weight_device(const Tensor& ids_T) const { return ids_T.to(weight.value.device()); }
+
+void Embedding::check_vocab_parallel_on_cpu(const char* what) const {
+  DSV4_CHECK(weight.value.device().is_cpu(),
+             "Embedding {}: the vocab-parallel {} (tensor parallelism > 1) runs on the CPU only so far; the weight is "
+             "on {}",
+             weight.name, what, weight.value.device().str());
 }
 
 void Embedding::set_vocab_shard(const Communicator* group, int64_t begin, int64_t local, int64_t vocab) {
@@ -59,12 +70,18 @@ void Embedding::set_vocab_shard(const Communicator* group, int64_t begin, int64_
 
 CrossEntropyResult cross_entropy(const Tensor& logits_TV, const Tensor& targets_T, bool with_grad, double normalizer,
                                  const VocabShard& shard) {
-  DSV4_CHECK(logits_TV.dtype() == DType::F32 && logits_TV.ndim() == 2 && logits_TV.device().is_cpu(),
-             "cross_entropy: logits must be CPU F32 [T, V], got {}", logits_TV.str());
+  DSV4_CHECK(logits_TV.dtype() == DType::F32 && logits_TV.ndim() == 2,
+             "cross_entropy: logits must be F32 [T, V], got {}", logits_TV.str());
   DSV4_CHECK(targets_T.dtype() == DType::I64 && targets_T.ndim() == 1 && targets_T.size(0) == logits_TV.size(0),
              "cross_entropy: targets must be I64 [{}], got {}", logits_TV.size(0), targets_T.str());
+  DSV4_CHECK(!shard.group || logits_TV.device().is_cpu(),
+             "cross_entropy: vocab-parallel logits (tensor parallelism > 1) must be on the CPU so far, got {}",
+             logits_TV.str());
   const Tensor logits = logits_TV.contiguous();
-  const Tensor targets = targets_T.contiguous();
+  // The targets on the host (validation, counts, the loss sum) and on the logits' device (the ce_* partials): one
+  // transfer when they are on different devices, none on the CPU.
+  const Tensor targets = targets_T.to(Device::cpu()).contiguous();
+  const Tensor targets_dev = targets.to(logits.device());
   const int64_t T = logits.size(0), V = logits.size(1);
   const int64_t vocab = shard.group ? shard.vocab : V, begin = shard.group ? shard.begin : 0;
   const int64_t* y = targets.data<int64_t>();
@@ -77,7 +94,7 @@ CrossEntropyResult cross_entropy(const Tensor& logits_TV, const Tensor& targets_
   // The partials of runtime/model_ops (CPU or CUDA twin by the logits' device), reduced over the vocab group.
   Tensor m = ce_row_max(logits);
   group_max(shard.group, m);
-  std::vector<double> sums = ce_sums(logits, targets, m, begin);
+  std::vector<double> sums = ce_sums(logits, targets_dev, m, begin);
   group_sum(shard.group, sums);
   const double norm = normalizer > 0 ? normalizer : static_cast<double>(r.counted);
   const Tensor m_host = m.to(Device::cpu());
@@ -88,7 +105,7 @@ CrossEntropyResult cross_entropy(const Tensor& logits_TV, const Tensor& targets_
     lse[static_cast<size_t>(t)] = static_cast<double>(m_host.data<float>()[t]) + std::log(sums[static_cast<size_t>(t)]);
     total += lse[static_cast<size_t>(t)] - sums[static_cast<size_t>(T + t)];
   }
-  if (with_grad) r.dlogits_TV = ce_backward(logits, targets, lse, norm, begin);
+  if (with_grad) r.dlogits_TV = ce_backward(logits, targets_dev, lse, norm, begin);
   r.loss = norm > 0 ? total / norm : 0.0;
   return r;
 }
@@ -96,7 +113,7 @@ CrossEntropyResult cross_entropy(const Tensor& logits_TV, const Tensor& targets_
 Tensor shift_targets(const Tensor& labels_T, int64_t batch, int64_t seq, int64_t shift) {
   DSV4_CHECK(labels_T.dtype() == DType::I64 && labels_T.numel() == batch * seq,
              "shift_targets: labels must be I64 with {} x {} entries, got {}", batch, seq, labels_T.str());
-  const Tensor labels = labels_T.contiguous();
+  const Tensor labels = labels_T.to(Device::cpu()).contiguous();  // host-side data (labels on any device)
   Tensor out = Tensor::empty({batch * seq}, DType::I64);
   const int64_t* l = labels.data<int64_t>();
   int64_t* o = out.data<int64_t>();

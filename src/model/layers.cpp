@@ -22,7 +22,7 @@ RMSNorm::RMSNorm(std::string name, int64_t dim, double eps, bool weighted) : dim
 }
 
 Tensor RMSNorm::forward(const Tensor& x_TD, RMSNormCtx* ctx) const {
-  if (x_TD.device().is_cuda()) {  // the CUDA twin (runtime/model_ops.h)
+  if (use_ops_path(x_TD)) {  // runtime/model_ops.h (the CUDA twin on CUDA tensors; the CPU twin under ForceOpsPath)
     RmsNormOut r = rmsnorm_forward(x_TD, weighted_ ? weight.value : Tensor(), eps_);
     if (ctx) *ctx = {x_TD, r.rstd};
     return r.y;
@@ -38,7 +38,7 @@ Tensor RMSNorm::forward(const Tensor& x_TD, RMSNormCtx* ctx) const {
 }
 
 Tensor RMSNorm::backward(const Tensor& dy_TD, const RMSNormCtx& ctx) {
-  if (dy_TD.device().is_cuda()) {
+  if (use_ops_path(dy_TD)) {  // dw written by the op, then added to the gradient
     RmsNormGrad g = rmsnorm_backward(dy_TD, ctx.x, weighted_ ? weight.value : Tensor(), ctx.rstd);
     if (weighted_ && weight.trainable) {
       Tensor& acc = weight.grad_buffer();

@@ -105,14 +105,23 @@ Mtp::Mtp(const std::string& prefix, const ModelConfig& cfg, int64_t layer, const
       hc_head(prefix, cfg),
       norm(prefix + "norm.weight", cfg.dim, cfg.norm_eps) {}
 
+namespace {
+// Token t+1 of the same row at position t; the last position repeats its own token (its target is ignored). Built on
+// the host from the ids wherever they are, then put on `device` (the MTP block's streams): one copy each way at most.
+Tensor next_token_ids(const Tensor& ids_T, const SeqLayout& layout, Device device) {
+  const int64_t T = ids_T.size(0);
+  Tensor next = Tensor::empty({T}, DType::I64);
+  const Tensor ids = ids_T.to(Device::cpu()).contiguous();
+  for (int64_t t = 0; t < T; ++t)
+    next.data<int64_t>()[t] = ids.data<int64_t>()[(t % layout.seq) + 1 < layout.seq ? t + 1 : t];
+  return next.to(device);
+}
+}  // namespace
+
 Tensor Mtp::forward(const Tensor& X_main_TND, const Tensor& ids_T, const SeqLayout& layout, const Embedding& embed,
                     const Linear& head, MtpCtx* ctx, MoEStats* stats) const {
   const int64_t T = X_main_TND.size(0), n = X_main_TND.size(1), D = X_main_TND.size(2);
-  // Token t+1 of the same row at position t; the last position repeats its own token (its target is ignored).
-  Tensor next = Tensor::empty({T}, DType::I64);
-  const Tensor ids = ids_T.contiguous();
-  for (int64_t t = 0; t < T; ++t)
-    next.data<int64_t>()[t] = ids.data<int64_t>()[(t % layout.seq) + 1 < layout.seq ? t + 1 : t];
+  const Tensor next = next_token_ids(ids_T, layout, X_main_TND.device());
   const Tensor e = e_proj.forward(enorm.forward(embed.forward(next), ctx ? &ctx->enorm : nullptr),
                                   ctx ? &ctx->e_proj : nullptr);
   const Tensor h = h_proj.forward(hnorm.forward(X_main_TND.view({T * n, D}), ctx ? &ctx->hnorm : nullptr),
@@ -323,32 +332,34 @@ void Model::visit(const ParamVisitor& f) {
 
 void Model::to(Device device) {
   // Frozen (quantised) weights: Linears move with their format (FP4 converted to FP8 off the CPU); the MoE experts'
-  // and the grouped wo_a's frozen weights run on the CPU only so far.
-  auto no_frozen = [&](const QuantizedWeight& q, const std::string& name) {
-    DSV4_CHECK(device.is_cpu() || !q.defined(),
-               "Model.to({}): {} is a frozen {} weight; frozen expert and wo_a weights run on the CPU only so far",
-               device.str(), name, q.str());
-  };
-  auto linear = [&](Linear& l) { l.frozen = to_device(l.frozen, device, l.weight.name); };
-  auto block = [&](Block& b) {
-    for (Linear* l : {&b.attn.wq_a, &b.attn.wq_b, &b.attn.wkv, &b.attn.wo_b, &b.attn.compressor.wkv,
-                      &b.attn.compressor.wgate, &b.attn.indexer.wq_b, &b.attn.indexer.weights_proj,
-                      &b.attn.indexer.compressor.wkv, &b.attn.indexer.compressor.wgate})
-      linear(*l);
-    no_frozen(b.attn.wo_a_frozen, b.attn.wo_a.name);
+  // and the grouped wo_a's frozen weights run on the CPU only so far. Everything is checked before anything moves.
+  std::vector<Linear*> linears = {&head};
+  std::vector<Block*> blocks;
+  for (auto& l : layers) blocks.push_back(l.get());
+  for (auto& m : mtp) {
+    linears.push_back(&m->e_proj);
+    linears.push_back(&m->h_proj);
+    blocks.push_back(&m->block);
+  }
+  for (Block* b : blocks) {
+    Attention& a = b->attn;
+    for (Linear* l : {&a.wq_a, &a.wq_b, &a.wkv, &a.wo_b, &a.compressor.wkv, &a.compressor.wgate, &a.indexer.wq_b,
+                      &a.indexer.weights_proj, &a.indexer.compressor.wkv, &a.indexer.compressor.wgate})
+      linears.push_back(l);
+    if (device.is_cpu()) continue;
+    auto no_frozen = [&](const QuantizedWeight& q, const std::string& name) {
+      DSV4_CHECK(!q.defined(),
+                 "Model.to({}): {} is a frozen {} weight; frozen expert and wo_a weights run on the CPU only so far",
+                 device.str(), name, q.str());
+    };
+    no_frozen(a.wo_a_frozen, a.wo_a.name);
     auto expert = [&](const ExpertWeights& ew) {
       for (int k = 1; k <= 3; ++k) no_frozen(ew.frozen(k), ew.param(k).name);
     };
-    for (const auto& ew : b.ffn.experts) expert(ew);
-    if (b.ffn.has_shared()) expert(b.ffn.shared);
-  };
-  linear(head);
-  for (auto& l : layers) block(*l);
-  for (auto& m : mtp) {
-    linear(m->e_proj);
-    linear(m->h_proj);
-    block(m->block);
+    for (const auto& ew : b->ffn.experts) expert(ew);
+    if (b->ffn.has_shared()) expert(b->ffn.shared);
   }
+  for (Linear* l : linears) l->frozen = to_device(l->frozen, device, l->weight.name);
   visit([&](Param& p) {
     if (p.value.defined()) p.value = p.value.to(device);
     if (p.grad.defined()) p.grad = p.grad.to(device);
@@ -383,8 +394,7 @@ bool Model::foreign_expert(const std::string& name) const {
 void Model::init_random(uint64_t seed, double stddev) {
   // Each parameter draws its GLOBAL tensor from its own stream (seeded by the run seed and its name) and keeps the
   // part this rank holds, so every parallel layout starts from the same weights as one rank.
-  visit([&](Param& p) {
-    if (!p.value.defined()) return;
+  auto init = [&](Param& p) {
     const std::string& name = p.name;
     std::mt19937_64 rng(param_seed(seed, name));
     if (name.find("tid2eid") != std::string::npos) {
@@ -414,6 +424,15 @@ void Model::init_random(uint64_t seed, double stddev) {
       for (int64_t i = 0; i < full.numel(); ++i) v[i] = normal(rng);
       if (p.placement == Placement::TpSplit) ops::copy(p.local_part(full), p.value);
     }
+  };
+  visit([&](Param& p) {
+    if (!p.value.defined()) return;
+    if (p.value.device().is_cpu()) return init(p);
+    // A model already on a device (Model::to): drawn on the host, then copied over (the values a CPU model gets).
+    Param host = p;
+    host.value = Tensor::empty(p.value.shape(), p.value.dtype());
+    init(host);
+    ops::copy(host.value, p.value);
   });
 }
 

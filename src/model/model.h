@@ -3,6 +3,18 @@
 // multi-token-prediction block. Explicit forward (recording contexts) and backward (accumulating parameter
 // gradients). CPU FP32 reference.
 //
+// Devices: the model runs where its parameters are (Model::to). The glue here (stream expansion, MTP combination,
+// the sums over streams) is device-agnostic runtime ops; each module runs its CPU reference on CPU tensors and its
+// tensor-op path on CUDA tensors (model/exec_path.h). Token ids and labels may be on the CPU (the data loader's) or on
+// the model's device:
+//   - Model::forward passes the ids as given to the blocks (MoE hash routing) and keeps them as given in
+//     ModelCtx::ids_T; the Embedding copies them to its weight's device when they are elsewhere (once per forward
+//     and once per backward: T int64s);
+//   - the MTP block's shifted ids are built on the host and copied once to the model's device (MtpCtx::next_ids_T);
+//   - targets (shift_targets, count_targets) are built on the host; cross_entropy copies them to the logits' device.
+// Logits and gradients stay on the model's device; the losses come back to the host as doubles (LossResult).
+// Vocab-parallel embedding / cross-entropy (tensor parallelism > 1) run on the CPU only so far (a clear error).
+//
 // Shapes: T = batch * seq tokens (SeqLayout), n = hc_mult streams, D = dim, V = vocab.
 #pragma once
 
@@ -58,7 +70,7 @@ class Block {
 };
 
 struct MtpCtx {
-  Tensor next_ids_T;
+  Tensor next_ids_T;  // I64 [T] on the model's device
   RMSNormCtx enorm;
   RMSNormCtx hnorm;
   LinearCtx e_proj, h_proj;
@@ -89,7 +101,7 @@ class Mtp {
 };
 
 struct ModelCtx {
-  Tensor ids_T;
+  Tensor ids_T;  // as the caller passed them (any device)
   SeqLayout layout;
   std::vector<BlockCtx> blocks;      // per block (empty contexts under recomputation)
   std::vector<Tensor> block_inputs;  // recomputation: each block's input streams [T, n, D]
@@ -140,6 +152,7 @@ class Model {
   const ModelConfig& config() const { return cfg_; }
   // The rank layout the model was built for (null: one rank).
   const Parallel* parallel() const { return parallel_; }
+  // ids I64 [T] on the CPU or the model's device (see the header comment).
   ModelOutput forward(const Tensor& ids_T, const SeqLayout& layout, ModelCtx* ctx) const;
   // dmtp_logits may be empty or hold undefined tensors for blocks without a loss.
   void backward(const Tensor& dlogits_TV, const std::vector<Tensor>& dmtp_logits_TV, const ModelCtx& ctx,
@@ -169,6 +182,7 @@ class Model {
   // Random initialisation in the style of the HF port (linear/embedding N(0, initializer std), norms 1,
   // mHC scale 1 and base 0, sinks/ape/bias 0, hash tables a seeded choice of distinct experts per token). Each
   // parameter has its own stream seeded by (seed, name) and draws its global tensor: every layout gets the same model.
+  // Parameters on a device are drawn on the host and copied (the same values as on the CPU).
   void init_random(uint64_t seed, double stddev = 0.02);
   // Copies every tensor of a native-name state dict (global shapes) into the parameters (this rank's parts). Missing,
   // unexpected, or mis-shaped tensors are reported together in one error naming them (`source` names the file).
