@@ -173,11 +173,17 @@ Tensor Compressor::backward(const Tensor& dentries_EC, const CompressPlan& plan,
 
 // ---- tensor-op path ------------------------------------------------------------------------------------------
 void check_linear_for_ops(const std::string& module, const Linear& l, Device device) {
-  DSV4_CHECK(!l.lora, "{}: the tensor-op path (CUDA tensors) does not support LoRA adapters yet ({} has adapter {})",
-             module, l.weight.name, l.lora ? l.lora->unit : std::string());
-  DSV4_CHECK(!l.is_frozen(), "{}: the tensor-op path (CUDA tensors) does not support frozen weights yet ({} is frozen)",
-             module, l.weight.name);
-  check_param_for_ops(module, l.weight, device);
+  // A frozen weight or an adapter is the Linear's own business (its tensor-op path handles both); only where they live
+  // is checked here.
+  if (l.is_frozen())
+    DSV4_CHECK(l.frozen.data.device() == device, "{}: frozen weight {} is on {}, the input on {} (Model::to moves it)",
+               module, l.weight.name, l.frozen.data.device().str(), device.str());
+  else
+    check_param_for_ops(module, l.weight, device);
+  if (l.lora) {
+    check_param_for_ops(module, l.lora->A, device);
+    check_param_for_ops(module, l.lora->B, device);
+  }
 }
 
 void check_param_for_ops(const std::string& module, const Param& p, Device device) {

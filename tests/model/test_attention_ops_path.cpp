@@ -22,6 +22,7 @@
 
 #include "fd_check.h"
 #include "model/attention.h"
+#include "model/quant.h"
 #include "model/exec_path.h"
 
 namespace dsv4 {
@@ -192,28 +193,10 @@ TEST(AttentionOpsPath, UnsupportedCasesFailClearly) {
     randomize(a, 21);
     return a;
   };
-  auto adapter = [](const Linear& l) {
-    return LoraAdapter(l.weight.name, 2, l.in_features(), l.out_features(), 1.0);
-  };
-  {
-    Attention a = make(kSwa);
-    a.wq_b.lora = adapter(a.wq_b);
-    expect_ops_error(a, "Attention layers.0.attn.: the tensor-op path (CUDA tensors) does not support LoRA");
-  }
   {
     Attention a = make(kSwa);
     a.wo_a_lora.shared = LoraAdapter("layers.0.attn.wo_a", 2, a.wo_a_in(), a.o_groups() * a.o_lora_rank(), 1.0);
     expect_ops_error(a, "LoRA adapters on wo_a");
-  }
-  {
-    Attention a = make(kHca);
-    a.compressor.wgate.lora = adapter(a.compressor.wgate);
-    expect_ops_error(a, "compressor.wgate.weight has adapter");
-  }
-  {
-    Attention a = make(kCsa);
-    a.indexer.weights_proj.lora = adapter(a.indexer.weights_proj);
-    expect_ops_error(a, "indexer.weights_proj.weight has adapter");
   }
   {
     AttentionOptions opts;
@@ -226,11 +209,36 @@ TEST(AttentionOpsPath, UnsupportedCasesFailClearly) {
     a.set_wo_a_frozen(QuantizedWeight::from_tensors(a.wo_a.value.clone(), Tensor(), a.wo_a.name));
     expect_ops_error(a, "frozen wo_a");
   }
-  {
-    Attention a = make(kSwa);
-    a.wkv.set_frozen(QuantizedWeight::from_tensors(a.wkv.weight.value.clone(), Tensor(), a.wkv.weight.name));
-    expect_ops_error(a, "wkv.weight is frozen");
-  }
+}
+
+// Adapters on the Linears (the Linear's own tensor-op path, lora.h's tensor forms with dropout) and frozen FP8 Linears
+// (qmatmul) inside the attention: bitwise the reference, CSA layer (compressor and indexer Linears adapted too).
+TEST(AttentionOpsPath, LinearAdaptersAndFrozenLinearsBitIdentical) {
+  const ModelConfig cfg = model_preset("tiny");
+  auto build = [&] {
+    Attention a(prefix_of(kCsa), cfg, kCsa);
+    randomize(a, 41);
+    a.wkv.set_frozen(quantize_weight(a.wkv.weight.value, WeightFormat::FP8, ScaleFormat::E8M0, a.wkv.weight.name));
+    uint32_t seed = 50;
+    for (Linear* l : {&a.wq_a, &a.wq_b, &a.wkv, &a.wo_b, &a.compressor.wkv, &a.indexer.weights_proj}) {
+      l->lora.emplace(l->weight.name, 3, l->in_features(), l->out_features(), 1.5, 0.25, seed);
+      std::mt19937 rng(seed++);
+      l->lora->A.value = random_tensor(l->lora->A.value.shape(), rng, 0.3f);
+      l->lora->B.value = random_tensor(l->lora->B.value.shape(), rng, 0.3f);
+      l->lora->train = true;
+    }
+    return a;
+  };
+  const SeqLayout L(2, 27);
+  std::mt19937 rng(42);
+  const Tensor x = random_tensor({L.tokens(), cfg.dim}, rng), dy = random_tensor({L.tokens(), cfg.dim}, rng);
+  Attention ref_a = build(), ops_a = build();
+  const PathRun ref = run(ref_a, x, dy, L, false), got = run(ops_a, x, dy, L, true);
+  expect_same_bits(got.out, ref.out, "out");
+  expect_same_bits(got.dx, ref.dx, "dx");
+  ASSERT_EQ(got.grads.size(), ref.grads.size());
+  for (const auto& [name, g] : ref.grads) expect_same_bits(got.grads.at(name), g, name);
+  EXPECT_GT(ref.grads.count("layers.1.attn.wq_b.weight.lora_A"), 0u);
 }
 
 }  // namespace
