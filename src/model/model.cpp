@@ -331,9 +331,10 @@ void Model::visit(const ParamVisitor& f) {
 }
 
 void Model::to(Device device) {
-  // Frozen (quantised) weights: Linears move with their format (FP4 converted to FP8 off the CPU); the MoE experts'
-  // and the grouped wo_a's frozen weights run on the CPU only so far. Everything is checked before anything moves.
+  // Frozen (quantised) weights move with their format (FP4 converted to FP8 losslessly off the CPU); the grouped
+  // wo_a's frozen weight runs on the CPU only so far. Everything is checked before anything moves.
   std::vector<Linear*> linears = {&head};
+  std::vector<ExpertWeights*> experts;
   std::vector<Block*> blocks;
   for (auto& l : layers) blocks.push_back(l.get());
   for (auto& m : mtp) {
@@ -346,20 +347,15 @@ void Model::to(Device device) {
     for (Linear* l : {&a.wq_a, &a.wq_b, &a.wkv, &a.wo_b, &a.compressor.wkv, &a.compressor.wgate, &a.indexer.wq_b,
                       &a.indexer.weights_proj, &a.indexer.compressor.wkv, &a.indexer.compressor.wgate})
       linears.push_back(l);
-    if (device.is_cpu()) continue;
-    auto no_frozen = [&](const QuantizedWeight& q, const std::string& name) {
-      DSV4_CHECK(!q.defined(),
-                 "Model.to({}): {} is a frozen {} weight; frozen expert and wo_a weights run on the CPU only so far",
-                 device.str(), name, q.str());
-    };
-    no_frozen(a.wo_a_frozen, a.wo_a.name);
-    auto expert = [&](const ExpertWeights& ew) {
-      for (int k = 1; k <= 3; ++k) no_frozen(ew.frozen(k), ew.param(k).name);
-    };
-    for (const auto& ew : b->ffn.experts) expert(ew);
-    if (b->ffn.has_shared()) expert(b->ffn.shared);
+    DSV4_CHECK(device.is_cpu() || !a.wo_a_frozen.defined(),
+               "Model.to({}): {} is a frozen {} weight; a frozen wo_a runs on the CPU only so far", device.str(),
+               a.wo_a.name, a.wo_a_frozen.str());
+    for (auto& ew : b->ffn.experts) experts.push_back(&ew);
+    if (b->ffn.has_shared()) experts.push_back(&b->ffn.shared);
   }
   for (Linear* l : linears) l->frozen = to_device(l->frozen, device, l->weight.name);
+  for (ExpertWeights* ew : experts)
+    for (int k = 1; k <= 3; ++k) ew->frozen(k) = to_device(ew->frozen(k), device, ew->param(k).name);
   visit([&](Param& p) {
     if (p.value.defined()) p.value = p.value.to(device);
     if (p.grad.defined()) p.grad = p.grad.to(device);

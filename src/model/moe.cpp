@@ -312,6 +312,31 @@ Tensor exchange(const Communicator* g, const Tensor& in, const std::vector<int64
 
 }  // namespace
 
+bool MoE::has_lora() const {
+  bool any = gate_lora.has_value() || (has_shared_ && shared.has_lora());
+  for (const auto& ew : experts) any = any || ew.has_lora();
+  return any;
+}
+
+std::vector<uint64_t> MoE::lora_draws() const {
+  std::vector<uint64_t> draws;
+  if (!has_lora()) return draws;
+  const int64_t D = dim_, E = n_experts_, I = inter_, EL = n_local_experts();
+  DSV4_CHECK(!gate_lora || (gate_lora->in_features() == D && gate_lora->out_features() == E),
+             "MoE {}: adapter {} must be A [r, {}], B [{}, r]", prefix_, gate_lora->unit, D, E);
+  draws.assign(static_cast<size_t>(1 + 4 * (EL + 1)), 0);
+  draws[0] = gate_lora ? gate_lora->next_draw() : 0;
+  for (int64_t e = 0; e < EL; ++e) {
+    check_expert_lora(experts[static_cast<size_t>(e)], D, I);
+    expert_lora_draws(experts[static_cast<size_t>(e)], draws.data() + 1 + 4 * e);
+  }
+  if (has_shared_) {
+    check_expert_lora(shared, D, I);
+    expert_lora_draws(shared, draws.data() + 1 + 4 * EL);
+  }
+  return draws;
+}
+
 std::vector<int64_t> MoE::hash_expert_ids(const Tensor& input_ids_T, int64_t T, int64_t t0, int64_t rows) const {
   const int64_t E = n_experts_, K = top_k_;
   DSV4_CHECK(input_ids_T.defined() && input_ids_T.dtype() == DType::I64 && input_ids_T.numel() == T,
@@ -375,23 +400,7 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
   const Tensor xl = take_rows(tpg, x_TD, tp_rows);
 
   // LoRA dropout draws (see MoECtx::lora_draws); empty when no adapter is attached.
-  bool any_lora = gate_lora.has_value() || (has_shared_ && shared.has_lora());
-  for (const auto& ew : experts) any_lora = any_lora || ew.has_lora();
-  std::vector<uint64_t> draws;
-  if (any_lora) {
-    DSV4_CHECK(!gate_lora || (gate_lora->in_features() == D && gate_lora->out_features() == E),
-               "MoE {}: adapter {} must be A [r, {}], B [{}, r]", prefix_, gate_lora->unit, D, E);
-    draws.assign(static_cast<size_t>(1 + 4 * (EL + 1)), 0);
-    draws[0] = gate_lora ? gate_lora->next_draw() : 0;
-    for (int64_t e = 0; e < EL; ++e) {
-      check_expert_lora(experts[static_cast<size_t>(e)], D, I);
-      expert_lora_draws(experts[static_cast<size_t>(e)], draws.data() + 1 + 4 * e);
-    }
-    if (has_shared_) {
-      check_expert_lora(shared, D, I);
-      expert_lora_draws(shared, draws.data() + 1 + 4 * EL);
-    }
-  }
+  std::vector<uint64_t> draws = lora_draws();
   auto expert_draws = [&](int64_t e) -> const uint64_t* {  // local index; e = EL: the shared expert
     return draws.empty() ? nullptr : draws.data() + 1 + 4 * e;
   };
@@ -605,9 +614,7 @@ Tensor MoE::backward(const Tensor& dy_TD, const MoECtx& ctx, double balance_alph
   const float* dy = dyl.data<float>();
   const int64_t* ip = ctx.idx.data<int64_t>();
   const int64_t N = TL * K;
-  bool any_lora = gate_lora.has_value() || (has_shared_ && shared.has_lora());
-  for (const auto& ew : experts) any_lora = any_lora || ew.has_lora();
-  DSV4_CHECK(!any_lora || ctx.lora_draws.size() == static_cast<size_t>(1 + 4 * (EL + 1)),
+  DSV4_CHECK(!has_lora() || ctx.lora_draws.size() == static_cast<size_t>(1 + 4 * (EL + 1)),
              "MoE {}: backward through adapters without their forward context", prefix_);
   auto expert_draws = [&](int64_t e) -> const uint64_t* {
     return ctx.lora_draws.empty() ? nullptr : ctx.lora_draws.data() + 1 + 4 * e;

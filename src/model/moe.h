@@ -231,7 +231,7 @@ struct MoECtx {
   int64_t batch = 0, seq = 0;        // the layout's rows, for the balance loss
   std::vector<double> balance_counts;  // [B*E] complete (tp-summed) slot counts per sequence row
   MoEStats stats;
-  // Tensor-op path (model/exec_path.h; one rank, no adapters): every tensor above on x's device, g / u in the
+  // Tensor-op path (model/exec_path.h; one rank): every tensor above on x's device, g / u in the
   // expert-sorted slot order (recv_* and send/recv rows unused), plus the sort itself on the device.
   bool ops_path = false;
   Tensor sorted_slot_N;  // I64 [N] on the device: sorted_slot
@@ -256,7 +256,8 @@ class MoE {
 
   // x_TD: F32 [T, D], CPU or (after Model::to) the parameters' CUDA device, where the tensor-op path runs
   // (model/exec_path.h: router -> moe_sort_slots -> moe_permute -> per-expert GEMMs in the MoE's precision ->
-  // swiglu -> moe_unpermute, the same order of operations as the CPU loops; one rank and no adapters so far).
+  // swiglu -> moe_unpermute, the same order of operations as the CPU loops, adapters and frozen weights included; one
+  // rank so far).
   // input_ids_T: I64 [T] on any device (needed by hash layers, may be undefined for learned ones);
   // layout.tokens() == T. ctx may be null when no backward follows. Stats are written to ctx->stats and *stats.
   Tensor forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayout& layout, MoECtx* ctx,
@@ -295,6 +296,10 @@ class MoE {
   Tensor forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayout& layout, MoECtx* ctx,
                      MoEStats* stats) const;
   Tensor backward_ops(const Tensor& dy_TD, const MoECtx& ctx, double balance_alpha);
+  // Whether any adapter is attached (router, routed or shared experts).
+  bool has_lora() const;
+  // The dropout draws of one forward (MoECtx::lora_draws; empty without adapters), after checking the adapters' shapes.
+  std::vector<uint64_t> lora_draws() const;
   // The hash layer's fixed expert ids of tokens [t0, t0 + rows) (checked), row-major [rows, K], on the host.
   std::vector<int64_t> hash_expert_ids(const Tensor& input_ids_T, int64_t T, int64_t t0, int64_t rows) const;
 

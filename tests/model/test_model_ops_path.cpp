@@ -261,18 +261,17 @@ TEST_F(TinyOpsPath, PackedRowsAndNormalizersMatchReference) {
 }
 
 // Model::to refuses what cannot run off the CPU before moving anything (so this runs in CPU-only builds too).
-TEST(ModelOpsPath, ToRefusesFrozenExpertsOffTheCpuBeforeMovingAnything) {
+TEST(ModelOpsPath, ToRefusesAFrozenWoAOffTheCpuBeforeMovingAnything) {
   ModelConfig cfg = model_preset("tiny");
   cfg.vocab_size = 64;
   Model m(cfg);
-  ExpertWeights& ew = m.layers[1]->ffn.experts[2];
-  ew.set_frozen(2, quantize_weight(ew.w2.value, WeightFormat::FP8, ScaleFormat::E8M0, ew.w2.name),
-                m.layers[1]->ffn.expert_weight_shape(2));
+  Attention& a = m.layers[2]->attn;
+  a.set_wo_a_frozen(quantize_weight(a.wo_a.value, WeightFormat::FP8, ScaleFormat::E8M0, a.wo_a.name));
   try {
     m.to(Device::cuda(0));
-    FAIL() << "Model.to accepted a frozen expert weight off the CPU";
+    FAIL() << "Model.to accepted a frozen wo_a off the CPU";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("layers.1.ffn.experts.2.w2.weight"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("layers.2.attn.wo_a.weight"), std::string::npos) << e.what();
   }
   EXPECT_TRUE(m.head.weight.value.device().is_cpu());
   m.to(Device::cpu());  // the CPU is always fine

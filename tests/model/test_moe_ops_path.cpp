@@ -10,6 +10,7 @@
 #include "fd_check.h"
 #include "model/exec_path.h"
 #include "model/moe.h"
+#include "model/quant.h"
 
 namespace dsv4 {
 namespace {
@@ -58,14 +59,14 @@ void expect_close(const std::string& what, const Tensor& ref, const Tensor& got,
   EXPECT_LE(err, rel * amax) << what;
 }
 
-struct Run {
+struct MoeRun {
   Tensor y, dx;
   MoEStats stats;
   std::map<std::string, Tensor> grads;
 };
 
-Run run(MoE& m, const Tensor& x, const Tensor& ids, const SeqLayout& layout, const Tensor& dy, double alpha) {
-  Run r;
+MoeRun run(MoE& m, const Tensor& x, const Tensor& ids, const SeqLayout& layout, const Tensor& dy, double alpha) {
+  MoeRun r;
   MoECtx ctx;
   r.y = m.forward(x, ids, layout, &ctx, &r.stats);
   EXPECT_EQ(ctx.ops_path, ForceOpsPath::active());
@@ -88,8 +89,8 @@ void compare(bool hash, MatmulPrecision p, int64_t batch, int64_t seq, double re
   const Tensor ids = Tensor::from_vector<int64_t>({T}, idv);
   const SeqLayout layout(batch, seq);
   auto ref_m = make_moe(hash, p, 11), ops_m = make_moe(hash, p, 11);
-  const Run ref = run(*ref_m, x, ids, layout, dy, 0.01);
-  Run got;
+  const MoeRun ref = run(*ref_m, x, ids, layout, dy, 0.01);
+  MoeRun got;
   {
     ForceOpsPath scope;
     got = run(*ops_m, x, ids, layout, dy, 0.01);
@@ -117,17 +118,56 @@ TEST(MoEOpsPath, Bf16AndFp8MatchReference) {
   compare(true, MatmulPrecision::FP8, 1, 17, 1e-5);
 }
 
-TEST(MoEOpsPath, UnsupportedCasesFailClearly) {
-  auto m = make_moe(false, MatmulPrecision::F32, 3);
-  m->gate_lora.emplace(LoraAdapter("layers.0.ffn.gate", 2, moe_config().dim, moe_config().n_routed_experts, 4.0));
-  std::mt19937 rng(1);
-  const Tensor x = random_tensor({4, moe_config().dim}, rng, 1.0f);
-  ForceOpsPath scope;
-  try {
-    m->forward(x, Tensor(), SeqLayout(1, 4), nullptr);
-    FAIL() << "expected an error";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("LoRA adapters"), std::string::npos) << e.what();
+// Adapters everywhere (router, routed w1 / w2 / w3 singles and a fused w13, shared expert), dropout on, over frozen
+// FP8 and FP4 expert weights: bit-identical to the reference (the same CPU GEMMs, masks and draws in the same order).
+std::unique_ptr<MoE> make_adapted_moe(uint64_t seed) {
+  auto m = make_moe(false, MatmulPrecision::F32, seed);
+  const ModelConfig c = moe_config();
+  const int64_t D = c.dim, I = c.moe_inter_dim, E = c.n_routed_experts;
+  std::mt19937 rng(static_cast<uint32_t>(seed + 100));
+  uint64_t key = 1;
+  auto attach = [&](std::optional<LoraAdapter>& slot, const std::string& unit, int64_t in, int64_t out) {
+    slot.emplace(unit, 3, in, out, 1.25, 0.2, key++);
+    slot->A.value = random_tensor(slot->A.value.shape(), rng, 0.3f);
+    slot->B.value = random_tensor(slot->B.value.shape(), rng, 0.3f);
+    slot->train = true;
+  };
+  attach(m->gate_lora, "layers.0.ffn.gate", D, E);
+  attach(m->experts[0].lora_w1, "layers.0.ffn.experts.0.w1", D, I);
+  attach(m->experts[0].lora_w2, "layers.0.ffn.experts.0.w2", I, D);
+  attach(m->experts[1].lora_w13, "layers.0.ffn.experts.1.w13", D, 2 * I);
+  attach(m->experts[2].lora_w3, "layers.0.ffn.experts.2.w3", D, I);
+  attach(m->shared.lora_w1, "layers.0.ffn.shared_experts.w1", D, I);
+  attach(m->shared.lora_w2, "layers.0.ffn.shared_experts.w2", I, D);
+  for (int64_t e = 0; e < E; ++e) {
+    ExpertWeights& ew = m->experts[static_cast<size_t>(e)];
+    for (int k = 1; k <= 3; ++k)
+      ew.set_frozen(k, quantize_weight(ew.param(k).value, e % 2 ? WeightFormat::FP4 : WeightFormat::FP8,
+                                       ScaleFormat::E8M0, ew.param(k).name),
+                    m->expert_weight_shape(k));
+  }
+  return m;
+}
+
+TEST(MoEOpsPath, AdaptersOverFrozenExpertsBitIdentical) {
+  const int64_t T = 29, D = moe_config().dim;
+  std::mt19937 rng(9);
+  const Tensor x = random_tensor({T, D}, rng, 1.0f), dy = random_tensor({T, D}, rng, 1.0f);
+  auto ref_m = make_adapted_moe(5), ops_m = make_adapted_moe(5);
+  const MoeRun ref = run(*ref_m, x, Tensor(), SeqLayout(1, T), dy, 0.01);
+  MoeRun got;
+  {
+    ForceOpsPath scope;
+    got = run(*ops_m, x, Tensor(), SeqLayout(1, T), dy, 0.01);
+  }
+  expect_close("y", ref.y, got.y, 0.0);
+  expect_close("dx", ref.dx, got.dx, 0.0);
+  ASSERT_EQ(ref.grads.size(), got.grads.size());
+  EXPECT_GT(ref.grads.count("layers.0.ffn.experts.1.w13.lora_A"), 0u);
+  EXPECT_EQ(ref.grads.count("layers.0.ffn.experts.1.w1.weight"), 0u);  // frozen
+  for (const auto& [name, g] : ref.grads) {
+    ASSERT_TRUE(got.grads.count(name)) << name;
+    expect_close(name, g, got.grads.at(name), 0.0);
   }
 }
 
