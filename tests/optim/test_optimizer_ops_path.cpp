@@ -5,7 +5,8 @@
 //     matrices), for several steps of the tiny model (every group: wo_a row blocks, the experts' same-shape batches,
 //     hc_*_fn, AdamW vectors and matrices), with a parameter skipped on odd steps, in both optimizer modes.
 //   Gradient norm: within 2e-7 relative (per-parameter sums of FP32 squares rounded to FP32; see optim/clip.h);
-//     the non-finite report identical; scaling by a given factor bit-identical.
+//     the non-finite report identical; scaling by a given factor bit-identical; an element beyond FP32's square range
+//     (|g| > ~1.8e19) is not finite on the ops path only.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -223,6 +224,23 @@ TEST(OptimizerOpsPath, GradNormAndClipping) {
   EXPECT_EQ(na.bad_params, 2);
   EXPECT_EQ(nb.bad_params, 2);
   EXPECT_FALSE(nb.clipped);
+
+  // The documented difference (optim/clip.h): the tensor-op path squares in FP32, so an element beyond ~1.8e19
+  // overflows and counts as not finite; the reference squares in double and stays finite.
+  Model c(cfg), d(cfg);
+  set_grads(c, 0);
+  set_grads(d, 0);
+  for (Model* m : {&c, &d}) m->embed.weight.grad.data<float>()[0] = 1e20f;
+  const GradNorm big_ref = grad_sq_norm(params_of(c));
+  GradNorm big_ops;
+  {
+    ForceOpsPath force;
+    big_ops = grad_sq_norm(params_of(d));
+  }
+  EXPECT_TRUE(big_ref.finite);
+  EXPECT_NEAR(big_ref.norm, 1e20, 1e14);
+  EXPECT_FALSE(big_ops.finite);
+  EXPECT_EQ(big_ops.bad_param, "embed.weight");
 }
 
 }  // namespace
