@@ -1,10 +1,18 @@
-// Global gradient-norm clipping over every trainable parameter that has a gradient (F32, CPU).
+// Global gradient-norm clipping over every trainable parameter that has a gradient (F32, CPU or a device).
 //
 // The norm is sqrt(sum of squares) accumulated in double over all parameters in the order given. A non-finite
 // gradient element (NaN/Inf) makes the result non-finite; the first parameter (in order) holding one is named and
 // nothing is scaled, so the caller can skip the step. Otherwise, when max_norm > 0 and norm > max_norm, every
 // gradient is multiplied by max_norm / norm (no epsilon: the clipped norm equals max_norm to FP32 rounding).
 // For data/expert parallelism, sum grad_sq_norm() across ranks first and call scale_grads() with the global factor.
+//
+// Gradients on the tensor-op path (model/exec_path.h: on a CUDA device, or under ForceOpsPath) are reduced on their
+// device: each parameter's sum of squares by runtime ops (squares in FP32, ops::reduce over the last dim then the
+// rows), all of a device's sums brought to the host in one copy, then added in double in parameter order as on the
+// CPU. Bound against the CPU path: each parameter's sum within ~1e-7 relative under ForceOpsPath (the squares are
+// rounded to FP32 and the sum to FP32; ops::reduce accumulates in double on the CPU), within ~1e-5 relative on CUDA
+// (FP32 tree sums); tests/optim/test_optimizer_ops_path.cpp and tests/gpu/test_gpu_optimizer.cpp check these.
+// scale_grads multiplies in FP32 by float(factor) on either path (the same bits).
 #pragma once
 
 #include <string>

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <functional>
 
+#include "runtime/error.h"
+
 namespace dsv4 {
 
 void complete_gradients(const Parallel& par, const std::vector<Param*>& params) {
@@ -40,6 +42,10 @@ void complete_gradients(const Parallel& par, const std::vector<Param*>& params) 
     };
     for (Param* p : params) {
       if (!p->grad.defined() || !k.member(*p)) continue;
+      DSV4_CHECK(p->grad.device().is_cpu(),
+                 "complete_gradients: {} has its gradient on {}; gradient sync over several ranks runs on CPU tensors "
+                 "only so far (no device buckets / NCCL here yet)",
+                 p->name, p->grad.device().str());
       if (n > 0 && n + p->grad.numel() > kBucket) flush();
       bucket.push_back(p);
       n += p->grad.numel();

@@ -2,7 +2,9 @@
 //   Replicated, TpSplit, TpLocal   summed over the dp group (tp ranks computed identical / their own parts)
 //   TpPartial                      summed over the world (each tp rank holds a partial sum; dp ranks other data)
 //   Expert                         summed over the edp group (replicas of the same experts)
-// Gradients travel in flat buckets (one all-reduce per bucket of at most 64 Mi floats).
+// Gradients travel in flat buckets (one all-reduce per bucket of at most 64 Mi floats). CPU gradients only so far: a
+// device gradient that needs summing over a group of several ranks is a one-line error (groups of one rank are
+// skipped, so a single-rank layout works on any device).
 #pragma once
 
 #include <vector>

@@ -17,7 +17,7 @@ namespace dsv4 {
 
 inline constexpr double kDefaultBiasUpdateSpeed = 1e-3;
 
-// One layer: bias F32 [E], load.size() == E.
+// One layer: bias F32 [E] (CPU, or a CUDA device: updated on the host and copied back), load.size() == E.
 void update_expert_bias(Param& bias, const std::vector<int64_t>& load, double speed = kDefaultBiasUpdateSpeed);
 
 // Sums the loads of one forward (ModelOutput::moe_stats: main layers, then MTP blocks) into acc (sized on first use).

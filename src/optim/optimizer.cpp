@@ -4,7 +4,9 @@
 #include <cstring>
 #include <set>
 
+#include "model/exec_path.h"
 #include "runtime/error.h"
+#include "runtime/model_ops.h"
 
 namespace dsv4 {
 
@@ -12,10 +14,20 @@ namespace {
 
 constexpr const char* kStepsKey = "optimizer/steps";
 
-void check_f32_cpu(const Tensor& t, const std::string& what) {
-  DSV4_CHECK(t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous(),
-             "optimizer: {} is {} (needs a contiguous CPU F32 tensor)", what, t.str());
+// Values, gradients and state: contiguous F32 on the parameter's device (the CPU, or a CUDA device whose updates run
+// through runtime/model_ops.h).
+void check_f32(const Tensor& t, const std::string& what, Device device) {
+  DSV4_CHECK(t.dtype() == DType::F32 && t.is_contiguous() && t.device() == device &&
+                 (device.is_cpu() || device.is_cuda()),
+             "optimizer: {} is {} (needs a contiguous F32 tensor on {})", what, t.str(), device.str());
 }
+
+// Matrices of one Newton-Schulz call of the tensor-op path: at most this many elements (a matrix larger than this
+// gets a call of its own). Bounds the batch buffer and newton_schulz_batched's workspaces (X X^T, ... per matrix).
+constexpr int64_t kNsBatchElements = int64_t{1} << 26;
+
+// State for checkpoints lives on the host: a deep copy of a CPU tensor, a device-to-host copy otherwise.
+Tensor host_copy(const Tensor& t) { return t.device().is_cpu() ? t.clone() : t.to(Device::cpu()); }
 
 Tensor i64_scalar(int64_t v) { return Tensor::from_vector<int64_t>({1}, {v}); }
 
@@ -92,13 +104,18 @@ Optimizer::Optimizer(std::vector<Param*> params, OptimizerConfig cfg, OptimizerS
       }
     }
     if (s.group != OptGroup::None && s.owned) {
-      check_f32_cpu(p->value, p->name);
+      const Device dev = p->value.device();
+      check_f32(p->value, p->name, dev.is_cuda() ? dev : Device::cpu());
+      DSV4_CHECK(dev.is_cpu() || !par || par->world_size() == 1,
+                 "optimizer: {} is on {}, but parallel layouts (ZeRO-1 owners, distributed Muon over tp) run on CPU "
+                 "tensors only so far ({} ranks)",
+                 p->name, dev.str(), par ? par->world_size() : 1);
       if (s.group == OptGroup::Muon) {
         s.row_blocks = muon_row_blocks(p->name, cfg_.groups);
-        s.momentum = Tensor::zeros(p->value.shape(), DType::F32);
+        s.momentum = Tensor::zeros(p->value.shape(), DType::F32, dev);
       } else {
-        s.exp_avg = Tensor::zeros(p->value.shape(), DType::F32);
-        s.exp_avg_sq = Tensor::zeros(p->value.shape(), DType::F32);
+        s.exp_avg = Tensor::zeros(p->value.shape(), DType::F32, dev);
+        s.exp_avg_sq = Tensor::zeros(p->value.shape(), DType::F32, dev);
       }
     }
     slots_.push_back(std::move(s));
@@ -108,6 +125,7 @@ Optimizer::Optimizer(std::vector<Param*> params, OptimizerConfig cfg, OptimizerS
 OptimizerStepStats Optimizer::step(double lr) {
   DSV4_CHECK(std::isfinite(lr) && lr >= 0, "optimizer: learning rate {} must be finite and >= 0", lr);
   OptimizerStepStats st;
+  std::vector<Slot*> ops_muon;  // Muon on the tensor-op path: orthogonalised in batches after the loop
   for (Slot& s : slots_) {
     if (s.group == OptGroup::None) continue;
     Param& p = *s.p;
@@ -115,32 +133,98 @@ OptimizerStepStats Optimizer::step(double lr) {
       ++st.skipped;
       continue;
     }
-    check_f32_cpu(p.value, p.name);
-    check_f32_cpu(p.grad, p.name + " gradient");
+    const Device dev = p.value.device().is_cuda() ? p.value.device() : Device::cpu();
+    check_f32(p.value, p.name, dev);
+    check_f32(p.grad, p.name + " gradient", dev);
     DSV4_CHECK(p.grad.shape() == p.value.shape(), "optimizer: {} gradient {} does not match the value {}", p.name,
                p.grad.shape().str(), p.value.shape().str());
     if (!s.owned) continue;
     ++s.step;
+    const bool ops_path = use_ops_path(p.value);
+    if (ops_path) check_f32(s.group == OptGroup::Muon ? s.momentum : s.exp_avg, p.name + " optimizer state", dev);
     if (s.group == OptGroup::Muon) {
       if (p.placement == Placement::TpSplit && sharding_.parallel && sharding_.parallel->tp())
         muon_step(s, lr);
+      else if (ops_path)
+        ops_muon.push_back(&s);
       else
         muon_update(p.value.data<float>(), p.grad.data<float>(), s.momentum.data<float>(), p.value.size(0),
                     p.value.size(1), s.row_blocks, lr, cfg_.muon);
       ++st.muon;
     } else {
-      adamw_update(p.value.data<float>(), p.grad.data<float>(), s.exp_avg.data<float>(), s.exp_avg_sq.data<float>(),
-                   p.value.numel(), s.step, lr, cfg_.adamw);
+      if (ops_path)
+        adamw_step(p.value, p.grad, s.exp_avg, s.exp_avg_sq,
+                   adamw_scalars(cfg_.adamw.beta1, cfg_.adamw.beta2, cfg_.adamw.eps, cfg_.adamw.weight_decay, s.step,
+                                 lr));
+      else
+        adamw_update(p.value.data<float>(), p.grad.data<float>(), s.exp_avg.data<float>(),
+                     s.exp_avg_sq.data<float>(), p.value.numel(), s.step, lr, cfg_.adamw);
       ++st.adamw;
     }
   }
+  if (!ops_muon.empty()) st.ns_calls = muon_ops_step(ops_muon, lr);
   broadcast_from_owners();
   ++steps_;
   return st;
 }
 
+int64_t Optimizer::muon_ops_step(const std::vector<Slot*>& slots, double lr) {
+  DSV4_CHECK(cfg_.muon.precision == NsPrecision::F32,
+             "optimizer: muon.ns_precision bf16 has no tensor-op path (newton_schulz_batched is F32 only); {} is on {}",
+             slots.front()->p->name, slots.front()->p->value.device().str());
+  // Batches: the Muon matrices (row blocks) of one shape on one device, in order of first appearance, cut into runs of
+  // at most kNsBatchElements. The CPU path orthogonalises each matrix by itself; newton_schulz_batched runs the same
+  // computation per matrix (CPU twin: the same newton_schulz loop; CUDA: batched GEMMs).
+  struct Batch {
+    Device device;
+    int64_t block_rows = 0, cols = 0, matrices = 0;
+    std::vector<Slot*> slots;
+  };
+  std::vector<Batch> batches;
+  for (Slot* s : slots) {
+    const Tensor& v = s->p->value;
+    const int64_t br = v.size(0) / s->row_blocks, cols = v.size(1);
+    const int64_t elems = s->row_blocks * br * cols;
+    auto it = std::find_if(batches.rbegin(), batches.rend(), [&](const Batch& b) {
+      return b.device == v.device() && b.block_rows == br && b.cols == cols;
+    });
+    if (it == batches.rend() || it->matrices * br * cols + elems > kNsBatchElements) {
+      batches.push_back({v.device(), br, cols, 0, {}});
+      it = batches.rbegin();
+    }
+    it->slots.push_back(s);
+    it->matrices += s->row_blocks;
+  }
+  const MuonConfig& mc = cfg_.muon;
+  for (Batch& b : batches) {
+    Tensor u_all = Tensor::empty({b.matrices, b.block_rows, b.cols}, DType::F32, b.device);
+    const auto u_of = [&](size_t i, int64_t first) {
+      const Slot& s = *b.slots[i];
+      return u_all.slice(0, first, first + s.row_blocks).view(s.p->value.shape());
+    };
+    int64_t first = 0;
+    for (size_t i = 0; i < b.slots.size(); ++i) {
+      Slot& s = *b.slots[i];
+      Tensor u = u_of(i, first);
+      muon_momentum_step(s.p->grad, s.momentum, u, static_cast<float>(mc.momentum), mc.nesterov);
+      first += s.row_blocks;
+    }
+    newton_schulz_batched(u_all, mc.ns_schedule, mc.ns_eps);
+    const MuonApplyScalars sc = muon_apply_scalars(lr, mc.weight_decay, mc.update_scale, b.block_rows, b.cols);
+    first = 0;
+    for (size_t i = 0; i < b.slots.size(); ++i) {
+      Slot& s = *b.slots[i];
+      muon_apply_step(s.p->value, u_of(i, first), sc);
+      first += s.row_blocks;
+    }
+  }
+  return static_cast<int64_t>(batches.size());
+}
+
 void Optimizer::muon_step(Slot& s, double lr) {
   Param& p = *s.p;
+  DSV4_CHECK(p.value.device().is_cpu(), "optimizer: distributed Muon ({} split over tp) runs on CPU tensors only so far, "
+             "not {}", p.name, p.value.device().str());
   const Communicator* tp = sharding_.parallel->tp();
   const Shape global = p.global_shape();
   const int64_t rows = global[0], cols = global[1], n = p.value.numel();
@@ -233,10 +317,10 @@ std::map<std::string, Tensor> Optimizer::state_dict() const {
     const std::string& n = s.p->name;
     if (!s.owned) continue;
     if (s.group == OptGroup::Muon) {
-      out[n + "/momentum"] = s.momentum.clone();
+      out[n + "/momentum"] = host_copy(s.momentum);
     } else if (s.group == OptGroup::AdamW) {
-      out[n + "/exp_avg"] = s.exp_avg.clone();
-      out[n + "/exp_avg_sq"] = s.exp_avg_sq.clone();
+      out[n + "/exp_avg"] = host_copy(s.exp_avg);
+      out[n + "/exp_avg_sq"] = host_copy(s.exp_avg_sq);
     } else {
       continue;
     }

@@ -4,8 +4,17 @@
 // Every parameter in the Muon or AdamW group gets its state at construction (zeros, step 0): Muon a momentum
 // buffer, AdamW exp_avg and exp_avg_sq, both a per-parameter step count. step(lr) updates each such parameter
 // that has a gradient (grad defined); one without a gradient is left alone and its step count does not move
-// (torch's behaviour for p.grad is None). Parameters and gradients must be contiguous CPU F32; the parameters
-// must outlive the optimizer (it keeps pointers, e.g. into a Model).
+// (torch's behaviour for p.grad is None). Parameters and gradients must be contiguous F32, a parameter's gradient on
+// its device; the parameters must outlive the optimizer (it keeps pointers, e.g. into a Model).
+//
+// Devices: a parameter's state lives on the parameter's device (where it is at construction). A parameter that takes
+// the tensor-op path (model/exec_path.h: use_ops_path(value), i.e. on a CUDA device, or any parameter under a
+// ForceOpsPath scope) is updated through runtime/model_ops.h: adamw_step; muon_momentum_step into a batch buffer,
+// newton_schulz_batched over every Muon matrix (row block) of one shape and device at once (at most 2^26 elements per
+// call), muon_apply_step. The CPU twins of these ops are the loops of update_rules.cpp, so on CPU tensors both paths
+// give the same bits; the CUDA twins are bit-identical for AdamW and Muon's element-wise steps, and Newton-Schulz's
+// cuBLAS GEMMs round differently from the CPU BLAS (model_ops.h). Not on devices yet (one-line errors): parallel
+// layouts over several ranks (ZeRO-1 owners, distributed Muon over tp) and muon.ns_precision bf16.
 //
 // State dict (a map that checkpoints write as safetensors), keys:
 //   "{param}/momentum"    F32, param shape   (Muon)
@@ -46,6 +55,7 @@ struct OptimizerStepStats {
   int64_t muon = 0;     // parameters updated by Muon
   int64_t adamw = 0;    // parameters updated by AdamW
   int64_t skipped = 0;  // parameters in a group but without a gradient
+  int64_t ns_calls = 0;  // tensor-op path: newton_schulz_batched calls (Muon matrices batched by shape)
 };
 
 // Distribution over a parallel layout (runtime/parallel.h). Gradients must already be complete (summed per the
@@ -88,7 +98,8 @@ class Optimizer {
   bool owns(const std::string& name) const;
 
   // The states of the parameters this rank owns, plus "optimizer/steps" (deep copies). load_state_dict expects
-  // exactly the keys this rank's state_dict would have.
+  // exactly the keys this rank's state_dict would have. state_dict() copies device state to the host; load_state_dict
+// copies into the state on its device.
   std::map<std::string, Tensor> state_dict() const;
   void load_state_dict(const std::map<std::string, Tensor>& state, const std::string& source = "optimizer state");
 
@@ -107,6 +118,8 @@ class Optimizer {
   };
   const Slot& slot(const std::string& name) const;
   void muon_step(Slot& s, double lr);
+  // Muon of the tensor-op path for these slots (momentum updated, step counted); returns the Newton-Schulz calls.
+  int64_t muon_ops_step(const std::vector<Slot*>& slots, double lr);
   void broadcast_from_owners();
 
   OptimizerSharding sharding_;

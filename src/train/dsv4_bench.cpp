@@ -17,6 +17,8 @@
 // forward (1x128 activations x 128x128 expert weights, quantised once); median of --iters CUDA-event-timed calls
 // after 3 warm-up calls, TFLOP/s = 2 T N K / time. Without a GPU it says so and exits 0.
 //   dsv4-bench ops | attn: GPU kernel bandwidth / attention and mHC benchmarks, see train/bench_kernels.h.
+//   dsv4-bench step: the full training step on a device (tokens/s, TFLOP/s, MFU vs 989 TFLOP/s, peak memory, time
+// breakdown mHC / attention / MoE / head+loss / optimizer / other), see train/bench_step.h.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -36,6 +38,7 @@
 #include "runtime/grouped_gemm.h"
 #include "runtime/ops.h"
 #include "train/bench_kernels.h"
+#include "train/bench_step.h"
 #if defined(DSV4_WITH_CUDA)
 #include <cuda_runtime_api.h>
 
@@ -324,6 +327,7 @@ int main(int argc, char** argv) {
   model->add_option("--warmup", warmup, "untimed steps first")->capture_default_str()->check(CLI::NonNegativeNumber);
   model->add_option("--threads", threads, "OpenBLAS threads (0: library default)")->capture_default_str();
   const dsv4::bench::KernelBenchCli kernel_benches(app);  // ops, attn (src/train/bench_kernels.cpp)
+  const dsv4::bench::StepBenchCli step_bench(app);         // step (src/train/bench_step.cpp)
   auto* gemm = app.add_subcommand("gemm", "GPU: BF16 (cuBLAS) vs block-scaled FP8 GEMM at V4 shapes, TFLOP/s");
   int64_t tokens = 4096;
   int iters = 10;
@@ -349,6 +353,7 @@ int main(int argc, char** argv) {
   try {
     dsv4::set_cpu_threads(threads);
     if (kernel_benches.selected()) return kernel_benches.run();
+    if (step_bench.selected()) return step_bench.run();
     if (*model) return run_model_bench(preset, batch, seq, steps, warmup);
     if (*gemm) return run_gemm_bench(tokens, iters, shapes, fallback);
     if (*grouped) return run_grouped_bench(presets, g_tokens, g_iters, sigma);

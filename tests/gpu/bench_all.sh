@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs every GPU benchmark of dsv4-bench in one go (numbers, never pass/fail): gemm, ops and attn (proxy-2b, then
-# flash shapes), and grouped when this dsv4-bench has that subcommand (checked in `dsv4-bench --help`). Each output
-# is also written to LOG_DIR/bench_<name>.log.
+# flash shapes), grouped, and the full training step at proxy-2b (batch 1 x 4096 tokens, bf16 then fp8; tokens/s,
+# MFU, peak memory, breakdown) when this dsv4-bench has those subcommands (checked in `dsv4-bench --help`). Each
+# output is also written to LOG_DIR/bench_<name>.log.
 #
 #   tests/gpu/bench_all.sh                         # builds dsv4-bench in build-gpu (all cores), then runs
 #   BUILD_DIR=build-x JOBS=4 tests/gpu/bench_all.sh
 #   BENCH=/path/to/dsv4-bench tests/gpu/bench_all.sh   # no build: runs that binary (e.g. on PATH after device_run.sh)
 #   NO_FLASH=1 tests/gpu/bench_all.sh              # ops / attn at proxy-2b shapes only
+#   STEP_ARGS="--steps 5 --recompute" tests/gpu/bench_all.sh   # extra arguments of the step benchmarks
 #   tests/gpu/device_run.sh .devrun env BENCH=dsv4-bench LOG_DIR=/tmp/bench bash tests/gpu/bench_all.sh
 #                                                  # on a lent GPU machine, binaries from device_pack.sh
 #
@@ -65,6 +67,14 @@ if has grouped; then
   run grouped grouped
 else
   echo "== dsv4-bench grouped: not in this build (skipped)"
+fi
+if has step; then
+  # shellcheck disable=SC2086
+  run step_bf16 step --preset proxy-2b --batch 1 --seq 4096 --precision bf16 --steps 10 --warmup 2 ${STEP_ARGS:-}
+  # shellcheck disable=SC2086
+  run step_fp8 step --preset proxy-2b --batch 1 --seq 4096 --precision fp8 --steps 10 --warmup 2 ${STEP_ARGS:-}
+else
+  echo "== dsv4-bench step: not in this build (skipped)"
 fi
 
 echo "== summary"
