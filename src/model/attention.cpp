@@ -166,6 +166,21 @@ void Attention::set_wo_a_frozen(QuantizedWeight w) {
   wo_a.trainable = false;
 }
 
+LoraAdapter* Attention::wo_a_group_adapter(int64_t g) {
+  if (wo_a_lora.shared) return &*wo_a_lora.shared;
+  if (static_cast<size_t>(g) < wo_a_lora.groups.size() && wo_a_lora.groups[static_cast<size_t>(g)])
+    return &*wo_a_lora.groups[static_cast<size_t>(g)];
+  return nullptr;
+}
+
+const LoraAdapter* Attention::wo_a_group_adapter(int64_t g) const {
+  return const_cast<Attention*>(this)->wo_a_group_adapter(g);
+}
+
+uint64_t Attention::wo_a_lora_offset(int64_t g, int64_t T) const {
+  return wo_a_lora.shared ? static_cast<uint64_t>((group0_ + g) * T * wo_a_in()) : 0;
+}
+
 void Attention::check_wo_a_lora() const {
   const int64_t G = groups_, R = o_lora_, K = wo_a_in();
   bool any_group = false;
@@ -398,13 +413,16 @@ void Attention::check_ops_path(Device device) const {
   DSV4_CHECK(!tp_, "{}: the tensor-op path (CUDA tensors) does not support tensor parallelism (tp > 1) yet", module);
   DSV4_CHECK(!opts_.simulate_release_quant,
              "{}: the tensor-op path (CUDA tensors) does not support simulate_release_quant yet", module);
-  DSV4_CHECK(wo_a_lora.empty(), "{}: the tensor-op path (CUDA tensors) does not support LoRA adapters on wo_a yet",
-             module);
-  DSV4_CHECK(!wo_a_frozen.defined(), "{}: the tensor-op path (CUDA tensors) does not support a frozen wo_a yet",
-             module);
   for (const Linear* l : {&wq_a, &wq_b, &wkv, &wo_b}) check_linear_for_ops(module, *l, device);
   for (const RMSNorm* n : {&q_norm, &kv_norm}) check_param_for_ops(module, n->weight, device);
-  check_param_for_ops(module, wo_a, device);
+  if (wo_a_frozen.defined())
+    DSV4_CHECK(wo_a_frozen.data.device() == device, "{}: frozen weight {} is on {}, the input on {} (Model::to moves it)",
+               module, wo_a.name, wo_a_frozen.data.device().str(), device.str());
+  else
+    check_param_for_ops(module, wo_a, device);
+  for (int64_t g = 0; g < groups_; ++g)
+    if (const LoraAdapter* ad = wo_a_group_adapter(g))
+      for (const Param* p : {&ad->A, &ad->B}) check_param_for_ops(module, *p, device);
   check_param_for_ops(module, attn_sink, device);
   if (ratio_ > 0) compressor.check_ops_path(module, device);
   if (ratio_ == 4) indexer.check_ops_path(module, device);
@@ -461,12 +479,34 @@ Tensor Attention::forward_ops(const Tensor& x_TD, const SeqLayout& layout, Atten
   rope_apply(o_rows, c.pos_t, c.inv_freq, true);
   c.o_rot = o_rows.view({T, HC});
 
-  // Grouped low-rank output: y[:, g] = o[:, g] @ wo_a_g^T (column slices), then wo_b.
+  // Grouped low-rank output: y[:, g] = o[:, g] @ wo_a_g^T (column slices), then the adapters, then wo_b.
   Tensor y = Tensor::empty({T, G * R}, DType::F32, dev);
+  const Tensor wo_a_dev = wo_a_frozen.defined() && !dev.is_cpu() ? dequantize_on_device(wo_a_frozen) : Tensor();
   for (int64_t g = 0; g < G; ++g) {
-    const Tensor o_g = c.o_rot.slice(1, g * K, (g + 1) * K), w_g = wo_a.value.slice(0, g * R, (g + 1) * R);
+    const Tensor o_g = c.o_rot.slice(1, g * K, (g + 1) * K);
     Tensor y_g = y.slice(1, g * R, (g + 1) * R);
-    ops::copy(pmatmul_xwT(wo_a_precision_, o_g, w_g), y_g);
+    if (!wo_a_frozen.defined())
+      pgemm_xwT(wo_a_precision_, o_g, wo_a.value.slice(0, g * R, (g + 1) * R), 0.0f, y_g);
+    else if (dev.is_cpu())  // the reference's tile GEMMs on the group's rows
+      qgemm_xwT(wo_a_frozen, T, o_g.data<float>(), HC, 0.0f, y_g.data<float>(), G * R, g * R, (g + 1) * R);
+    else
+      ops::gemm(o_g, false, wo_a_dev.slice(0, g * R, (g + 1) * R), true, 1.0f, 0.0f, y_g);
+  }
+  if (!wo_a_lora.empty()) {  // the reference's draws, mask offsets and order (Attention::forward)
+    check_wo_a_lora();
+    c.wo_a_lora_z.assign(static_cast<size_t>(G), Tensor());
+    c.wo_a_lora_draws.assign(static_cast<size_t>(G), 0);
+    const uint64_t shared_draw = wo_a_lora.shared ? wo_a_lora.shared->next_draw() : 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const LoraAdapter* ad = wo_a_group_adapter(g);
+      if (!ad) continue;
+      const uint64_t draw = wo_a_lora.shared ? shared_draw : ad->next_draw();
+      const Tensor z = lora_down(*ad, c.o_rot.slice(1, g * K, (g + 1) * K), draw, wo_a_lora_offset(g, T));
+      Tensor y_g = y.slice(1, g * R, (g + 1) * R);
+      lora_up(*ad, z, wo_a_lora.shared ? g * R : 0, y_g);
+      c.wo_a_lora_z[static_cast<size_t>(g)] = z;
+      c.wo_a_lora_draws[static_cast<size_t>(g)] = draw;
+    }
   }
   return wo_b.forward(y, &c.wo_b);
 }
@@ -482,13 +522,36 @@ Tensor Attention::backward_ops(const Tensor& dout_TD, const AttentionCtx& c) {
   // Output projections: per group, d_o[:, g] = dy[:, g] wo_a_g and dwo_a_g += dy[:, g]^T o[:, g].
   const Tensor dy = wo_b.backward(dout_TD.contiguous(), c.wo_b);  // [T, G*R]
   Tensor d_o = Tensor::empty({T, HC}, DType::F32, dev);
+  const Tensor wo_a_dev = wo_a_frozen.defined() && !dev.is_cpu() ? dequantize_on_device(wo_a_frozen) : Tensor();
   for (int64_t g = 0; g < G; ++g) {
-    const Tensor dy_g = dy.slice(1, g * R, (g + 1) * R), w_g = wo_a.value.slice(0, g * R, (g + 1) * R);
+    const Tensor dy_g = dy.slice(1, g * R, (g + 1) * R);
     Tensor d_o_g = d_o.slice(1, g * K, (g + 1) * K);
-    ops::copy(pmatmul_dyW(wo_a_precision_, dy_g, w_g), d_o_g);
+    if (wo_a_frozen.defined()) {
+      if (dev.is_cpu())
+        qgemm_dyW(wo_a_frozen, T, dy_g.data<float>(), G * R, 0.0f, d_o_g.data<float>(), HC, g * R, (g + 1) * R);
+      else
+        ops::gemm(dy_g, false, wo_a_dev.slice(0, g * R, (g + 1) * R), false, 1.0f, 0.0f, d_o_g);
+      continue;
+    }
+    pgemm_dyW(wo_a_precision_, dy_g, wo_a.value.slice(0, g * R, (g + 1) * R), 0.0f, d_o_g);
     if (wo_a.trainable) {
       Tensor dw_g = wo_a.grad_buffer().slice(0, g * R, (g + 1) * R);
       pgemm_dW(wo_a_precision_, dy_g, c.o_rot.slice(1, g * K, (g + 1) * K), dw_g);
+    }
+  }
+  if (!wo_a_lora.empty()) {
+    check_wo_a_lora();
+    DSV4_CHECK(c.wo_a_lora_z.size() == static_cast<size_t>(G),
+               "Attention {}: backward through the wo_a adapters without their forward context", prefix_);
+    for (int64_t g = 0; g < G; ++g) {
+      LoraAdapter* ad = wo_a_group_adapter(g);
+      if (!ad) continue;
+      const Tensor& z = c.wo_a_lora_z[static_cast<size_t>(g)];
+      Tensor dz = Tensor::zeros({T, ad->rank()}, DType::F32, dev);
+      lora_up_backward(*ad, dy.slice(1, g * R, (g + 1) * R), z, wo_a_lora.shared ? g * R : 0, dz);
+      Tensor d_o_g = d_o.slice(1, g * K, (g + 1) * K);
+      lora_down_backward(*ad, dz, c.o_rot.slice(1, g * K, (g + 1) * K), c.wo_a_lora_draws[static_cast<size_t>(g)],
+                         wo_a_lora_offset(g, T), &d_o_g);
     }
   }
   Tensor d_o_rows = d_o.view({T * H, C});

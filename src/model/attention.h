@@ -137,6 +137,10 @@ class Attention {
 
  private:
   void check_wo_a_lora() const;
+  // The adapter of output group g (the shared-A one, the group's own, or null) and its dropout mask offset.
+  LoraAdapter* wo_a_group_adapter(int64_t g);
+  const LoraAdapter* wo_a_group_adapter(int64_t g) const;
+  uint64_t wo_a_lora_offset(int64_t g, int64_t T) const;
   void check_ops_path(Device device) const;
   Tensor forward_ops(const Tensor& x_TD, const SeqLayout& layout, AttentionCtx* ctx) const;
   Tensor backward_ops(const Tensor& dout_TD, const AttentionCtx& ctx);

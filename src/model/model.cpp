@@ -331,8 +331,7 @@ void Model::visit(const ParamVisitor& f) {
 }
 
 void Model::to(Device device) {
-  // Frozen (quantised) weights move with their format (FP4 converted to FP8 losslessly off the CPU); the grouped
-  // wo_a's frozen weight runs on the CPU only so far. Everything is checked before anything moves.
+  // Frozen (quantised) weights move with their format (FP4 converted to FP8 losslessly off the CPU).
   std::vector<Linear*> linears = {&head};
   std::vector<ExpertWeights*> experts;
   std::vector<Block*> blocks;
@@ -347,9 +346,7 @@ void Model::to(Device device) {
     for (Linear* l : {&a.wq_a, &a.wq_b, &a.wkv, &a.wo_b, &a.compressor.wkv, &a.compressor.wgate, &a.indexer.wq_b,
                       &a.indexer.weights_proj, &a.indexer.compressor.wkv, &a.indexer.compressor.wgate})
       linears.push_back(l);
-    DSV4_CHECK(device.is_cpu() || !a.wo_a_frozen.defined(),
-               "Model.to({}): {} is a frozen {} weight; a frozen wo_a runs on the CPU only so far", device.str(),
-               a.wo_a.name, a.wo_a_frozen.str());
+    a.wo_a_frozen = to_device(a.wo_a_frozen, device, a.wo_a.name);
     for (auto& ew : b->ffn.experts) experts.push_back(&ew);
     if (b->ffn.has_shared()) experts.push_back(&b->ffn.shared);
   }

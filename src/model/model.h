@@ -168,10 +168,9 @@ class Model {
 
   void visit(const ParamVisitor& f);
   void zero_grad();
-  // Moves every parameter (values, and gradients where allocated, adapters included) and the frozen Linear and expert
-  // weights (FP4 converted to FP8 losslessly off the CPU) to `device`; CUDA tensors then run each module's tensor-op
-  // path (model/exec_path.h). Throws naming the weight, before moving anything, when a frozen wo_a is present and
-  // `device` is not the CPU (it runs on the CPU only so far).
+  // Moves every parameter (values, and gradients where allocated, adapters included) and every frozen weight (Linears,
+  // experts, wo_a; FP4 converted to FP8 losslessly off the CPU) to `device`; CUDA tensors then run each module's
+  // tensor-op path (model/exec_path.h).
   void to(Device device);
   // Precision of the weight GEMMs (model/matmul_precision.h; train.precision): every Linear, expert and grouped wo_a
   // of the layers and MTP blocks; the output head runs BF16 when p is FP8 (the recipe keeps it out of FP8).

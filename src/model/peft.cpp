@@ -634,7 +634,7 @@ AdapterSet read_peft_adapter(const std::string& dir, const ModelConfig& cfg) {
 AdapterSet adapter_set_of(Model& model) {
   AdapterSet set;
   for (LoraAdapter* ad : lora_adapters(model)) {
-    set.adapters.push_back({ad->unit, ad->A.value, ad->B.value, ad->scale});
+    set.adapters.push_back({ad->unit, ad->A.value.to(Device::cpu()), ad->B.value.to(Device::cpu()), ad->scale});
     set.dropout = ad->dropout;
   }
   std::sort(set.adapters.begin(), set.adapters.end(),

@@ -136,13 +136,11 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
   }
 
   if (cfg_.train.device == "cuda") {
-    // One GPU per process: the parameters, their gradients and the optimizer state live there; batches come from
-    // the host loader and are uploaded by the model. What the GPU path does not cover yet fails here, before any
-    // step or checkpoint.
+    // One GPU per process: the parameters (a LoRA run's frozen base in its FP8 / BF16 format, FP4 experts as FP8),
+    // their gradients and the optimizer state live there; batches come from the host loader and are uploaded by the
+    // model. What the GPU path does not cover yet fails here, before any step or checkpoint.
     DSV4_CHECK(cuda_device_count() > 0, "train.device: cuda, but {}",
                cuda_built() ? "no CUDA device is visible" : "this dsv4 was built without CUDA (no nvcc at configure time)");
-    DSV4_CHECK(!lora, "train.device: cuda with lora.enabled: LoRA adapters and frozen FP8/FP4 base weights run on the "
-                      "CPU only so far; set train.device: cpu");
     DSV4_CHECK(par_->world_size() == 1,
                "train.device: cuda runs one process so far (got {} ranks; multi-GPU needs NCCL groups in Parallel)",
                par_->world_size());

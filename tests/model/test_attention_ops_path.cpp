@@ -194,20 +194,10 @@ TEST(AttentionOpsPath, UnsupportedCasesFailClearly) {
     return a;
   };
   {
-    Attention a = make(kSwa);
-    a.wo_a_lora.shared = LoraAdapter("layers.0.attn.wo_a", 2, a.wo_a_in(), a.o_groups() * a.o_lora_rank(), 1.0);
-    expect_ops_error(a, "LoRA adapters on wo_a");
-  }
-  {
     AttentionOptions opts;
     opts.simulate_release_quant = true;
     Attention a = make(kCsa, opts);
     expect_ops_error(a, "simulate_release_quant");
-  }
-  {
-    Attention a = make(kSwa);
-    a.set_wo_a_frozen(QuantizedWeight::from_tensors(a.wo_a.value.clone(), Tensor(), a.wo_a.name));
-    expect_ops_error(a, "frozen wo_a");
   }
 }
 
@@ -215,30 +205,48 @@ TEST(AttentionOpsPath, UnsupportedCasesFailClearly) {
 // (qmatmul) inside the attention: bitwise the reference, CSA layer (compressor and indexer Linears adapted too).
 TEST(AttentionOpsPath, LinearAdaptersAndFrozenLinearsBitIdentical) {
   const ModelConfig cfg = model_preset("tiny");
-  auto build = [&] {
+  // variant 0: per-group wo_a adapters (group 1 only) over a frozen FP8 wo_a; 1: one shared-A wo_a adapter, F32 wo_a.
+  auto build = [&](int variant) {
     Attention a(prefix_of(kCsa), cfg, kCsa);
     randomize(a, 41);
     a.wkv.set_frozen(quantize_weight(a.wkv.weight.value, WeightFormat::FP8, ScaleFormat::E8M0, a.wkv.weight.name));
     uint32_t seed = 50;
+    auto fill = [&](LoraAdapter& ad) {
+      std::mt19937 rng(seed++);
+      ad.A.value = random_tensor(ad.A.value.shape(), rng, 0.3f);
+      ad.B.value = random_tensor(ad.B.value.shape(), rng, 0.3f);
+      ad.train = true;
+    };
     for (Linear* l : {&a.wq_a, &a.wq_b, &a.wkv, &a.wo_b, &a.compressor.wkv, &a.indexer.weights_proj}) {
       l->lora.emplace(l->weight.name, 3, l->in_features(), l->out_features(), 1.5, 0.25, seed);
-      std::mt19937 rng(seed++);
-      l->lora->A.value = random_tensor(l->lora->A.value.shape(), rng, 0.3f);
-      l->lora->B.value = random_tensor(l->lora->B.value.shape(), rng, 0.3f);
-      l->lora->train = true;
+      fill(*l->lora);
+    }
+    const int64_t G = a.o_groups(), R = a.o_lora_rank(), K = a.wo_a_in();
+    if (variant == 0) {
+      a.set_wo_a_frozen(quantize_weight(a.wo_a.value, WeightFormat::FP8, ScaleFormat::E8M0, a.wo_a.name));
+      a.wo_a_lora.groups.resize(static_cast<size_t>(G));
+      a.wo_a_lora.groups[1].emplace("layers.1.attn.wo_a.1", 2, K, R, 2.0, 0.3, 77);
+      fill(*a.wo_a_lora.groups[1]);
+    } else {
+      a.wo_a_lora.shared.emplace("layers.1.attn.wo_a", 2, K, G * R, 2.0, 0.3, 78);
+      fill(*a.wo_a_lora.shared);
     }
     return a;
   };
   const SeqLayout L(2, 27);
   std::mt19937 rng(42);
   const Tensor x = random_tensor({L.tokens(), cfg.dim}, rng), dy = random_tensor({L.tokens(), cfg.dim}, rng);
-  Attention ref_a = build(), ops_a = build();
-  const PathRun ref = run(ref_a, x, dy, L, false), got = run(ops_a, x, dy, L, true);
-  expect_same_bits(got.out, ref.out, "out");
-  expect_same_bits(got.dx, ref.dx, "dx");
-  ASSERT_EQ(got.grads.size(), ref.grads.size());
-  for (const auto& [name, g] : ref.grads) expect_same_bits(got.grads.at(name), g, name);
-  EXPECT_GT(ref.grads.count("layers.1.attn.wq_b.weight.lora_A"), 0u);
+  for (int variant : {0, 1}) {
+    SCOPED_TRACE(variant);
+    Attention ref_a = build(variant), ops_a = build(variant);
+    const PathRun ref = run(ref_a, x, dy, L, false), got = run(ops_a, x, dy, L, true);
+    expect_same_bits(got.out, ref.out, "out");
+    expect_same_bits(got.dx, ref.dx, "dx");
+    ASSERT_EQ(got.grads.size(), ref.grads.size());
+    for (const auto& [name, g] : ref.grads) expect_same_bits(got.grads.at(name), g, name);
+    EXPECT_GT(ref.grads.count("layers.1.attn.wq_b.weight.lora_A"), 0u);
+    EXPECT_GT(ref.grads.count(variant == 0 ? "layers.1.attn.wo_a.1.lora_B" : "layers.1.attn.wo_a.lora_B"), 0u);
+  }
 }
 
 }  // namespace
