@@ -4,6 +4,7 @@
 #include <functional>
 
 #include "runtime/error.h"
+#include "runtime/ops.h"
 
 namespace dsv4 {
 
@@ -26,27 +27,46 @@ void complete_gradients(const Parallel& par, const std::vector<Param*>& params) 
     if (!k.group) continue;
     std::vector<Param*> bucket;
     int64_t n = 0;
+    Device dev = Device::cpu();  // of the bucket's gradients
     auto flush = [&] {
       if (bucket.empty()) return;
-      Tensor flat = Tensor::empty({n}, DType::F32);
-      float* f = flat.data<float>();
-      for (Param* p : bucket) f = std::copy_n(p->grad.data<float>(), p->grad.numel(), f);
-      k.group->all_reduce(flat, CommReduce::Sum);
-      f = flat.data<float>();
-      for (Param* p : bucket) {
-        std::copy_n(f, p->grad.numel(), p->grad.data<float>());
-        f += p->grad.numel();
+      if (dev.is_cpu()) {
+        Tensor flat = Tensor::empty({n}, DType::F32);
+        float* f = flat.data<float>();
+        for (Param* p : bucket) f = std::copy_n(p->grad.data<float>(), p->grad.numel(), f);
+        k.group->all_reduce(flat, CommReduce::Sum);
+        f = flat.data<float>();
+        for (Param* p : bucket) {
+          std::copy_n(f, p->grad.numel(), p->grad.data<float>());
+          f += p->grad.numel();
+        }
+      } else {  // device gradients: the same buckets over the group's NCCL twin
+        const Communicator* g = par.device_twin(k.group);
+        DSV4_CHECK(g && g->device() == dev,
+                   "complete_gradients: gradients on {}, but the group {} has no communicator there (the trainer calls "
+                   "Parallel::attach_device)",
+                   dev.str(), k.group->name());
+        Tensor flat = Tensor::empty({n}, DType::F32, dev);
+        int64_t off = 0;
+        for (Param* p : bucket) {
+          Tensor dst = flat.slice(0, off, off + p->grad.numel()).view(p->grad.shape());
+          ops::copy(p->grad, dst);
+          off += p->grad.numel();
+        }
+        g->all_reduce(flat, CommReduce::Sum);
+        off = 0;
+        for (Param* p : bucket) {
+          ops::copy(flat.slice(0, off, off + p->grad.numel()).view(p->grad.shape()), p->grad);
+          off += p->grad.numel();
+        }
       }
       bucket.clear();
       n = 0;
     };
     for (Param* p : params) {
       if (!p->grad.defined() || !k.member(*p)) continue;
-      DSV4_CHECK(p->grad.device().is_cpu(),
-                 "complete_gradients: {} has its gradient on {}; gradient sync over several ranks runs on CPU tensors "
-                 "only so far (no device buckets / NCCL here yet)",
-                 p->name, p->grad.device().str());
-      if (n > 0 && n + p->grad.numel() > kBucket) flush();
+      if (!bucket.empty() && (p->grad.device() != dev || n + p->grad.numel() > kBucket)) flush();
+      dev = p->grad.device();
       bucket.push_back(p);
       n += p->grad.numel();
     }

@@ -106,9 +106,9 @@ Optimizer::Optimizer(std::vector<Param*> params, OptimizerConfig cfg, OptimizerS
     if (s.group != OptGroup::None && s.owned) {
       const Device dev = p->value.device();
       check_f32(p->value, p->name, dev.is_cuda() ? dev : Device::cpu());
-      DSV4_CHECK(dev.is_cpu() || !par || par->world_size() == 1,
-                 "optimizer: {} is on {}, but parallel layouts (ZeRO-1 owners, distributed Muon over tp) run on CPU "
-                 "tensors only so far ({} ranks)",
+      DSV4_CHECK(dev.is_cpu() || !sharding_.zero1 || !par || par->world_size() == 1,
+                 "optimizer: {} is on {}, but ZeRO-1 (optimizer state sharded over {} ranks) runs on CPU tensors only "
+                 "so far; set parallel.zero1: false",
                  p->name, dev.str(), par ? par->world_size() : 1);
       if (s.group == OptGroup::Muon) {
         s.row_blocks = muon_row_blocks(p->name, cfg_.groups);

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include <unistd.h>
+
 #include "runtime/error.h"
 #include "runtime/ops.h"
 
@@ -52,6 +54,39 @@ Parallel::Parallel(const Communicator* world, ParallelDims dims) : dims_(dims), 
 }
 
 Parallel::~Parallel() = default;
+
+void Parallel::attach_device(Device device) {
+  device_ = device;
+  if (device.is_cpu() || !world_ || world_size() == 1) return;
+#if defined(DSV4_WITH_NCCL)
+  // Collective over world, every rank in the same order (a NCCL communicator per group, bootstrapped over MPI).
+  world_dev_ = nccl_communicator(*world_, device.index);
+  if (dp_) dp_dev_ = nccl_communicator(*dp_, device.index);
+  if (edp_) edp_dev_ = nccl_communicator(*edp_, device.index);
+#else
+  DSV4_FAIL("Parallel: {} ranks on {}, but this dsv4 was built without NCCL (gradients of device tensors cannot be "
+            "summed over ranks)",
+            world_size(), device.str());
+#endif
+}
+
+const Communicator* Parallel::device_twin(const Communicator* host_group) const {
+  if (!host_group) return nullptr;
+  if (host_group == world_) return world_device();
+  if (host_group == dp_.get()) return dp_dev_.get();
+  if (host_group == edp_.get()) return edp_dev_.get();
+  DSV4_FAIL("Parallel: no device twin of group {} (only world, dp and edp have one)", host_group->name());
+}
+
+int local_rank(const Communicator* world) {
+  if (!world || world->size() == 1) return 0;
+  char host[256] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  uint32_t h = 2166136261u;
+  for (const char* c = host; *c; ++c) h = (h ^ static_cast<unsigned char>(*c)) * 16777619u;
+  const std::unique_ptr<Communicator> same_host = world->split(static_cast<int>(h & 0x7fffffff), world->rank());
+  return same_host->rank();
+}
 
 int64_t Parallel::expert_owner(int64_t n_experts, int64_t e) const {
   DSV4_CHECK(e >= 0 && e < n_experts, "expert {} out of range [0, {})", e, n_experts);

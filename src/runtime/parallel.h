@@ -67,6 +67,17 @@ class Parallel {
   const Communicator* ep() const { return ep_.get(); }
   const Communicator* edp() const { return edp_.get(); }
 
+  // Device (NCCL) twins of the groups above, for the gradients of a model on a CUDA device: attach_device creates
+  // them (collective over world, after the constructor; CUDA + NCCL builds only, else a one-line error); null before
+  // that and for one-rank groups. The host groups stay the ones for host values (losses, counts, statistics).
+  void attach_device(Device device);
+  Device device() const { return device_; }
+  const Communicator* world_device() const { return world_size() > 1 ? world_dev_.get() : nullptr; }
+  const Communicator* dp_device() const { return dp_dev_.get(); }
+  const Communicator* edp_device() const { return edp_dev_.get(); }
+  // The device twin of one of this object's host groups (null for null).
+  const Communicator* device_twin(const Communicator* host_group) const;
+
   // The experts [begin, end) this rank holds out of n_experts (contiguous ranges over the ep group).
   Range local_experts(int64_t n_experts) const { return split_range(n_experts, ep_size(), ep_rank()); }
   // The ep rank holding expert e.
@@ -77,7 +88,13 @@ class Parallel {
   int64_t rank_ = 0;
   const Communicator* world_ = nullptr;
   std::unique_ptr<Communicator> tp_, dp_, ep_, edp_;
+  Device device_ = Device::cpu();
+  std::unique_ptr<Communicator> world_dev_, dp_dev_, edp_dev_;
 };
+
+// The index of this process among the ranks of `world` on the same host (ranks grouped by host name, ordered by
+// rank): the CUDA device a rank uses when every host runs one rank per GPU. Collective over world; 0 without one.
+int local_rank(const Communicator* world);
 
 // ---- paired operations (identity when g is null or has one rank) ------------------------------------------------
 

@@ -141,10 +141,18 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
     // model. What the GPU path does not cover yet fails here, before any step or checkpoint.
     DSV4_CHECK(cuda_device_count() > 0, "train.device: cuda, but {}",
                cuda_built() ? "no CUDA device is visible" : "this dsv4 was built without CUDA (no nvcc at configure time)");
-    DSV4_CHECK(par_->world_size() == 1,
-               "train.device: cuda runs one process so far (got {} ranks; multi-GPU needs NCCL groups in Parallel)",
-               par_->world_size());
-    model_->to(Device::cuda(0));
+    // Several ranks: data parallel only so far (gradients summed over NCCL twins of the dp groups; one GPU per
+    // rank, the rank's index on its host).
+    DSV4_CHECK(par_->world_size() == 1 || (par_->tp_size() == 1 && par_->ep_size() == 1 && !cfg_.parallel.zero1),
+               "train.device: cuda over {} ranks runs data parallel only so far: set parallel.tp: 1, parallel.ep: 1 "
+               "and parallel.zero1: false (got {}, zero1 {})",
+               par_->world_size(), par_->dims().str(), cfg_.parallel.zero1 ? "on" : "off");
+    const int local = local_rank(par_->world());
+    DSV4_CHECK(local < cuda_device_count(), "train.device: cuda: rank {} is local rank {} on its host, which has only {} "
+               "visible CUDA device(s) (one rank per GPU)", par_->rank(), local, cuda_device_count());
+    const Device dev = Device::cuda(local);
+    par_->attach_device(dev);
+    model_->to(dev);
   }
 
   OptimizerConfig oc = OptimizerConfig::for_model(

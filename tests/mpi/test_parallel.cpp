@@ -244,3 +244,21 @@ TEST(ShardedState, SlicesWrittenUnderOneSplitReadUnderAnother) {
 
 }  // namespace
 }  // namespace dsv4
+
+namespace dsv4 {
+namespace {
+
+// Every rank of an mpirun on one host: its local rank is its world rank (ranks grouped by host name). A CPU run has
+// no device twins: attach_device(cpu) keeps them null.
+TEST(ParallelLayout, LocalRankOnOneHostIsTheRank) {
+  const auto world = mpi_world();
+  EXPECT_EQ(local_rank(world.get()), world->rank());
+  EXPECT_EQ(local_rank(nullptr), 0);
+  Parallel par(world.get(), ParallelDims{world->size(), 1, 1});
+  par.attach_device(Device::cpu());
+  EXPECT_EQ(par.dp_device(), nullptr);
+  EXPECT_EQ(par.device_twin(nullptr), nullptr);
+}
+
+}  // namespace
+}  // namespace dsv4
