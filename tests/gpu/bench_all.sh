@@ -73,6 +73,9 @@ if has step; then
   run step_bf16 step --preset proxy-2b --batch 1 --seq 4096 --precision bf16 --steps 10 --warmup 2 ${STEP_ARGS:-}
   # shellcheck disable=SC2086
   run step_fp8 step --preset proxy-2b --batch 1 --seq 4096 --precision fp8 --steps 10 --warmup 2 ${STEP_ARGS:-}
+  # shellcheck disable=SC2086
+  run step_bf16_tc step --preset proxy-2b --batch 1 --seq 4096 --precision bf16 --tc-attention --steps 10 --warmup 2 \
+    ${STEP_ARGS:-}
 else
   echo "== dsv4-bench step: not in this build (skipped)"
 fi
