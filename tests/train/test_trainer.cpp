@@ -6,6 +6,8 @@
 #include <filesystem>
 #include <limits>
 
+#include "model/exec_path.h"
+#include "runtime/safetensors.h"
 #include "train/trainer.h"
 
 namespace dsv4 {
@@ -99,6 +101,46 @@ TEST_F(TrainerTest, ResumeIsBitExact) {
     EXPECT_EQ(resumed[i].grad_norm, straight[i].grad_norm) << "step " << i + 1;
     EXPECT_EQ(resumed[i].lr, straight[i].lr) << "step " << i + 1;
   }
+}
+
+// The whole training loop on the tensor-op path (what train.device: cuda runs: every module, the loss, clipping, the
+// Muon/AdamW ops, the bias update, checkpoints of device state) run on the CPU under ForceOpsPath: the same losses
+// and final checkpoint bit for bit, with a resume half-way on the ops path. The gradient norm is summed in FP32 per
+// tensor on the ops path (double on the CPU path): within 1e-6 relative, and the clip factor rounds to the same float.
+TEST_F(TrainerTest, OpsPathRunEqualsTheReferenceBitForBit) {
+  std::vector<StepRecord> ref, ops;
+  {
+    Trainer t(config(6), source(), nullptr);
+    t.on_step = [&](const StepRecord& r) { ref.push_back(r); };
+    t.run();
+  }
+  const std::string ref_ckpt = (dir / "checkpoints" / "step_00000006" / "model.safetensors").string();
+  const Tensor ref_embed = SafetensorsFile::open(ref_ckpt).load("embed.weight");
+  fs::remove_all(dir);
+  {
+    ForceOpsPath scope;
+    {
+      Trainer t(config(6, {"checkpoint.interval=3"}), source(), nullptr);
+      t.on_step = [&](const StepRecord& r) {
+        ops.push_back(r);
+        if (r.step == 3) Trainer::request_stop();
+      };
+      EXPECT_EQ(t.run(), 3);
+    }
+    Trainer t(config(6, {"checkpoint.interval=3"}), source(), nullptr);
+    EXPECT_EQ(t.step(), 3);
+    t.on_step = [&](const StepRecord& r) { ops.push_back(r); };
+    EXPECT_EQ(t.run(), 3);
+  }
+  ASSERT_EQ(ops.size(), ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) {
+    EXPECT_EQ(ops[i].loss, ref[i].loss) << "step " << i + 1;
+    EXPECT_NEAR(ops[i].grad_norm, ref[i].grad_norm, 1e-6 * ref[i].grad_norm) << "step " << i + 1;
+  }
+  const Tensor ops_embed = SafetensorsFile::open(ref_ckpt).load("embed.weight");
+  const auto a = ref_embed.to_floats(), b = ops_embed.to_floats();
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) ASSERT_EQ(a[i], b[i]) << i;
 }
 
 TEST_F(TrainerTest, NonFiniteStepsAreSkippedThenStopTheRun) {
