@@ -228,6 +228,21 @@ SparseAttnIndex Attention::build_index(const Tensor& x_TD, const Tensor& qr_TQ, 
   return idx;
 }
 
+int64_t Attention::compress_and_index(const Tensor& x_TD, const Tensor& qr_TQ, const SeqLayout& layout,
+                                      AttentionCtx& c, bool keep_ctx) const {
+  if (ratio_ > 0) {
+    c.plan = CompressPlan::build(layout, ratio_);
+    c.ckv = compressor.forward(x_TD, c.plan, rope_, keep_ctx ? &c.compressor : nullptr);
+  } else {
+    c.plan = CompressPlan{};
+    c.ckv = Tensor();
+  }
+  c.index = build_index(x_TD, qr_TQ, layout, c.pos, c.plan);
+  const int64_t E = ratio_ > 0 ? c.plan.entries() : 0;
+  c.index.validate(layout.tokens(), E);
+  return E;
+}
+
 Tensor Attention::forward(const Tensor& x_TD, const SeqLayout& layout, AttentionCtx* ctx) const {
   if (use_ops_path(x_TD)) return forward_ops(x_TD, layout, ctx);
   if (ctx) ctx->ops_path = false;
@@ -256,16 +271,7 @@ Tensor Attention::forward(const Tensor& x_TD, const SeqLayout& layout, Attention
   if (opts_.simulate_release_quant) fp8_block_fake_quant_rows(c.kv.data<float>(), T, C - rope_dim_, C, 64, ue8m0_);
 
   // Compressed entries and the candidate lists.
-  if (ratio_ > 0) {
-    c.plan = CompressPlan::build(layout, ratio_);
-    c.ckv = compressor.forward(x_TD, c.plan, rope_, ctx ? &c.compressor : nullptr);
-  } else {
-    c.plan = CompressPlan{};
-    c.ckv = Tensor();
-  }
-  c.index = build_index(x_TD, qr, layout, c.pos, c.plan);
-  const int64_t E = ratio_ > 0 ? c.plan.entries() : 0;
-  c.index.validate(T, E);
+  const int64_t E = compress_and_index(x_TD, qr, layout, c, ctx != nullptr);
 
   // Core attention with sink, then the inverse RoPE at the query position.
   c.o = Tensor::empty({T, H, C}, DType::F32);
@@ -457,16 +463,7 @@ Tensor Attention::forward_ops(const Tensor& x_TD, const SeqLayout& layout, Atten
   rope_apply(c.kv, c.pos_t, c.inv_freq, false);
 
   // Compressed entries (the compressor's tensor-op path) and the candidate lists (host; CSA's top-k on x's device).
-  if (ratio_ > 0) {
-    c.plan = CompressPlan::build(layout, ratio_);
-    c.ckv = compressor.forward(x_TD, c.plan, rope_, ctx ? &c.compressor : nullptr);
-  } else {
-    c.plan = CompressPlan{};
-    c.ckv = Tensor();
-  }
-  c.index = build_index(x_TD, qr, layout, c.pos, c.plan);
-  const int64_t E = ratio_ > 0 ? c.plan.entries() : 0;
-  c.index.validate(T, E);
+  const int64_t E = compress_and_index(x_TD, qr, layout, c, ctx != nullptr);
   c.dindex = SparseAttnDeviceIndex::build(c.index, T, E, dev, /*key_major=*/ctx != nullptr);
 
   // Core attention with sink, then the inverse RoPE at the query position.

@@ -137,6 +137,10 @@ class Attention {
 
  private:
   void check_wo_a_lora() const;
+  // Compressed entries (c.plan, c.ckv; the compressor's context when keep_ctx) and the candidate lists (c.index) of
+  // both paths; returns the number of entries.
+  int64_t compress_and_index(const Tensor& x_TD, const Tensor& qr_TQ, const SeqLayout& layout, AttentionCtx& c,
+                             bool keep_ctx) const;
   // The adapter of output group g (the shared-A one, the group's own, or null) and its dropout mask offset.
   LoraAdapter* wo_a_group_adapter(int64_t g);
   const LoraAdapter* wo_a_group_adapter(int64_t g) const;
