@@ -416,7 +416,6 @@ void Attention::set_matmul_precision(MatmulPrecision p) {
 
 void Attention::check_ops_path(Device device) const {
   const std::string module = "Attention " + prefix_;
-  DSV4_CHECK(!tp_, "{}: the tensor-op path (CUDA tensors) does not support tensor parallelism (tp > 1) yet", module);
   DSV4_CHECK(!opts_.simulate_release_quant,
              "{}: the tensor-op path (CUDA tensors) does not support simulate_release_quant yet", module);
   for (const Linear* l : {&wq_a, &wq_b, &wkv, &wo_b}) check_linear_for_ops(module, *l, device);
@@ -505,7 +504,9 @@ Tensor Attention::forward_ops(const Tensor& x_TD, const SeqLayout& layout, Atten
       c.wo_a_lora_draws[static_cast<size_t>(g)] = draw;
     }
   }
-  return wo_b.forward(y, &c.wo_b);
+  Tensor out = wo_b.forward(y, &c.wo_b);
+  if (tp_) group_sum(tp_, out);  // row-parallel wo_b: each tp rank holds a partial sum over its groups
+  return out;
 }
 
 Tensor Attention::backward_ops(const Tensor& dout_TD, const AttentionCtx& c) {
@@ -581,7 +582,10 @@ Tensor Attention::backward_ops(const Tensor& dout_TD, const AttentionCtx& c) {
   rope_apply(dq_rows, c.pos_t, c.inv_freq, true);
   const RmsNormGrad qn = rmsnorm_backward(dq_rows, c.q_raw.view({T * H, C}), Tensor(), c.q_rstd);
   const Tensor dqr = wq_b.backward(qn.dx.view({T, HC}), c.wq_b);
-  return ops::add(dx, wq_a.backward(q_norm.backward(dqr, c.q_norm), c.wq_a));
+  dx = ops::add(dx, wq_a.backward(q_norm.backward(dqr, c.q_norm), c.wq_a));
+  // Under tp every rank back-propagated only its heads through the replicated parts: dx is a partial sum.
+  if (tp_) group_sum(tp_, dx);
+  return dx;
 }
 
 }  // namespace dsv4

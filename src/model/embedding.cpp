@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 
+#include "model/exec_path.h"
 #include "runtime/model_ops.h"
 #include "runtime/parallel.h"
 
@@ -12,8 +13,19 @@ Tensor Embedding::forward(const Tensor& ids_T) const {
   DSV4_CHECK(ids_T.dtype() == DType::I64 && ids_T.ndim() == 1, "Embedding {}: ids must be I64 [T], got {}", weight.name,
              ids_T.str());
   if (!shard_.group) return ops::index_select(weight.value, ids_on_weight_device(ids_T));
-  check_vocab_parallel_on_cpu("forward");
   // Vocab-parallel: the rows this rank holds, zeros elsewhere, summed over the group (exactly one rank adds each row).
+  if (use_ops_path(weight.value)) {  // gathered rows added once each into zeros: the loop's values
+    const LocalIds l = local_ids(ids_T);
+    Tensor h = Tensor::zeros({l.tokens, weight.value.size(1)}, DType::F32, weight.value.device());
+    if (!l.rows.empty()) {
+      const Device dev = weight.value.device();
+      ops::index_add(h, Tensor::from_vector<int64_t>({static_cast<int64_t>(l.positions.size())}, l.positions).to(dev),
+                     ops::index_select(weight.value,
+                                       Tensor::from_vector<int64_t>({static_cast<int64_t>(l.rows.size())}, l.rows).to(dev)));
+    }
+    group_sum(shard_.group, h);  // a device tensor: over the group's device twin (runtime/comm.h)
+    return h;
+  }
   const Tensor ids = ids_T.to(Device::cpu()).contiguous();
   const int64_t T = ids.size(0), D = weight.value.size(1), local = weight.value.size(0);
   Tensor h = Tensor::zeros({T, D}, DType::F32);
@@ -36,7 +48,16 @@ void Embedding::backward(const Tensor& dh_TD, const Tensor& ids_T) {
     ops::index_add(weight.grad_buffer(), ids_on_weight_device(ids_T), dh_TD);
     return;
   }
-  check_vocab_parallel_on_cpu("backward");
+  if (use_ops_path(weight.value)) {  // the positions' gradient rows added to their vocabulary rows, ascending
+    const LocalIds l = local_ids(ids_T);
+    if (l.rows.empty()) return;
+    const Device dev = weight.value.device();
+    ops::index_add(weight.grad_buffer(),
+                   Tensor::from_vector<int64_t>({static_cast<int64_t>(l.rows.size())}, l.rows).to(dev),
+                   ops::index_select(dh_TD, Tensor::from_vector<int64_t>({static_cast<int64_t>(l.positions.size())},
+                                                                         l.positions).to(dev)));
+    return;
+  }
   const Tensor ids = ids_T.to(Device::cpu()).contiguous();
   const Tensor dh = dh_TD.contiguous();
   const int64_t T = ids.size(0), D = weight.value.size(1), local = weight.value.size(0);
@@ -51,11 +72,21 @@ void Embedding::backward(const Tensor& dh_TD, const Tensor& ids_T) {
 
 Tensor Embedding::ids_on_weight_device(const Tensor& ids_T) const { return ids_T.to(weight.value.device()); }
 
-void Embedding::check_vocab_parallel_on_cpu(const char* what) const {
-  DSV4_CHECK(weight.value.device().is_cpu(),
-             "Embedding {}: the vocab-parallel {} (tensor parallelism > 1) runs on the CPU only so far; the weight is "
-             "on {}",
-             weight.name, what, weight.value.device().str());
+Embedding::LocalIds Embedding::local_ids(const Tensor& ids_T) const {
+  const Tensor ids = ids_T.to(Device::cpu()).contiguous();
+  LocalIds l;
+  l.tokens = ids.size(0);
+  const int64_t local = weight.value.size(0);
+  for (int64_t t = 0; t < l.tokens; ++t) {
+    const int64_t id = ids.data<int64_t>()[t];
+    DSV4_CHECK(id >= 0 && id < shard_.vocab, "Embedding {}: id {} at position {} outside [0, {})", weight.name, id, t,
+               shard_.vocab);
+    const int64_t row = id - shard_.begin;
+    if (row < 0 || row >= local) continue;
+    l.positions.push_back(t);
+    l.rows.push_back(row);
+  }
+  return l;
 }
 
 void Embedding::set_vocab_shard(const Communicator* group, int64_t begin, int64_t local, int64_t vocab) {
@@ -74,9 +105,6 @@ CrossEntropyResult cross_entropy(const Tensor& logits_TV, const Tensor& targets_
              "cross_entropy: logits must be F32 [T, V], got {}", logits_TV.str());
   DSV4_CHECK(targets_T.dtype() == DType::I64 && targets_T.ndim() == 1 && targets_T.size(0) == logits_TV.size(0),
              "cross_entropy: targets must be I64 [{}], got {}", logits_TV.size(0), targets_T.str());
-  DSV4_CHECK(!shard.group || logits_TV.device().is_cpu(),
-             "cross_entropy: vocab-parallel logits (tensor parallelism > 1) must be on the CPU so far, got {}",
-             logits_TV.str());
   const Tensor logits = logits_TV.contiguous();
   // The targets on the host (validation, counts, the loss sum) and on the logits' device (the ce_* partials): one
   // transfer when they are on different devices, none on the CPU.

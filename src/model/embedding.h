@@ -35,7 +35,12 @@ class Embedding {
 
  private:
   Tensor ids_on_weight_device(const Tensor& ids_T) const;
-  void check_vocab_parallel_on_cpu(const char* what) const;
+  // Vocab-parallel: the positions whose id this rank holds and their local rows, ascending (ids checked).
+  struct LocalIds {
+    int64_t tokens = 0;
+    std::vector<int64_t> positions, rows;
+  };
+  LocalIds local_ids(const Tensor& ids_T) const;
 
   VocabShard shard_;
 };

@@ -175,7 +175,6 @@ void Indexer::select_topk(const IndexScores& s, const CompressPlan& plan, int64_
 
 // ---- tensor-op path ------------------------------------------------------------------------------------------
 void Indexer::check_ops_path(const std::string& module, Device device) const {
-  DSV4_CHECK(!tp_, "{}: the tensor-op path (CUDA tensors) does not support tensor parallelism (tp > 1) yet", module);
   DSV4_CHECK(!simulate_, "{}: the tensor-op path (CUDA tensors) does not support simulate_release_quant yet", module);
   check_linear_for_ops(module, wq_b, device);
   check_linear_for_ops(module, weights_proj, device);
@@ -217,6 +216,7 @@ void Indexer::select_topk_ops(const Tensor& x_TD, const Tensor& qr_TQ, const std
     cuda::indexer_scores(q.data<float>(), k.data<float>(), w.data<float>(), first_d.data<int64_t>(),
                          offsets_d.data<int64_t>(), T, E, nI, cI, max_visible, score_scale, weight_scale,
                          /*round_bf16=*/false, scores.data<float>(), stream);
+    group_sum(tp_, scores);  // under tp: this rank's heads, completed over the group (its device twin)
     cuda::indexer_topk_offsets(plan.n_visible, topk, offsets);
     const Tensor topk_offsets_d = index_tensor(offsets, dev);
     Tensor ids_d = Tensor::empty({std::max<int64_t>(offsets.back(), 1)}, DType::I32, dev);
@@ -235,6 +235,11 @@ void Indexer::select_topk_ops(const Tensor& x_TD, const Tensor& qr_TQ, const std
   s.values.assign(static_cast<size_t>(s.offsets.back()), 0.0f);
   indexer_scores_rows<float>(q.data<float>(), k.data<float>(), w.data<float>(), plan, nI, cI, score_scale,
                              weight_scale, s.offsets, s.values.data());
+  if (tp_) {  // as scores(): the sums over this rank's heads, completed over the tp group
+    Tensor all = Tensor::from_floats({static_cast<int64_t>(s.values.size())}, s.values);
+    group_sum(tp_, all);
+    s.values = all.to_floats();
+  }
   select_topk(s, plan, topk, offsets, ids);
 }
 

@@ -120,9 +120,8 @@ Tensor Linear::forward(const Tensor& x_TI, LinearCtx* ctx) const {
                lora->out_features(), lora->rank(), lora->rank(), lora->in_features(), out_, in_);
     const uint64_t draw = lora->next_draw();
     if (use_ops_path(x_TI)) {  // tensor forms (lora.h), any device
-      DSV4_CHECK(!row_group_, "Linear {}: a row-parallel adapter on the tensor-op path is not implemented yet",
-                 weight.name);
       Tensor z = lora_down(*lora, x_TI, draw, 0);
+      if (row_group_) group_sum(row_group_, z);  // row-parallel: the partial sums of z over the input slices
       if (row_adds_) lora_up(*lora, z, 0, y);
       if (ctx) {
         ctx->x = x_TI;

@@ -295,23 +295,6 @@ void MoE::visit(const ParamVisitor& f) {
   if (has_shared_) shared.visit(f);
 }
 
-namespace {
-
-// Row exchange over the ep group (a copy-free identity when the group is null).
-Tensor exchange(const Communicator* g, const Tensor& in, const std::vector<int64_t>& send_rows,
-                const std::vector<int64_t>& recv_rows) {
-  if (!g || g->size() == 1) return in;
-  int64_t n = 0;
-  for (int64_t r : recv_rows) n += r;
-  Shape shape = in.shape();
-  shape[0] = n;
-  Tensor out = Tensor::empty(shape, in.dtype());
-  g->all_to_all_v(in, send_rows, out, recv_rows);
-  return out;
-}
-
-}  // namespace
-
 bool MoE::has_lora() const {
   bool any = gate_lora.has_value() || (has_shared_ && shared.has_lora());
   for (const auto& ew : experts) any = any || ew.has_lora();
@@ -478,8 +461,8 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
       pe[p] = ip[slot];
     }
   }
-  const Tensor recv_x = exchange(epg, send_x, send_rows, recv_rows);
-  const Tensor recv_e = exchange(epg, send_e, send_rows, recv_rows);
+  const Tensor recv_x = exchange_rows(epg, send_x, send_rows, recv_rows);
+  const Tensor recv_e = exchange_rows(epg, send_e, send_rows, recv_rows);
   const int64_t NR = recv_x.size(0);
   // received slots grouped by local expert (stable: source rank, then the sender's order)
   std::vector<int64_t> recv_offsets(static_cast<size_t>(EL + 1), 0);
@@ -536,7 +519,7 @@ Tensor MoE::forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayo
     }
   }
   // ---- combine on the source rank in the send (= ascending expert) order ----
-  const Tensor back = exchange(epg, out_recv, recv_rows, send_rows);
+  const Tensor back = exchange_rows(epg, out_recv, recv_rows, send_rows);
   Tensor yl = Tensor::zeros({TL, D}, DType::F32);
   float* yp = yl.data<float>();
   {
@@ -629,7 +612,7 @@ Tensor MoE::backward(const Tensor& dy_TD, const MoECtx& ctx, double balance_alph
       std::copy(dy + t * D, dy + (t + 1) * D, pd + p * D);
     }
   }
-  const Tensor recv_dy = exchange(epg, send_dy, ctx.send_rows, ctx.recv_rows);
+  const Tensor recv_dy = exchange_rows(epg, send_dy, ctx.send_rows, ctx.recv_rows);
   const int64_t NR = ctx.recv_x.size(0);
 
   // ---- local experts: [dx | dw] per received slot ----
@@ -666,7 +649,7 @@ Tensor MoE::backward(const Tensor& dy_TD, const MoECtx& ctx, double balance_alph
       }
     }
   }
-  const Tensor back = exchange(epg, back_recv, ctx.recv_rows, ctx.send_rows);
+  const Tensor back = exchange_rows(epg, back_recv, ctx.recv_rows, ctx.send_rows);
   Tensor dxl = Tensor::zeros({TL, D}, DType::F32);
   float* dxp = dxl.data<float>();
   std::vector<float> dw(static_cast<size_t>(N), 0.0f);  // d loss / d w, slot order t*K+j

@@ -235,6 +235,9 @@ struct MoECtx {
   // expert-sorted slot order (recv_* and send/recv rows unused), plus the sort itself on the device.
   bool ops_path = false;
   Tensor sorted_slot_N;  // I64 [N] on the device: sorted_slot
+  // recv_x then holds the received x rows [N_recv, D] in local-expert-sorted order (not the [x | w] payload),
+  // recv_w their routing weights [N_recv, 1], recv_sorted_N (ep only) recv_sorted on the device.
+  Tensor recv_w, recv_sorted_N;
   // LoRA dropout draws of this forward: [0] the gate adapter, then 4 per LOCAL routed expert (w1, w2, w3, w13), then 4
   // for the shared expert (empty without adapters).
   std::vector<uint64_t> lora_draws;
@@ -256,8 +259,8 @@ class MoE {
 
   // x_TD: F32 [T, D], CPU or (after Model::to) the parameters' CUDA device, where the tensor-op path runs
   // (model/exec_path.h: router -> moe_sort_slots -> moe_permute -> per-expert GEMMs in the MoE's precision ->
-  // swiglu -> moe_unpermute, the same order of operations as the CPU loops, adapters and frozen weights included; one
-  // rank so far).
+  // swiglu -> moe_unpermute, the same order of operations as the CPU loops, adapters, frozen weights, tp and ep
+  // included).
   // input_ids_T: I64 [T] on any device (needed by hash layers, may be undefined for learned ones);
   // layout.tokens() == T. ctx may be null when no backward follows. Stats are written to ctx->stats and *stats.
   Tensor forward(const Tensor& x_TD, const Tensor& input_ids_T, const SeqLayout& layout, MoECtx* ctx,

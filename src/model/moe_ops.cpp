@@ -156,17 +156,24 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
   DSV4_CHECK(x_TD.defined() && x_TD.dtype() == DType::F32 && x_TD.ndim() == 2 && x_TD.size(1) == D &&
                  x_TD.is_contiguous(),
              "MoE {}: expected a contiguous F32 [T, {}] input, got {}", prefix_, D, x_TD.str());
-  const int64_t T = x_TD.size(0), N = T * K;
+  const int64_t T = x_TD.size(0);
   DSV4_CHECK(layout.tokens() == T, "MoE {}: layout {} x {} does not cover the {} input rows", prefix_, layout.batch,
              layout.seq, T);
-  DSV4_CHECK(!parallel_ || (group_size(parallel_->tp()) == 1 && group_size(parallel_->ep()) == 1),
-             "MoE {}: tensor / expert parallelism on {} tensors is not implemented yet (tp = {}, ep = {})", prefix_,
-             dev.str(), group_size(parallel_ ? parallel_->tp() : nullptr),
-             group_size(parallel_ ? parallel_->ep() : nullptr));
   check_on("MoE " + prefix_ + ": parameter " + gate_weight.name, gate_weight.value, Shape{E, D}, dev);
   if (!hash_) check_on("MoE " + prefix_ + ": parameter " + gate_bias.name, gate_bias.value, Shape{E}, dev);
   for (const auto& ew : experts) check_expert_on(ew, D, I, dev, prefix_);
   if (has_shared_) check_expert_on(shared, D, I, dev, prefix_);
+  const Communicator* tpg = parallel_ ? parallel_->tp() : nullptr;
+  const Communicator* epg = parallel_ ? parallel_->ep() : nullptr;
+  const bool ep = group_size(epg) > 1;
+
+  // ---- this rank's token rows (sequence-parallel over tp; collectives of device tensors go to the groups' device
+  // twins, runtime/comm.h) ----
+  std::vector<int64_t> tp_rows = split_rows(tpg, T);
+  int64_t t0 = 0;
+  for (int64_t r = 0; r < group_rank(tpg); ++r) t0 += tp_rows[static_cast<size_t>(r)];
+  const int64_t TL = tp_rows[static_cast<size_t>(group_rank(tpg))], N = TL * K;
+  const Tensor xl = take_rows(tpg, x_TD, tp_rows);
 
   // LoRA dropout draws (MoECtx::lora_draws), in the reference's order.
   std::vector<uint64_t> draws = lora_draws();
@@ -175,15 +182,15 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
   };
 
   // ---- router ----
-  Tensor s = ops::matmul(x_TD, gate_weight.value, false, true);  // [T, E], FP32
-  if (gate_lora && T > 0) lora_up(*gate_lora, lora_down(*gate_lora, x_TD, draws[0], 0), 0, s);
+  Tensor s = ops::matmul(xl, gate_weight.value, false, true);  // [TL, E], FP32
+  if (gate_lora && TL > 0)
+    lora_up(*gate_lora, lora_down(*gate_lora, xl, draws[0], static_cast<uint64_t>(t0 * D)), 0, s);
   const Tensor aff = sqrt_softplus(s);
   Tensor fixed;
-  if (hash_)
-    fixed = Tensor::from_vector<int64_t>({T, K}, hash_expert_ids(input_ids_T, T, 0, T)).to(dev);
+  if (hash_) fixed = Tensor::from_vector<int64_t>({TL, K}, hash_expert_ids(input_ids_T, T, t0, TL)).to(dev);
   const MoeRoute route = moe_route(aff, hash_ ? Tensor() : gate_bias.value, fixed, K, route_scale_);
 
-  // ---- stats on the host (T x E values): loads and the balance term's row statistics ----
+  // ---- stats on the host (TL x E values): loads and the balance term's tp-summed row statistics ----
   const MoeSlots slots = moe_sort_slots(route.idx, E);
   std::vector<int64_t> offsets = host_i64(slots.offsets);
   MoEStats st;
@@ -196,53 +203,97 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
     const Tensor aff_h = aff.to(Device::cpu());
     const std::vector<int64_t> idx_h = host_i64(route.idx);
     bstat.assign(static_cast<size_t>(2 * BE), 0.0);
-    moe_balance_partials<float>(aff_h.data<float>(), idx_h.data(), 0, T, layout.batch, layout.seq, E, K, bstat.data(),
-                                bstat.data() + BE);
+    moe_balance_partials<float>(aff_h.data<float>(), idx_h.data(), t0, TL, layout.batch, layout.seq, E, K,
+                                bstat.data(), bstat.data() + BE);
+    group_sum(tpg, bstat);
     st.balance_term = moe_balance_term_from(bstat.data(), bstat.data() + BE, layout.batch, layout.seq, E, K);
   }
 
-  // ---- routed experts on the expert-sorted slots ----
-  Tensor g_all = Tensor::empty({N, I}, DType::F32, dev), u_all = Tensor::empty({N, I}, DType::F32, dev);
-  Tensor y = Tensor::zeros({T, D}, DType::F32, dev);
-  if (N > 0) {
-    const Tensor x_sorted = moe_permute(x_TD, slots.sorted_slot, K);                       // [N, D]
-    const Tensor w_sorted = moe_permute(route.w.view({N, 1}), slots.sorted_slot, 1).view({N});  // [N]
-    Tensor y_sorted = Tensor::empty({N, D}, DType::F32, dev);
-    for (int64_t e = 0; e < EL; ++e) {
-      const int64_t o = offsets[static_cast<size_t>(e)], n = offsets[static_cast<size_t>(e + 1)] - o;
-      if (n == 0) continue;
-      Tensor G = g_all.slice(0, o, o + n), U = u_all.slice(0, o, o + n), Y = y_sorted.slice(0, o, o + n);
-      expert_forward_ops(experts[static_cast<size_t>(e)], x_sorted.slice(0, o, o + n), w_sorted.slice(0, o, o + n),
-                         limit_, G, U, Y, expert_draws(e), 0);
+  // ---- dispatch (moe.cpp's order): the expert-sorted slots are also grouped by owner, i.e. the send order; the
+  // receiver groups what it gets by local expert (stable: source rank, then the sender's order) ----
+  const Tensor x_sorted = moe_permute(xl, slots.sorted_slot, K);                             // [N, D]
+  const Tensor w_sorted = moe_permute(route.w.view({N, 1}), slots.sorted_slot, 1);           // [N, 1]
+  const int64_t EP = group_size(epg);
+  std::vector<int64_t> send_rows(static_cast<size_t>(EP), 0);
+  for (int64_t e = 0; e < E; ++e)
+    send_rows[static_cast<size_t>(ep ? parallel_->expert_owner(E, e) : 0)] += st.load[static_cast<size_t>(e)];
+  const std::vector<int64_t> recv_rows = ep ? epg->exchange_counts(send_rows) : send_rows;
+  std::vector<int64_t> recv_offsets(offsets.begin(), offsets.begin() + EL + 1);  // no ep: the local expert segments
+  Tensor recv_sorted_dev;                                                        // ep: received row per sorted position
+  Tensor xr = x_sorted, wr = w_sorted;  // [NR, D], [NR, 1] in local-expert-sorted order
+  if (ep) {
+    std::vector<int64_t> send_e(static_cast<size_t>(N));  // global expert id of each sent slot (host: from offsets)
+    for (int64_t e = 0; e < E; ++e)
+      std::fill(send_e.begin() + offsets[static_cast<size_t>(e)], send_e.begin() + offsets[static_cast<size_t>(e + 1)], e);
+    const std::vector<int64_t> recv_e =
+        host_i64(exchange_rows(epg, Tensor::from_vector<int64_t>({N}, send_e), send_rows, recv_rows));
+    const int64_t NR = static_cast<int64_t>(recv_e.size());
+    recv_offsets.assign(static_cast<size_t>(EL + 1), 0);
+    for (int64_t e : recv_e) {
+      DSV4_CHECK(holds_expert(e), "MoE {}: received a slot for expert {}, not held here", prefix_, e);
+      ++recv_offsets[static_cast<size_t>(e - expert_begin_ + 1)];
     }
-    y = moe_unpermute(y_sorted, slots.sorted_slot, Tensor(), T, K);
+    for (int64_t e = 0; e < EL; ++e) recv_offsets[static_cast<size_t>(e + 1)] += recv_offsets[static_cast<size_t>(e)];
+    std::vector<int64_t> fill(recv_offsets.begin(), recv_offsets.end() - 1), recv_sorted(static_cast<size_t>(NR));
+    for (int64_t n = 0; n < NR; ++n)
+      recv_sorted[static_cast<size_t>(fill[static_cast<size_t>(recv_e[static_cast<size_t>(n)] - expert_begin_)]++)] = n;
+    recv_sorted_dev = Tensor::from_vector<int64_t>({NR}, recv_sorted).to(dev);
+    xr = ops::index_select(exchange_rows(epg, x_sorted, send_rows, recv_rows), recv_sorted_dev);
+    wr = ops::index_select(exchange_rows(epg, w_sorted, send_rows, recv_rows), recv_sorted_dev);
   }
+  const int64_t NR = xr.size(0);
+
+  // ---- local experts on their row ranges ----
+  Tensor g_all = Tensor::empty({NR, I}, DType::F32, dev), u_all = Tensor::empty({NR, I}, DType::F32, dev);
+  Tensor y_sorted = Tensor::empty({NR, D}, DType::F32, dev);
+  for (int64_t e = 0; e < EL; ++e) {
+    const int64_t o = recv_offsets[static_cast<size_t>(e)], n = recv_offsets[static_cast<size_t>(e + 1)] - o;
+    if (n == 0) continue;
+    Tensor G = g_all.slice(0, o, o + n), U = u_all.slice(0, o, o + n), Y = y_sorted.slice(0, o, o + n);
+    expert_forward_ops(experts[static_cast<size_t>(e)], xr.slice(0, o, o + n), wr.slice(0, o, o + n).view({n}),
+                       limit_, G, U, Y, expert_draws(e), 0);
+  }
+  // ---- combine on the source rank in the send (= ascending expert) order ----
+  Tensor back = y_sorted;
+  if (ep) {
+    Tensor y_recv = Tensor::zeros({NR, D}, DType::F32, dev);  // back to the received order (each row once)
+    ops::index_add(y_recv, recv_sorted_dev, y_sorted);
+    back = exchange_rows(epg, y_recv, recv_rows, send_rows);
+  }
+  Tensor yl = N > 0 ? moe_unpermute(back, slots.sorted_slot, Tensor(), TL, K) : Tensor::zeros({TL, D}, DType::F32, dev);
 
   // ---- shared expert ----
   Tensor sg, su;
   if (has_shared_) {
-    sg = Tensor::empty({T, I}, DType::F32, dev);
-    su = Tensor::empty({T, I}, DType::F32, dev);
-    if (T > 0) {
-      Tensor sy = Tensor::empty({T, D}, DType::F32, dev);
-      expert_forward_ops(shared, x_TD, Tensor(), limit_, sg, su, sy, expert_draws(EL), 0);
-      y = ops::add(y, sy);
+    sg = Tensor::empty({TL, I}, DType::F32, dev);
+    su = Tensor::empty({TL, I}, DType::F32, dev);
+    if (TL > 0) {
+      Tensor sy = Tensor::empty({TL, D}, DType::F32, dev);
+      expert_forward_ops(shared, xl, Tensor(), limit_, sg, su, sy, expert_draws(EL), t0);
+      yl = ops::add(yl, sy);
     }
   }
+  Tensor y = gather_rows(tpg, yl, tp_rows);
 
   if (stats) *stats = st;
   if (ctx) {
     *ctx = MoECtx{};
     ctx->ops_path = true;
-    ctx->x = x_TD;
+    ctx->x = xl;
     ctx->s = s;
     ctx->aff = aff;
     ctx->idx = route.idx;
     ctx->w = route.w;
     ctx->offsets = std::move(offsets);
     ctx->sorted_slot_N = slots.sorted_slot;
-    ctx->tp_rows = {T};
-    ctx->t0 = 0;
+    ctx->tp_rows = std::move(tp_rows);
+    ctx->t0 = t0;
+    ctx->send_rows = std::move(send_rows);
+    ctx->recv_rows = recv_rows;
+    ctx->recv_x = xr;
+    ctx->recv_w = wr;
+    ctx->recv_offsets = std::move(recv_offsets);
+    ctx->recv_sorted_N = recv_sorted_dev;
     ctx->g = g_all;
     ctx->u = u_all;
     ctx->shared_g = sg;
@@ -259,70 +310,87 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
 
 Tensor MoE::backward_ops(const Tensor& dy_TD, const MoECtx& ctx, double balance_alpha) {
   const int64_t D = dim_, E = n_experts_, K = top_k_, EL = n_local_experts();
-  DSV4_CHECK(ctx.x.defined() && static_cast<int64_t>(ctx.offsets.size()) == E + 1,
+  DSV4_CHECK(ctx.x.defined() && static_cast<int64_t>(ctx.offsets.size()) == E + 1 &&
+                 static_cast<int64_t>(ctx.recv_offsets.size()) == EL + 1,
              "MoE {}: backward without a forward context", prefix_);
   const Device dev = ctx.x.device();
-  const int64_t T = ctx.x.size(0), N = T * K;
+  int64_t T = 0;
+  for (int64_t r : ctx.tp_rows) T += r;
   check_on("MoE " + prefix_ + ": backward dy", dy_TD, Shape{T, D}, dev);
   DSV4_CHECK(!has_lora() || ctx.lora_draws.size() == static_cast<size_t>(1 + 4 * (EL + 1)),
              "MoE {}: backward through adapters without their forward context", prefix_);
   auto expert_draws = [&](int64_t e) -> const uint64_t* {
     return ctx.lora_draws.empty() ? nullptr : ctx.lora_draws.data() + 1 + 4 * e;
   };
+  const Communicator* tpg = parallel_ ? parallel_->tp() : nullptr;
+  const Communicator* epg = parallel_ ? parallel_->ep() : nullptr;
+  const bool ep = group_size(epg) > 1;
+  const int64_t TL = ctx.x.size(0), t0 = ctx.t0, N = TL * K, NR = ctx.recv_x.size(0);
+  const Tensor dyl = take_rows(tpg, dy_TD, ctx.tp_rows);
+  const Tensor& sorted_slot = ctx.sorted_slot_N;
 
-  // ---- routed experts: dx and d(loss)/dw per sorted slot ----
-  Tensor dx = Tensor::zeros({T, D}, DType::F32, dev);
-  Tensor dw = Tensor::zeros({T, K}, DType::F32, dev);
+  // ---- dy of each slot to the expert's rank, in the local-expert-sorted order there ----
+  Tensor dy_sorted = moe_permute(dyl, sorted_slot, K);  // [N, D], send order
+  if (ep) dy_sorted = ops::index_select(exchange_rows(epg, dy_sorted, ctx.send_rows, ctx.recv_rows), ctx.recv_sorted_N);
+
+  // ---- local experts: dx and d(loss)/dw per received slot ----
+  Tensor dx_sorted = Tensor::empty({NR, D}, DType::F32, dev);
+  Tensor dw_sorted = Tensor::zeros({NR, 1}, DType::F32, dev);
+  for (int64_t e = 0; e < EL; ++e) {
+    const int64_t o = ctx.recv_offsets[static_cast<size_t>(e)], n = ctx.recv_offsets[static_cast<size_t>(e + 1)] - o;
+    if (n == 0) continue;
+    Tensor dX = dx_sorted.slice(0, o, o + n);
+    const Tensor dwe = expert_backward_ops(experts[static_cast<size_t>(e)], ctx.recv_x.slice(0, o, o + n),
+                                           ctx.g.slice(0, o, o + n), ctx.u.slice(0, o, o + n),
+                                           ctx.recv_w.slice(0, o, o + n).view({n}), dy_sorted.slice(0, o, o + n),
+                                           limit_, dX, expert_draws(e), 0);
+    Tensor dst = dw_sorted.slice(0, o, o + n).view({n});
+    ops::copy(dwe, dst);
+  }
+  Tensor back_x = dx_sorted, back_w = dw_sorted;
+  if (ep) {  // back to the received order, then to the source ranks
+    Tensor rx = Tensor::zeros({NR, D}, DType::F32, dev), rw = Tensor::zeros({NR, 1}, DType::F32, dev);
+    ops::index_add(rx, ctx.recv_sorted_N, dx_sorted);
+    ops::index_add(rw, ctx.recv_sorted_N, dw_sorted);
+    back_x = exchange_rows(epg, rx, ctx.recv_rows, ctx.send_rows);
+    back_w = exchange_rows(epg, rw, ctx.recv_rows, ctx.send_rows);
+  }
+  Tensor dxl = Tensor::zeros({TL, D}, DType::F32, dev);
+  Tensor dw = Tensor::zeros({TL, K}, DType::F32, dev);
   if (N > 0) {
-    const Tensor& sorted_slot = ctx.sorted_slot_N;
-    const Tensor x_sorted = moe_permute(ctx.x, sorted_slot, K);
-    const Tensor w_sorted = moe_permute(ctx.w.view({N, 1}), sorted_slot, 1).view({N});
-    const Tensor dy_sorted = moe_permute(dy_TD, sorted_slot, K);
-    Tensor dx_sorted = Tensor::empty({N, D}, DType::F32, dev);
-    Tensor dw_sorted = Tensor::zeros({N}, DType::F32, dev);
-    for (int64_t e = 0; e < EL; ++e) {
-      const int64_t o = ctx.offsets[static_cast<size_t>(e)], n = ctx.offsets[static_cast<size_t>(e + 1)] - o;
-      if (n == 0) continue;
-      Tensor dX = dx_sorted.slice(0, o, o + n);
-      const Tensor dwe = expert_backward_ops(experts[static_cast<size_t>(e)], x_sorted.slice(0, o, o + n),
-                                             ctx.g.slice(0, o, o + n), ctx.u.slice(0, o, o + n),
-                                             w_sorted.slice(0, o, o + n), dy_sorted.slice(0, o, o + n), limit_, dX,
-                                             expert_draws(e), 0);
-      Tensor dst = dw_sorted.slice(0, o, o + n);
-      ops::copy(dwe, dst);
-    }
-    dx = moe_unpermute(dx_sorted, sorted_slot, Tensor(), T, K);
-    dw = moe_unpermute(dw_sorted.view({N, 1}), sorted_slot, Tensor(), N, 1).view({T, K});  // slot order t*K+j
+    dxl = moe_unpermute(back_x, sorted_slot, Tensor(), TL, K);
+    dw = moe_unpermute(back_w, sorted_slot, Tensor(), N, 1).view({TL, K});  // slot order t*K+j
   }
 
   // ---- shared expert ----
-  if (has_shared_ && T > 0) {
-    Tensor dxs = Tensor::empty({T, D}, DType::F32, dev);
-    expert_backward_ops(shared, ctx.x, ctx.shared_g, ctx.shared_u, Tensor(), dy_TD, limit_, dxs, expert_draws(EL), 0);
-    dx = ops::add(dx, dxs);
+  if (has_shared_ && TL > 0) {
+    Tensor dxs = Tensor::empty({TL, D}, DType::F32, dev);
+    expert_backward_ops(shared, ctx.x, ctx.shared_g, ctx.shared_u, Tensor(), dyl, limit_, dxs, expert_draws(EL), t0);
+    dxl = ops::add(dxl, dxs);
   }
 
   // ---- router: w -> aff (+ balance loss) -> s -> (gate.weight, x) ----
-  if (T > 0) {
+  if (TL > 0) {
     Tensor daff = moe_route_backward(ctx.aff, ctx.idx, dw, route_scale_);
     if (balance_alpha != 0.0 && !ctx.balance_counts.empty()) {
       const Tensor aff_h = ctx.aff.to(Device::cpu());
-      Tensor bal = Tensor::zeros({T, E}, DType::F32);
-      moe_balance_backward_rows<float>(aff_h.data<float>(), ctx.balance_counts.data(), 0, T, ctx.batch, ctx.seq, E, K,
-                                       balance_alpha, bal.data<float>());
+      Tensor bal = Tensor::zeros({TL, E}, DType::F32);
+      moe_balance_backward_rows<float>(aff_h.data<float>(), ctx.balance_counts.data(), t0, TL, ctx.batch, ctx.seq, E,
+                                       K, balance_alpha, bal.data<float>());
       daff = ops::add(daff, bal.to(dev));
     }
     const Tensor ds = sqrt_softplus_backward(ctx.s, ctx.aff, daff);
     if (gate_weight.trainable) ops::gemm(ds, true, ctx.x, false, 1.0f, 1.0f, gate_weight.grad_buffer());
-    ops::gemm(ds, false, gate_weight.value, false, 1.0f, 1.0f, dx);
+    ops::gemm(ds, false, gate_weight.value, false, 1.0f, 1.0f, dxl);
     if (gate_lora) {
-      const Tensor z = lora_down(*gate_lora, ctx.x, ctx.lora_draws[0], 0);
-      Tensor dz = Tensor::zeros({T, gate_lora->rank()}, DType::F32, dev);
+      const uint64_t mo = static_cast<uint64_t>(t0 * D);
+      const Tensor z = lora_down(*gate_lora, ctx.x, ctx.lora_draws[0], mo);
+      Tensor dz = Tensor::zeros({TL, gate_lora->rank()}, DType::F32, dev);
       lora_up_backward(*gate_lora, ds, z, 0, dz);
-      lora_down_backward(*gate_lora, dz, ctx.x, ctx.lora_draws[0], 0, &dx);
+      lora_down_backward(*gate_lora, dz, ctx.x, ctx.lora_draws[0], mo, &dxl);
     }
   }
-  return dx;
+  return gather_rows(tpg, dxl, ctx.tp_rows);
 }
 
 }  // namespace dsv4

@@ -40,9 +40,8 @@ void complete_gradients(const Parallel& par, const std::vector<Param*>& params) 
           std::copy_n(f, p->grad.numel(), p->grad.data<float>());
           f += p->grad.numel();
         }
-      } else {  // device gradients: the same buckets over the group's NCCL twin
-        const Communicator* g = par.device_twin(k.group);
-        DSV4_CHECK(g && g->device() == dev,
+      } else {  // device gradients: the same buckets, reduced over the group's device twin (Parallel::attach_device)
+        DSV4_CHECK(k.group->device_twin() && k.group->device_twin()->device() == dev,
                    "complete_gradients: gradients on {}, but the group {} has no communicator there (the trainer calls "
                    "Parallel::attach_device)",
                    dev.str(), k.group->name());
@@ -53,7 +52,7 @@ void complete_gradients(const Parallel& par, const std::vector<Param*>& params) 
           ops::copy(p->grad, dst);
           off += p->grad.numel();
         }
-        g->all_reduce(flat, CommReduce::Sum);
+        k.group->all_reduce(flat, CommReduce::Sum);
         off = 0;
         for (Param* p : bucket) {
           ops::copy(flat.slice(0, off, off + p->grad.numel()).view(p->grad.shape()), p->grad);

@@ -81,6 +81,13 @@ class Communicator {
   bool cross_rank_checks() const { return cross_rank_checks_; }
   void set_cross_rank_checks(bool on) { cross_rank_checks_ = on; }
 
+  // A communicator over the same ranks for tensors on another device (an NCCL twin of an MPI group, set by
+  // Parallel::attach_device): all_reduce, reduce_scatter, all_gather, all_to_all_v and broadcast of tensors on the
+  // twin's device go to the twin, so code written against the host groups (group_sum, gather_rows, the MoE's
+  // all-to-all) runs unchanged on a model moved to a GPU. Must outlive this communicator's uses; null: none.
+  void set_device_twin(const Communicator* twin) const { twin_ = twin; }
+  const Communicator* device_twin() const { return twin_; }
+
  protected:
   Communicator() = default;
 
@@ -108,6 +115,11 @@ class Communicator {
              const std::vector<std::pair<const char*, int64_t>>& fields) const;
 
   bool cross_rank_checks_ = false;
+  mutable const Communicator* twin_ = nullptr;
+  // The communicator for a tensor on `device`: this one, or the twin when the tensor lives on the twin's device.
+  const Communicator& for_device(Device device) const {
+    return twin_ && device != this->device() && twin_->device() == device ? *twin_ : *this;
+  }
 };
 
 // ---- MPI backend (CPU tensors) ------------------------------------------------------------------------

@@ -99,6 +99,7 @@ void Communicator::agree(const char* op, const std::string& local_error,
 }
 
 void Communicator::all_reduce(Tensor& x, CommReduce op) const {
+  if (const Communicator& c = for_device(x.device()); &c != this) return c.all_reduce(x, op);
   std::string err = check_tensor(*this, "all_reduce", "x", x);
   if (err.empty() && !supports_reduce(x.dtype(), op))
     err = fmt::format("all_reduce: {} of a {} tensor is not supported by {} (x is {}; supported: {})",
@@ -110,6 +111,7 @@ void Communicator::all_reduce(Tensor& x, CommReduce op) const {
 }
 
 void Communicator::reduce_scatter(const Tensor& in, Tensor& out, CommReduce op) const {
+  if (const Communicator& c = for_device(in.device()); &c != this) return c.reduce_scatter(in, out, op);
   std::string err = check_tensor(*this, "reduce_scatter", "in", in);
   if (err.empty()) err = check_tensor(*this, "reduce_scatter", "out", out);
   if (err.empty() && in.dtype() != out.dtype())
@@ -131,6 +133,7 @@ void Communicator::reduce_scatter(const Tensor& in, Tensor& out, CommReduce op) 
 }
 
 void Communicator::all_gather(const Tensor& in, Tensor& out) const {
+  if (const Communicator& c = for_device(in.device()); &c != this) return c.all_gather(in, out);
   std::string err = check_tensor(*this, "all_gather", "in", in);
   if (err.empty()) err = check_tensor(*this, "all_gather", "out", out);
   if (err.empty() && in.dtype() != out.dtype())
@@ -148,6 +151,7 @@ void Communicator::all_gather(const Tensor& in, Tensor& out) const {
 
 void Communicator::all_to_all_v(const Tensor& in, const std::vector<int64_t>& send_rows, Tensor& out,
                                 const std::vector<int64_t>& recv_rows) const {
+  if (const Communicator& c = for_device(in.device()); &c != this) return c.all_to_all_v(in, send_rows, out, recv_rows);
   const int n = size();
   std::string err = check_tensor(*this, "all_to_all_v", "in", in);
   if (err.empty()) err = check_tensor(*this, "all_to_all_v", "out", out);
@@ -224,6 +228,7 @@ std::vector<int64_t> Communicator::exchange_counts(const std::vector<int64_t>& s
 }
 
 void Communicator::broadcast(Tensor& x, int root) const {
+  if (const Communicator& c = for_device(x.device()); &c != this) return c.broadcast(x, root);
   std::string err = check_tensor(*this, "broadcast", "x", x);
   if (err.empty() && (root < 0 || root >= size()))
     err = fmt::format("broadcast: root {} is not a rank of {} (size {})", root, name(), size());

@@ -53,29 +53,34 @@ Parallel::Parallel(const Communicator* world, ParallelDims dims) : dims_(dims), 
   edp_ = group(rank_ % dims.ep, rank_ / dims.ep, size / dims.ep);
 }
 
-Parallel::~Parallel() = default;
+Parallel::~Parallel() {
+  if (!twins_.empty())
+    for (const Communicator* g : host_groups()) g->set_device_twin(nullptr);
+}
 
 void Parallel::attach_device(Device device) {
   device_ = device;
   if (device.is_cpu() || !world_ || world_size() == 1) return;
 #if defined(DSV4_WITH_NCCL)
-  // Collective over world, every rank in the same order (a NCCL communicator per group, bootstrapped over MPI).
-  world_dev_ = nccl_communicator(*world_, device.index);
-  if (dp_) dp_dev_ = nccl_communicator(*dp_, device.index);
-  if (edp_) edp_dev_ = nccl_communicator(*edp_, device.index);
+  // Collective over world, every rank in the same order (a NCCL communicator per group, bootstrapped over its MPI
+  // group; a group of one rank is null on every rank and gets none).
+  for (const Communicator* g : host_groups()) {
+    twins_.push_back(nccl_communicator(*g, device.index));
+    g->set_device_twin(twins_.back().get());
+  }
 #else
-  DSV4_FAIL("Parallel: {} ranks on {}, but this dsv4 was built without NCCL (gradients of device tensors cannot be "
-            "summed over ranks)",
+  DSV4_FAIL("Parallel: {} ranks on {}, but this dsv4 was built without NCCL (device tensors cannot be reduced over "
+            "ranks)",
             world_size(), device.str());
 #endif
 }
 
-const Communicator* Parallel::device_twin(const Communicator* host_group) const {
-  if (!host_group) return nullptr;
-  if (host_group == world_) return world_device();
-  if (host_group == dp_.get()) return dp_dev_.get();
-  if (host_group == edp_.get()) return edp_dev_.get();
-  DSV4_FAIL("Parallel: no device twin of group {} (only world, dp and edp have one)", host_group->name());
+std::vector<const Communicator*> Parallel::host_groups() const {
+  std::vector<const Communicator*> out;
+  if (world_) out.push_back(world_);
+  for (const auto* g : {&tp_, &dp_, &ep_, &edp_})
+    if (*g) out.push_back(g->get());
+  return out;
 }
 
 int local_rank(const Communicator* world) {
@@ -132,6 +137,18 @@ std::vector<int64_t> split_rows(const Communicator* g, int64_t n) {
   std::vector<int64_t> rows(static_cast<size_t>(size));
   for (int64_t r = 0; r < size; ++r) rows[static_cast<size_t>(r)] = split_range(n, size, r).size();
   return rows;
+}
+
+Tensor exchange_rows(const Communicator* g, const Tensor& in, const std::vector<int64_t>& send_rows,
+                     const std::vector<int64_t>& recv_rows) {
+  if (!g || g->size() == 1) return in;
+  int64_t n = 0;
+  for (int64_t r : recv_rows) n += r;
+  Shape shape = in.shape();
+  shape[0] = n;
+  Tensor out = Tensor::empty(shape, in.dtype(), in.device());
+  g->all_to_all_v(in.contiguous(), send_rows, out, recv_rows);
+  return out;
 }
 
 namespace {

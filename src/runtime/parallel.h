@@ -67,16 +67,13 @@ class Parallel {
   const Communicator* ep() const { return ep_.get(); }
   const Communicator* edp() const { return edp_.get(); }
 
-  // Device (NCCL) twins of the groups above, for the gradients of a model on a CUDA device: attach_device creates
-  // them (collective over world, after the constructor; CUDA + NCCL builds only, else a one-line error); null before
-  // that and for one-rank groups. The host groups stay the ones for host values (losses, counts, statistics).
+  // Device (NCCL) twins of the groups above, for tensors of a model on a CUDA device: attach_device creates them
+  // (collective over world, after the constructor; CUDA + NCCL builds only, else a one-line error) and registers each
+  // as its host group's Communicator::set_device_twin, so collectives of device tensors on the host groups (group_sum,
+  // gather_rows, the MoE's all-to-all, the gradient buckets) run over NCCL. Host values (losses, counts, statistics)
+  // stay on MPI.
   void attach_device(Device device);
   Device device() const { return device_; }
-  const Communicator* world_device() const { return world_size() > 1 ? world_dev_.get() : nullptr; }
-  const Communicator* dp_device() const { return dp_dev_.get(); }
-  const Communicator* edp_device() const { return edp_dev_.get(); }
-  // The device twin of one of this object's host groups (null for null).
-  const Communicator* device_twin(const Communicator* host_group) const;
 
   // The experts [begin, end) this rank holds out of n_experts (contiguous ranges over the ep group).
   Range local_experts(int64_t n_experts) const { return split_range(n_experts, ep_size(), ep_rank()); }
@@ -88,8 +85,11 @@ class Parallel {
   int64_t rank_ = 0;
   const Communicator* world_ = nullptr;
   std::unique_ptr<Communicator> tp_, dp_, ep_, edp_;
+  // world, tp, dp, ep, edp where they exist (the groups attach_device twins).
+  std::vector<const Communicator*> host_groups() const;
+
   Device device_ = Device::cpu();
-  std::unique_ptr<Communicator> world_dev_, dp_dev_, edp_dev_;
+  std::vector<std::unique_ptr<Communicator>> twins_;
 };
 
 // The index of this process among the ranks of `world` on the same host (ranks grouped by host name, ordered by
@@ -112,6 +112,10 @@ Tensor gather_rows(const Communicator* g, const Tensor& x_local, const std::vect
 Tensor take_rows(const Communicator* g, const Tensor& x, const std::vector<int64_t>& rows);
 // Row counts of split_range(n, size(g), r) for every rank r of g ({n} for a null group).
 std::vector<int64_t> split_rows(const Communicator* g, int64_t n);
+// Variable row exchange (Communicator::all_to_all_v): send_rows[r] rows of `in` to rank r, recv_rows[r] from it
+// (exchange_counts), into a new tensor on in's device. `in` itself when g is null or has one rank.
+Tensor exchange_rows(const Communicator* g, const Tensor& in, const std::vector<int64_t>& send_rows,
+                     const std::vector<int64_t>& recv_rows);
 inline int64_t group_rank(const Communicator* g) { return g ? g->rank() : 0; }
 inline int64_t group_size(const Communicator* g) { return g ? g->size() : 1; }
 

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <random>
 
+#include "model/exec_path.h"
 #include "model/model.h"
 #include "optim/grad_sync.h"
 #include "runtime/comm.h"
@@ -48,7 +49,9 @@ double rel_err(const Tensor& a, const Tensor& b) {
   return num / std::max(den, 1e-12);
 }
 
-TEST(ModelParallel, LossesAndEveryGradientEqualOneRank) {
+// ops: the parallel model runs every module's tensor-op path (ForceOpsPath: what a GPU run executes, with the same
+// collectives; the reference stays the single-rank CPU reference).
+void check_layouts(bool ops) {
   const auto world = mpi_world();
   const int64_t W = world->size();
   const ModelConfig cfg = model_preset("tiny");
@@ -93,7 +96,10 @@ TEST(ModelParallel, LossesAndEveryGradientEqualOneRank) {
         EXPECT_EQ(rel_err(p.value, p.local_part(ref_params[p.name]->value)), 0.0) << "init of " << p.name;
       });
       const Batch& mine = batches[static_cast<size_t>(par.dp_rank())];
+      std::optional<ForceOpsPath> scope;
+      if (ops) scope.emplace();
       const LossResult r = m.forward_backward(mine.ids, mine.labels, mine.layout, w);
+      scope.reset();
       std::vector<double> total = {r.total};
       group_sum(par.dp(), total);
       EXPECT_NEAR(total[0], ref_total, 1e-6 * std::abs(ref_total));
@@ -118,10 +124,15 @@ TEST(ModelParallel, LossesAndEveryGradientEqualOneRank) {
         ++compared;
       }
       if (world->rank() == 0)
-        std::printf("[model %s] %lld gradients on rank 0, worst relative error %.2e (%s)\n", dims.str().c_str(),
-                    static_cast<long long>(compared), worst, worst_name.c_str());
+        std::printf("[model %s%s] %lld gradients on rank 0, worst relative error %.2e (%s)\n", dims.str().c_str(),
+                    ops ? " ops path" : "", static_cast<long long>(compared), worst, worst_name.c_str());
     }
 }
+
+TEST(ModelParallel, LossesAndEveryGradientEqualOneRank) { check_layouts(false); }
+
+// The tensor-op path under every layout (tp: heads, vocabulary, MoE tokens; ep: the all-to-all; dp), as a GPU run.
+TEST(ModelParallel, OpsPathLossesAndEveryGradientEqualOneRank) { check_layouts(true); }
 
 }  // namespace
 }  // namespace dsv4

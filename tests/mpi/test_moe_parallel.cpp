@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <map>
+#include <optional>
 #include <memory>
 #include <random>
 #include <string>
@@ -14,6 +15,7 @@
 #include "model/config.h"
 #include "model/lora.h"
 #include "model/model.h"
+#include "model/exec_path.h"
 #include "model/moe.h"
 #include "runtime/comm.h"
 #include "runtime/parallel.h"
@@ -134,8 +136,9 @@ Batch make_batch(const ModelConfig& cfg, Case c, int64_t T, int64_t d) {
   return b;
 }
 
-void check_layout(const Communicator* world, ParallelDims dims, Case c) {
-  SCOPED_TRACE(fmt::format("layout {} case {}", dims.str(), case_name(c)));
+// ops: the parallel module runs its tensor-op path (ForceOpsPath: what CUDA tensors run, with the same collectives).
+void check_layout(const Communicator* world, ParallelDims dims, Case c, bool ops = false) {
+  SCOPED_TRACE(fmt::format("layout {} case {}{}", dims.str(), case_name(c), ops ? " (tensor-op path)" : ""));
   const ModelConfig cfg = model_preset("tiny");
   Parallel par(world, dims);
   const int64_t B = 3, S = 13, T = B * S;  // T = 39: not divisible by tp 2 or 4
@@ -179,8 +182,14 @@ void check_layout(const Communicator* world, ParallelDims dims, Case c) {
   EXPECT_EQ(pm->n_experts(), cfg.n_routed_experts);
   MoECtx ctx;
   MoEStats st;
-  Tensor y = pm->forward(mine.x, mine.ids, layout, &ctx, &st);
-  Tensor dx = pm->backward(mine.dy, ctx, alpha);
+  Tensor y, dx;
+  {
+    std::optional<ForceOpsPath> scope;
+    if (ops) scope.emplace();
+    y = pm->forward(mine.x, mine.ids, layout, &ctx, &st);
+    dx = pm->backward(mine.dy, ctx, alpha);
+  }
+  EXPECT_EQ(ctx.ops_path, ops);
 
   EXPECT_LE(rel_err(y, ref_y), 1e-5) << "output";
   EXPECT_LE(rel_err(dx, ref_dx), 1e-5) << "dx";
@@ -237,6 +246,13 @@ TEST(MoEParallel, MatchesSingleRank) {
   for (const ParallelDims& dims : layouts(world->size()))
     for (Case c : {Case::Learned, Case::BalanceOnly, Case::Hash, Case::Starved, Case::Lora})
       check_layout(world.get(), dims, c);
+}
+
+// The tensor-op path under every layout (tp token split, ep all-to-all, adapters with the reference's masks).
+TEST(MoEParallel, OpsPathMatchesSingleRank) {
+  auto world = mpi_world();
+  for (const ParallelDims& dims : layouts(world->size()))
+    for (Case c : {Case::Learned, Case::Hash, Case::Starved, Case::Lora}) check_layout(world.get(), dims, c, true);
 }
 
 // A single-rank Parallel (and a null one) runs no collective and is bit-identical to the module without one.
