@@ -106,10 +106,6 @@ Optimizer::Optimizer(std::vector<Param*> params, OptimizerConfig cfg, OptimizerS
     if (s.group != OptGroup::None && s.owned) {
       const Device dev = p->value.device();
       check_f32(p->value, p->name, dev.is_cuda() ? dev : Device::cpu());
-      DSV4_CHECK(dev.is_cpu() || !sharding_.zero1 || !par || par->world_size() == 1,
-                 "optimizer: {} is on {}, but ZeRO-1 (optimizer state sharded over {} ranks) runs on CPU tensors only "
-                 "so far; set parallel.zero1: false",
-                 p->name, dev.str(), par ? par->world_size() : 1);
       if (s.group == OptGroup::Muon) {
         s.row_blocks = muon_row_blocks(p->name, cfg_.groups);
         s.momentum = Tensor::zeros(p->value.shape(), DType::F32, dev);
@@ -223,8 +219,6 @@ int64_t Optimizer::muon_ops_step(const std::vector<Slot*>& slots, double lr) {
 
 void Optimizer::muon_step(Slot& s, double lr) {
   Param& p = *s.p;
-  DSV4_CHECK(p.value.device().is_cpu(), "optimizer: distributed Muon ({} split over tp) runs on CPU tensors only so far, "
-             "not {}", p.name, p.value.device().str());
   const Communicator* tp = sharding_.parallel->tp();
   const Shape global = p.global_shape();
   const int64_t rows = global[0], cols = global[1], n = p.value.numel();
@@ -234,23 +228,43 @@ void Optimizer::muon_step(Slot& s, double lr) {
              "optimizer: {} holds [{}, ...) of dim {}, not this tp rank's balanced range", p.name, p.shard_offset,
              p.shard_dim);
   const int64_t block_rows = rows / s.row_blocks;
-  Tensor u = Tensor::empty(p.value.shape(), DType::F32);
-  muon_momentum(p.grad.data<float>(), s.momentum.data<float>(), u.data<float>(), n, cfg_.muon);
+  const bool ops_path = use_ops_path(p.value);  // the runtime ops (CUDA twins); collectives over the device twins
+  const Device dev = p.value.device();
+  const MuonConfig& mc = cfg_.muon;
+  auto orthogonalize = [&](Tensor& m, int64_t m_rows, int64_t blocks) {
+    if (!ops_path) {
+      muon_orthogonalize(m.data<float>(), m_rows, cols, blocks, mc);
+      return;
+    }
+    DSV4_CHECK(mc.precision == NsPrecision::F32,
+               "optimizer: muon.ns_precision bf16 has no tensor-op path (newton_schulz_batched is F32 only); {} is on {}",
+               p.name, dev.str());
+    Tensor b = m.view({blocks, m_rows / blocks, cols});
+    newton_schulz_batched(b, mc.ns_schedule, mc.ns_eps);
+  };
+  Tensor u = Tensor::empty(p.value.shape(), DType::F32, dev);
+  if (ops_path)
+    muon_momentum_step(p.grad, s.momentum, u, static_cast<float>(mc.momentum), mc.nesterov);
+  else
+    muon_momentum(p.grad.data<float>(), s.momentum.data<float>(), u.data<float>(), n, mc);
   const int64_t local_rows = p.value.size(0);
   if (p.shard_dim == 0 && s.row_blocks > 1 && p.shard_offset % block_rows == 0 && local_rows % block_rows == 0) {
     // Whole Muon blocks here (wo_a split by output groups): orthogonalise them locally.
-    muon_orthogonalize(u.data<float>(), local_rows, cols, local_rows / block_rows, cfg_.muon);
+    orthogonalize(u, local_rows, local_rows / block_rows);
   } else {
     // Gather U (dim 1 splits travel transposed so the gathered rows are contiguous), orthogonalise on the owner,
     // broadcast, keep this rank's slice.
     const std::vector<int64_t> parts = split_rows(tp, p.global_dim);
     Tensor full = p.shard_dim == 0 ? gather_rows(tp, u, parts) : gather_rows(tp, u.transpose(0, 1).contiguous(), parts);
     if (p.shard_dim == 1) full = full.transpose(0, 1).contiguous();
-    if (tp->rank() == s.tp_owner) muon_orthogonalize(full.data<float>(), rows, cols, s.row_blocks, cfg_.muon);
+    if (tp->rank() == s.tp_owner) orthogonalize(full, rows, s.row_blocks);
     tp->broadcast(full, static_cast<int>(s.tp_owner));
     ops::copy(p.local_part(full), u);
   }
-  muon_apply(p.value.data<float>(), u.data<float>(), n, block_rows, cols, lr, cfg_.muon);
+  if (ops_path)
+    muon_apply_step(p.value, u, muon_apply_scalars(lr, mc.weight_decay, mc.update_scale, block_rows, cols));
+  else
+    muon_apply(p.value.data<float>(), u.data<float>(), n, block_rows, cols, lr, mc);
 }
 
 void Optimizer::broadcast_from_owners() {
@@ -268,6 +282,24 @@ void Optimizer::broadcast_from_owners() {
         total += s.p->value.numel();
       }
       if (total == 0) continue;
+      const Device dev = mine.front()->p->value.device();
+      if (!dev.is_cpu()) {  // device values: the same flat buffer on the device, over the group's device twin
+        Tensor flat = Tensor::empty({total}, DType::F32, dev);
+        int64_t off = 0;
+        for (Slot* s : mine) {
+          Tensor part = flat.slice(0, off, off + s->p->value.numel()).view(s->p->value.shape());
+          if (g->rank() == owner) ops::copy(s->p->value, part);
+          off += s->p->value.numel();
+        }
+        g->broadcast(flat, static_cast<int>(owner));
+        off = 0;
+        for (Slot* s : mine) {
+          if (g->rank() != owner) ops::copy(flat.slice(0, off, off + s->p->value.numel()).view(s->p->value.shape()),
+                                            s->p->value);
+          off += s->p->value.numel();
+        }
+        continue;
+      }
       Tensor flat = Tensor::empty({total}, DType::F32);
       float* f = flat.data<float>();
       if (g->rank() == owner)

@@ -4,6 +4,8 @@
 #include <mpi.h>
 
 #include <cstdio>
+#include <optional>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -11,6 +13,7 @@
 #include "runtime/comm.h"
 #include "runtime/error.h"
 #include "train/data_source.h"
+#include "model/exec_path.h"
 #include "train/trainer.h"
 
 namespace {
@@ -48,6 +51,10 @@ int main(int argc, char** argv) {
     if (rank == 0) std::printf("%s\nresolved config (%s):\n%s", dsv4::build_info().c_str(), path.c_str(),
                                cfg.to_yaml().c_str());
     dsv4::Trainer::install_signal_handlers();
+    // DSV4_OPS_PATH=1: CPU tensors take every module's tensor-op path (model/exec_path.h), the code a GPU run
+    // executes, with the same collectives: a debugging and testing knob (tests/e2e/train_layouts.sh).
+    std::optional<dsv4::ForceOpsPath> ops_path;
+    if (const char* v = std::getenv("DSV4_OPS_PATH"); v && std::string(v) == "1") ops_path.emplace();
     const std::unique_ptr<dsv4::Communicator> comm = dsv4::mpi_world();
     // Each dp rank reads its own rows; the tp ranks of one dp rank read the same.
     const int dp_rank = static_cast<int>(rank / dims.tp), dp_size = static_cast<int>(dims.dp);

@@ -141,12 +141,8 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
     // model. What the GPU path does not cover yet fails here, before any step or checkpoint.
     DSV4_CHECK(cuda_device_count() > 0, "train.device: cuda, but {}",
                cuda_built() ? "no CUDA device is visible" : "this dsv4 was built without CUDA (no nvcc at configure time)");
-    // Several ranks: data parallel only so far (gradients summed over NCCL twins of the dp groups; one GPU per
-    // rank, the rank's index on its host).
-    DSV4_CHECK(par_->world_size() == 1 || (par_->tp_size() == 1 && par_->ep_size() == 1 && !cfg_.parallel.zero1),
-               "train.device: cuda over {} ranks runs data parallel only so far: set parallel.tp: 1, parallel.ep: 1 "
-               "and parallel.zero1: false (got {}, zero1 {})",
-               par_->world_size(), par_->dims().str(), cfg_.parallel.zero1 ? "on" : "off");
+    // Several ranks: one GPU per rank (the rank's index among those on its host); collectives of device tensors run
+    // over NCCL twins of the parallel groups (Parallel::attach_device), host values over MPI.
     const int local = local_rank(par_->world());
     DSV4_CHECK(local < cuda_device_count(), "train.device: cuda: rank {} is local rank {} on its host, which has only {} "
                "visible CUDA device(s) (one rank per GPU)", par_->rank(), local, cuda_device_count());

@@ -7,6 +7,8 @@
 #   per-layer recomputation under dp2·tp2·ep4, gradient accumulation (2 x 1 row) under dp2·tp2
 # and a checkpoint written under one layout resumes under another with the same state:
 #   dp2·tp2·ep2 -> ep4 (4 ranks: dp4), tp2·ep4 -> one rank; steps 4-5 equal the uninterrupted single-rank run.
+# The tensor-op path (DSV4_OPS_PATH=1: the code a GPU run executes, on CPU tensors) under dp2·tp2·ep2 and tp2·ep4,
+# full training and LoRA, equals the single-rank reference too.
 # Usage: train_layouts.sh BIN_DIR SOURCE_DIR MPIEXEC
 set -euo pipefail
 bin=$1; src=$2; mpiexec=$3
@@ -31,7 +33,8 @@ run() {
   if [ "$np" -eq 1 ]; then
     "$bin/dsv4-train" "${args[@]}" > "$work/$name.log" 2>&1 || { cat "$work/$name.log"; exit 1; }
   else
-    "$mpiexec" -np "$np" --oversubscribe --bind-to none "${root[@]}" "$bin/dsv4-train" "${args[@]}" \
+    local env=(); [ -n "${DSV4_OPS_PATH:-}" ] && env=(-x DSV4_OPS_PATH)
+    "$mpiexec" -np "$np" --oversubscribe --bind-to none "${root[@]}" "${env[@]}" "$bin/dsv4-train" "${args[@]}" \
       > "$work/$name.log" 2>&1 || { tail -20 "$work/$name.log"; echo "FAIL: $name"; exit 1; }
   fi
 }
@@ -67,6 +70,14 @@ for layout in "2 2 1" "4 2 2" "8 2 4"; do
   name="lora-np$1-tp$2-ep$3"
   run "$name" "$1" "$2" "$3" "${lora[@]}"
   same lora-ref "$name"
+done
+
+for layout in "4 2 2" "8 2 4"; do
+  set -- $layout
+  DSV4_OPS_PATH=1 run "pre-ops-np$1-tp$2-ep$3" "$1" "$2" "$3" "${pretrain[@]}"
+  same pre-ref "pre-ops-np$1-tp$2-ep$3"
+  DSV4_OPS_PATH=1 run "lora-ops-np$1-tp$2-ep$3" "$1" "$2" "$3" "${lora[@]}"
+  same lora-ref "lora-ops-np$1-tp$2-ep$3"
 done
 
 # The PEFT copy of a parallel LoRA run's adapters (assembled from every rank's slices) evaluates like one rank's.

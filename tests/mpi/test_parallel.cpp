@@ -2,12 +2,15 @@
 // group membership, the paired row operations, vocab-parallel embedding and cross-entropy, ZeRO-1 + distributed Muon,
 // and per-rank state slices read back under another split.
 #include <gtest/gtest.h>
+
+#include <optional>
 #include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
 #include <random>
 
+#include "model/exec_path.h"
 #include "model/embedding.h"
 #include "optim/optimizer.h"
 #include "runtime/comm.h"
@@ -154,10 +157,12 @@ TEST(DistributedOptimizer, EqualsOneRankForEveryLayout) {
                                    {"layers.0.attn.wkv.weight", {7, 5}, -1},     // replicated Muon
                                    {"layers.0.attn_norm.weight", {11}, -1},      // replicated AdamW
                                    {"embed.weight", {10, 4}, 0}};                // tp-split AdamW
+  // ops: the sharded optimizer runs its tensor-op path (ForceOpsPath: what a GPU run executes, same collectives).
+  for (const bool ops : {false, true})
   for (const bool zero1 : {true, false})
     for (const ParallelDims& d : layouts(world->size())) {
       if (d.ep != 1) continue;
-      SCOPED_TRACE(fmt::format("{} zero1={}", d.str(), zero1));
+      SCOPED_TRACE(fmt::format("{} zero1={} ops={}", d.str(), zero1, ops));
       const Parallel par(world.get(), d);
       std::vector<Param> ref(specs.size()), mine(specs.size());
       for (size_t i = 0; i < specs.size(); ++i) {
@@ -187,6 +192,8 @@ TEST(DistributedOptimizer, EqualsOneRankForEveryLayout) {
           mine[i].grad_buffer().copy_from(mine[i].local_part(ref[i].grad));
         }
         one.step(1e-2);
+        std::optional<ForceOpsPath> scope;
+        if (ops) scope.emplace();
         many.step(1e-2);
       }
       for (size_t i = 0; i < specs.size(); ++i)
