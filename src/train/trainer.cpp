@@ -528,7 +528,7 @@ int64_t Trainer::run() {
   const auto t_start = std::chrono::steady_clock::now();
   auto t_last = t_start;
   int64_t tokens_since = 0, last_saved = -1;
-  Allocator& host = allocator_for(Device::cpu());
+  Allocator& mem = allocator_for(par_->device());  // where the model lives (train.device)
   // Fault injection for the launch tests: DSV4_FAULT=RANK:STEP makes that rank fail as step STEP begins.
   int64_t fault_rank = -1, fault_step = -1;
   if (const char* f = std::getenv("DSV4_FAULT"))
@@ -553,7 +553,7 @@ int64_t Trainer::run() {
                         "{:.0f} tok/s | {:.2f} GFLOP/s (3 x {:.2f} MFLOP/token) | mem {:.0f} MiB | eta {}",
                         step_, cfg_.train.steps, rec.loss, rec.lm, rec.mtp, rec.balance, rec.grad_norm, rec.lr, tok_s,
                         tok_s * flops_per_token_ / 1e9, flops_per_token_ / 3e6,
-                        static_cast<double>(host.stats().peak_bytes) / (1 << 20), format_duration(eta)));
+                        static_cast<double>(mem.stats().peak_bytes) / (1 << 20), format_duration(eta)));
       t_last = now;
       tokens_since = 0;
     }

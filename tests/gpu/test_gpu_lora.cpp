@@ -65,11 +65,7 @@ TEST_F(GpuLora, LinearAdapterOnFrozenBasesMatchesCpu) {
 }  // namespace
 }  // namespace dsv4::gputest
 
-#include <filesystem>
-#include <unistd.h>
-
-#include "model/checkpoint_io.h"
-#include "model/model.h"
+#include "../model/test_lora_util.h"
 
 namespace dsv4::gputest {
 namespace {
@@ -78,36 +74,11 @@ namespace {
 // adapters on attention incl. wo_a, experts and router; dropout on) against the same model on the CPU: losses within
 // 1e-5 relative, every adapter gradient within 2e-3 · max|cpu| (as tests/gpu/test_gpu_model.cpp's whole-model bound).
 TEST_F(GpuLora, FrozenReleaseModelWithAdaptersMatchesCpu) {
-  const std::filesystem::path dir =
-      std::filesystem::temp_directory_path() / ("dsv4_gpu_lora_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(dir);
-  MakeTinyOptions mo;
-  mo.preset = "tiny";
-  mo.seed = 6;
-  mo.stddev = 0.2;
-  mo.quant = "fp8";
-  make_tiny_checkpoint(dir.string(), mo);
-  auto build = [&] {
-    LoadOptions lo;
-    lo.mode = LoadMode::FrozenQuantized;
-    lo.frozen_wo_a = true;
-    auto m = load_model(dir.string(), lo);
-    LoraConfig cfg;
-    cfg.rank = 4;
-    cfg.alpha = 8;
-    cfg.dropout = 0.1;
-    cfg.seed = 3;
-    cfg.targets = {"attn.*", "shared_experts.*", "experts.*.w{1,2,3}", "ffn.gate"};
-    apply_lora(*m, cfg);
-    for (LoraAdapter* ad : lora_adapters(*m)) ad->B.value = rand_cpu(ad->B.value.shape(), -0.05f, 0.05f);
-    set_lora_train_mode(*m, true);
-    set_lora_dropout_step(*m, 2);
-    return m;
-  };
-  auto cpu = build();
-  auto gpu = build();
-  const std::vector<LoraAdapter*> ca = lora_adapters(*cpu), ga = lora_adapters(*gpu);
-  for (size_t i = 0; i < ca.size(); ++i) ga[i]->B.value = ca[i]->B.value.clone();
+  const lora_test::TmpDir dir("gpu");
+  auto cpu = lora_test::adapted_release_model(dir.str(), true);
+  auto gpu = lora_test::adapted_release_model(dir.str(), false);
+  lora_test::fill_B(*cpu, 8, 0.05f);
+  lora_test::fill_B(*gpu, 8, 0.05f);
   gpu->to(kGpu);
   const SeqLayout layout(2, 17);
   const Tensor ids = rand_index({layout.tokens()}, cpu->config().vocab_size);
@@ -122,7 +93,6 @@ TEST_F(GpuLora, FrozenReleaseModelWithAdaptersMatchesCpu) {
     const auto g = b[i]->grad.to(kCpu).to_floats(), c = a[i]->grad.to_floats();
     expect_close_scaled({g.begin(), g.end()}, {c.begin(), c.end()}, 2e-3, a[i]->name);
   }
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

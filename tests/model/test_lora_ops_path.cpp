@@ -97,33 +97,15 @@ namespace {
 // gradient).
 TEST(LoraOpsPath, FrozenReleaseModelWithAdaptersBitIdentical) {
   lora_test::TmpDir d("ops_path");
-  MakeTinyOptions mo;
-  mo.preset = "tiny";
-  mo.seed = 6;
-  mo.stddev = 0.2;
-  mo.quant = "fp8";
-  make_tiny_checkpoint(d.str(), mo);
-  auto build = [&] {
-    LoadOptions lo;
-    lo.mode = LoadMode::FrozenQuantized;
-    lo.frozen_wo_a = true;
-    auto m = load_model(d.str(), lo);
-    LoraConfig cfg;
-    cfg.rank = 4;
-    cfg.alpha = 8;
-    cfg.dropout = 0.1;
-    cfg.seed = 3;
-    cfg.targets = {"attn.*", "shared_experts.*", "experts.*.w{1,2,3}", "ffn.gate"};
-    apply_lora(*m, cfg);
+  auto build = [&](bool write) {
+    auto m = lora_test::adapted_release_model(d.str(), write);
     lora_test::fill_B(*m, 8, 0.05f);
-    set_lora_train_mode(*m, true);
-    set_lora_dropout_step(*m, 2);
     return m;
   };
   const SeqLayout layout(2, 17);
   const Tensor ids = lora_test::random_ids(layout.tokens(), 2048, 2);
   const LossWeights w{0.3, 1e-3};
-  auto ref_m = build(), ops_m = build();
+  auto ref_m = build(true), ops_m = build(false);
   const LossResult ref = ref_m->forward_backward(ids, ids, layout, w);
   LossResult got;
   {

@@ -104,4 +104,32 @@ void expect_error(F&& f, const std::vector<std::string>& needles, const std::str
   }
 }
 
+// The release tiny checkpoint (FP8 dense, FP4 experts, E8M0 scales) written to `dir`, loaded as a LoRA run loads it
+// (frozen, wo_a FP8 too) with adapters on attention incl. wo_a, routed and shared experts and the router, dropout 0.1
+// in train mode (step 2's masks); B is left zero for the caller to fill.
+inline std::unique_ptr<Model> adapted_release_model(const std::string& dir, bool write) {
+  if (write) {
+    MakeTinyOptions mo;
+    mo.preset = "tiny";
+    mo.seed = 6;
+    mo.stddev = 0.2;
+    mo.quant = "fp8";
+    make_tiny_checkpoint(dir, mo);
+  }
+  LoadOptions lo;
+  lo.mode = LoadMode::FrozenQuantized;
+  lo.frozen_wo_a = true;
+  auto m = load_model(dir, lo);
+  LoraConfig cfg;
+  cfg.rank = 4;
+  cfg.alpha = 8;
+  cfg.dropout = 0.1;
+  cfg.seed = 3;
+  cfg.targets = {"attn.*", "shared_experts.*", "experts.*.w{1,2,3}", "ffn.gate"};
+  apply_lora(*m, cfg);
+  set_lora_train_mode(*m, true);
+  set_lora_dropout_step(*m, 2);
+  return m;
+}
+
 }  // namespace dsv4::lora_test
