@@ -331,7 +331,7 @@ void Model::visit(const ParamVisitor& f) {
 }
 
 void Model::to(Device device) {
-  // Frozen (quantised) weights move with their format (FP4 converted to FP8 losslessly off the CPU).
+  // Frozen (quantised) weights move in their own format (dequantised per GEMM there, quant.h).
   std::vector<Linear*> linears = {&head};
   std::vector<ExpertWeights*> experts;
   std::vector<Block*> blocks;

@@ -169,7 +169,7 @@ class Model {
   void visit(const ParamVisitor& f);
   void zero_grad();
   // Moves every parameter (values, and gradients where allocated, adapters included) and every frozen weight (Linears,
-  // experts, wo_a; FP4 converted to FP8 losslessly off the CPU) to `device`; CUDA tensors then run each module's
+  // experts, wo_a; each in its own format, FP4 included) to `device`; CUDA tensors then run each module's
   // tensor-op path (model/exec_path.h).
   void to(Device device);
   // Precision of the weight GEMMs (model/matmul_precision.h; train.precision): every Linear, expert and grouped wo_a

@@ -9,10 +9,10 @@
 //   * dX = dG W1, then += dU W3 with beta = 1 inside the second GEMM, as the reference's expert_dyW calls.
 // So on the CPU (ForceOpsPath) the path is bit-identical to the reference in fp32 (tests/model/test_moe_ops_path.cpp
 // checks it); in bf16 / fp8 the GEMMs with beta = 1 may round differently. The balance-loss statistics and its
-// gradient (T x E values) are computed on the host with the reference's functions. Not on this path yet (one-line
-// errors): expert / tensor parallelism. Adapters run through lora.h's tensor forms with the reference's draws and mask
-// offsets; frozen (quantised) expert weights through qmatmul (FP32, like the reference's tile GEMMs; Model::to converts
-// FP4 experts to FP8 losslessly off the CPU).
+// gradient (T x E values) are computed on the host with the reference's functions; tp and ep use the reference's
+// row split and all-to-all (device tensors over the groups' NCCL twins). Adapters run through lora.h's tensor forms with
+// the reference's draws and mask offsets; frozen (quantised) expert weights through qmatmul (FP32, like the
+// reference's tile GEMMs; on a device the weight is dequantised there per call, quant.h).
 #include "model/exec_path.h"
 #include "model/moe.h"
 #include "model/quant.h"

@@ -333,24 +333,22 @@ void qgemm_dyW(const QuantizedWeight& W, int64_t n, const float* dy, int64_t ldd
 
 QuantizedWeight to_device(const QuantizedWeight& W, Device device, const std::string& name) {
   if (!W.defined()) return W;
-  const QuantizedWeight src = W.format == WeightFormat::FP4 && !device.is_cpu() ? fp4_to_fp8(W, name) : W;
+  (void)name;
   QuantizedWeight out;
-  out.format = src.format;
-  out.data = src.data.to(device);
-  if (src.scale.defined()) out.scale = src.scale.to(device);
+  out.format = W.format;
+  out.data = W.data.to(device);
+  if (W.scale.defined()) out.scale = W.scale.to(device);
   return out;
 }
 
 Tensor dequantize_on_device(const QuantizedWeight& W) {
-  const Device dev = W.data.device();
   switch (W.format) {
     case WeightFormat::F32: return W.data;
     case WeightFormat::BF16: return W.data.to(DType::F32);
     case WeightFormat::FP8: return fp8_dequantize(Fp8Tensor{W.data, W.scale, Fp8Layout::Blocks128x128});
-    case WeightFormat::FP4: break;
+    case WeightFormat::FP4: return fp8_dequantize(fp4_to_fp8_blocks(W.data, W.scale));  // transient FP8, then F32
   }
-  DSV4_FAIL("dequantize_on_device: an fp4 weight on {} (convert it with fp4_to_fp8 first, as Model::to does)",
-            dev.str());
+  DSV4_FAIL("dequantize_on_device: bad weight format");
 }
 
 namespace {

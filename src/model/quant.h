@@ -118,10 +118,11 @@ void qgemm_dyW(const QuantizedWeight& W, int64_t n, const float* dy, int64_t ldd
 // (dequantize_on_device, exact) and multiplied in FP32 (cuBLAS), the same products as the CPU's.
 Tensor qmatmul_xwT(const Tensor& x_TI, const QuantizedWeight& W);
 Tensor qmatmul_dyW(const Tensor& dy_TO, const QuantizedWeight& W);
-// W as F32 on its own device (F32 as is, BF16 widened, FP8 through runtime/fp8.h's fp8_dequantize); FP4 must be
-// converted to FP8 first (fp4_to_fp8: lossless for the release's scales, see the header comment).
+// W as F32 on its own device, a transient tensor (F32 as is, BF16 widened, FP8 through runtime/fp8.h's fp8_dequantize,
+// FP4 through fp4_to_fp8_blocks first: equal to the direct FP4 dequantisation whenever that conversion is lossless,
+// which it is for the release's scales, see the header comment).
 Tensor dequantize_on_device(const QuantizedWeight& W);
-// W's tensors moved to `device` (FP4 converted to FP8 first when `device` is not the CPU).
+// W's tensors copied to `device` in their own format (FP4 stays packed FP4: 0.5 byte per weight on the device too).
 QuantizedWeight to_device(const QuantizedWeight& W, Device device, const std::string& name);
 
 }  // namespace dsv4

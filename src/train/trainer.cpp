@@ -136,7 +136,7 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
   }
 
   if (cfg_.train.device == "cuda") {
-    // One GPU per process: the parameters (a LoRA run's frozen base in its FP8 / BF16 format, FP4 experts as FP8),
+    // One GPU per process: the parameters (a LoRA run's frozen base in its FP8 / FP4 / BF16 format),
     // their gradients and the optimizer state live there; batches come from the host loader and are uploaded by the
     // model. What the GPU path does not cover yet fails here, before any step or checkpoint.
     DSV4_CHECK(cuda_device_count() > 0, "train.device: cuda, but {}",

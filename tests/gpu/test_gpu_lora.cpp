@@ -1,7 +1,7 @@
 // LoRA and frozen weights on CUDA tensors: the hashed_dropout op (bit-identical to the CPU twin, strided input), a
-// Linear with an adapter over an F32, frozen BF16, frozen FP8 and frozen FP4 (moved as FP8, lossless here) base on the
-// GPU against the same Linear on the CPU (y, dx, dA, dB within 2e-5 · max|cpu|: cuBLAS vs CPU BLAS FP32 accumulation
-// order; the FP8 / BF16 dequantisation is exact on both sides). Skips without a GPU.
+// Linear with an adapter over an F32, frozen BF16, frozen FP8 and frozen FP4 base (FP4 dequantised through FP8 on the
+// device, lossless here) on the GPU against the same Linear on the CPU (y, dx, dA, dB within 2e-5 · max|cpu|: cuBLAS vs
+// CPU BLAS FP32 accumulation order; the dequantisation is exact on both sides). Skips without a GPU.
 #include <optional>
 #include <string>
 
@@ -70,7 +70,7 @@ TEST_F(GpuLora, LinearAdapterOnFrozenBasesMatchesCpu) {
 namespace dsv4::gputest {
 namespace {
 
-// A whole LoRA setup on the GPU (release tiny checkpoint: FP8 dense, FP4 experts moved as FP8, frozen FP8 wo_a;
+// A whole LoRA setup on the GPU (release tiny checkpoint: FP8 dense, FP4 experts dequantised through FP8, FP8 wo_a;
 // adapters on attention incl. wo_a, experts and router; dropout on) against the same model on the CPU: losses within
 // 1e-5 relative, every adapter gradient within 2e-3 · max|cpu| (as tests/gpu/test_gpu_model.cpp's whole-model bound).
 TEST_F(GpuLora, FrozenReleaseModelWithAdaptersMatchesCpu) {

@@ -94,7 +94,7 @@ TEST_F(GpuMoe, Bf16AndFp8MatchCpu) {
   check(true, MatmulPrecision::FP8, 1, 61, 1e-2, 1e-2);
 }
 
-// Adapters (router, routed w1 + w2, fused w13, shared w1; dropout on) over frozen FP8 and FP4 experts (moved as FP8,
+// Adapters (router, routed w1 + w2, fused w13, shared w1; dropout on) over frozen FP8 and FP4 experts (FP4 through FP8,
 // dequantised on the device): GPU vs CPU within 1e-4 · max|cpu| (FP32 GEMMs in another order).
 TEST_F(GpuMoe, AdaptersOverFrozenExpertsMatchCpu) {
   const ModelConfig cfg = moe_config();
