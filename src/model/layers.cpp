@@ -103,7 +103,7 @@ Tensor Linear::forward(const Tensor& x_TI, LinearCtx* ctx) const {
              weight.name, x_TI.str(), out_features(), in_features());
   DSV4_CHECK(frozen.defined() || weight.value.defined(),
              "Linear {}: the weight has no storage (built under DeferredWeightStorage and never loaded)", weight.name);
-  Tensor y = frozen.defined() ? qmatmul_xwT(x_TI, frozen) : pmatmul_xwT(precision_, x_TI, weight.value);
+  Tensor y = frozen.defined() ? qpmatmul_xwT(precision_, x_TI, frozen) : pmatmul_xwT(precision_, x_TI, weight.value);
   if (ctx) {
     ctx->rows = x_TI.size(0);
     // fp8: the Wgrad operand is all the backward needs of x (1 byte per element instead of 4).
@@ -152,7 +152,7 @@ Tensor Linear::backward(const Tensor& dy_TO, const LinearCtx& ctx) {
              dy_TO.str(), out_features(), in_features(), ctx.rows);
   Tensor dx;
   if (frozen.defined()) {
-    dx = qmatmul_dyW(dy_TO, frozen);
+    dx = qpmatmul_dyW(precision_, dy_TO, frozen);
   } else {
     if (weight.trainable) {
       if (ctx.x_fp8_t.q.defined())

@@ -118,6 +118,61 @@ void pgemm_dW_fp8(const Tensor& dy_TO, const Fp8Tensor& x_t, Tensor& dW_OI) {
   ops::copy(ops::binary(BinaryOp::Add, dW_OI, g), dW_OI);
 }
 
+namespace {
+// The frozen weight as block-scaled FP8 (its own codes and scales; FP4 through fp4_to_fp8_blocks; BF16 / F32 quantised).
+Fp8Tensor frozen_fp8_blocks(const QuantizedWeight& W) {
+  switch (W.format) {
+    case WeightFormat::FP8: return Fp8Tensor{W.data, W.scale, Fp8Layout::Blocks128x128};
+    case WeightFormat::FP4: return fp4_to_fp8_blocks(W.data, W.scale);
+    case WeightFormat::BF16:
+    case WeightFormat::F32: return fp8_quantize_blocks(W.data.to(DType::F32), kFp8Scales);
+  }
+  DSV4_FAIL("frozen_fp8_blocks: bad weight format");
+}
+
+// The frozen weight as F32 on its device (the CPU: a transient full dequantisation; bf16 only).
+Tensor frozen_f32(const QuantizedWeight& W) { return W.data.device().is_cpu() ? W.dequantize() : dequantize_on_device(W); }
+}  // namespace
+
+Tensor qpmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const QuantizedWeight& W) {
+  switch (p) {
+    case MatmulPrecision::F32: return qmatmul_xwT(x_TI, W);
+    case MatmulPrecision::BF16: return pmatmul_xwT(p, x_TI, frozen_f32(W));
+    case MatmulPrecision::FP8: return fp8_matmul(fp8_quantize_rows(x_TI, kFp8Scales), frozen_fp8_blocks(W));
+  }
+  DSV4_FAIL("qpmatmul_xwT: bad precision");
+}
+
+Tensor qpmatmul_dyW(MatmulPrecision p, const Tensor& dy_TO, const QuantizedWeight& W) {
+  switch (p) {
+    case MatmulPrecision::F32: return qmatmul_dyW(dy_TO, W);
+    case MatmulPrecision::BF16: return pmatmul_dyW(p, dy_TO, frozen_f32(W));
+    case MatmulPrecision::FP8:
+      return fp8_matmul(fp8_quantize_rows(dy_TO, kFp8Scales), fp8_transpose_blocks(frozen_fp8_blocks(W)));
+  }
+  DSV4_FAIL("qpmatmul_dyW: bad precision");
+}
+
+void qpgemm_xwT_rows(MatmulPrecision p, const QuantizedWeight& W, int64_t n, const float* X, int64_t ldx, float beta,
+                     float* Y, int64_t ldy) {
+  if (p == MatmulPrecision::F32) {
+    qgemm_xwT(W, n, X, ldx, beta, Y, ldy);
+    return;
+  }
+  if (n == 0) return;
+  store_rows(qpmatmul_xwT(p, rows_view(X, n, W.cols(), ldx), W), beta, Y, ldy);
+}
+
+void qpgemm_dyW_rows(MatmulPrecision p, const QuantizedWeight& W, int64_t n, const float* dY, int64_t lddy, float beta,
+                     float* dX, int64_t lddx) {
+  if (p == MatmulPrecision::F32) {
+    qgemm_dyW(W, n, dY, lddy, beta, dX, lddx);
+    return;
+  }
+  if (n == 0) return;
+  store_rows(qpmatmul_dyW(p, rows_view(dY, n, W.rows(), lddy), W), beta, dX, lddx);
+}
+
 void pgemm_xwT_rows(MatmulPrecision p, int64_t n, int64_t in, int64_t out, const float* X, int64_t ldx, const float* W,
                     float beta, float* Y, int64_t ldy) {
   if (p == MatmulPrecision::F32) {

@@ -9,12 +9,14 @@
 //           Wgrad  dW = dy^T x:  dy and x 1x128 along the tokens (fp8_quantize_rows_t, the 128x1 tiles);
 //         F32 accumulation and outputs, F32 master weights and gradients.
 // What each mode covers is the Model's business (Model::set_matmul_precision): in fp8 the output head stays BF16,
-// and the router, norms, embedding and attention core are not weight GEMMs of this kind.
+// and the router, norms, embedding and attention core are not weight GEMMs of this kind. Frozen (quantised) weights of
+// Linears and experts follow the mode through the qp* GEMMs below; a frozen grouped wo_a stays FP32.
 #pragma once
 
 #include <cstdint>
 #include <string_view>
 
+#include "model/quant.h"
 #include "runtime/fp8.h"
 #include "runtime/tensor.h"
 
@@ -41,6 +43,23 @@ void pgemm_dW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& x_TI, Tensor
 // pgemm_dW(FP8, dy, x, dW) == pgemm_dW_fp8(dy, fp8_wgrad_operand(x), dW), bit for bit.
 Fp8Tensor fp8_wgrad_operand(const Tensor& x_TI);
 void pgemm_dW_fp8(const Tensor& dy_TO, const Fp8Tensor& x_t, Tensor& dW_OI);
+
+// ---- frozen (quantised) weights in a training precision (model/quant.h's QuantizedWeight) ----------------------------
+//   fp32  x [T, in] F32 times the dequantised weight in FP32: quant.h's qmatmul (tile GEMMs on the CPU; on a device the
+//         weight dequantised there per call), the reference of LoRA runs;
+//   bf16  the same with both operands rounded to BF16 (an FP8 / FP4 weight with E8M0 scales or a BF16 weight is exact
+//         in BF16; F32 scales or F32 weights round);
+//   fp8   the weight's own FP8 codes and 128x128 block scales (FP4 converted to FP8 blocks by fp4_to_fp8_blocks; BF16 /
+//         F32 weights quantised like a trainable one) against x quantised 1x128 with F32 scales (Dgrad: dy 1x128 and
+//         the weight's blocks transposed): runtime/fp8.h's block-scaled GEMM, the release's own inference numerics.
+Tensor qpmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const QuantizedWeight& W);
+Tensor qpmatmul_dyW(MatmulPrecision p, const Tensor& dy_TO, const QuantizedWeight& W);
+// Row-major CPU buffers (the MoE reference's expert GEMMs): Y [n, out] = X W^T + beta Y; dX [n, in] = dY W + beta dX.
+// fp32 is exactly quant.h's qgemm_xwT / qgemm_dyW.
+void qpgemm_xwT_rows(MatmulPrecision p, const QuantizedWeight& W, int64_t n, const float* X, int64_t ldx, float beta,
+                     float* Y, int64_t ldy);
+void qpgemm_dyW_rows(MatmulPrecision p, const QuantizedWeight& W, int64_t n, const float* dY, int64_t lddy, float beta,
+                     float* dX, int64_t lddx);
 
 // Row-major CPU buffers with leading dimensions (the expert and grouped wo_a GEMMs); fp32 is exactly cpu_gemm.
 // Y [n, out] = X [n, in] W [out, in]^T + beta Y

@@ -64,7 +64,7 @@ void expert_xwT(const ExpertWeights& ew, int k, int64_t n, const float* X, int64
                 int64_t ldy) {
   const QuantizedWeight& q = ew.frozen(k);
   if (q.defined()) {
-    qgemm_xwT(q, n, X, ldx, beta, Y, ldy);
+    qpgemm_xwT_rows(ew.precision, q, n, X, ldx, beta, Y, ldy);
     return;
   }
   const Tensor& w = ew.param(k).value;
@@ -76,7 +76,7 @@ void expert_dyW(const ExpertWeights& ew, int k, int64_t n, const float* dY, int6
                 int64_t lddx) {
   const QuantizedWeight& q = ew.frozen(k);
   if (q.defined()) {
-    qgemm_dyW(q, n, dY, lddy, beta, dX, lddx);
+    qpgemm_dyW_rows(ew.precision, q, n, dY, lddy, beta, dX, lddx);
     return;
   }
   const Tensor& w = ew.param(k).value;

@@ -11,8 +11,8 @@
 // checks it); in bf16 / fp8 the GEMMs with beta = 1 may round differently. The balance-loss statistics and its
 // gradient (T x E values) are computed on the host with the reference's functions; tp and ep use the reference's
 // row split and all-to-all (device tensors over the groups' NCCL twins). Adapters run through lora.h's tensor forms with
-// the reference's draws and mask offsets; frozen (quantised) expert weights through qmatmul (FP32, like the
-// reference's tile GEMMs; on a device the weight is dequantised there per call, quant.h).
+// the reference's draws and mask offsets; frozen (quantised) expert weights through the same precision-aware frozen
+// GEMMs as the reference (model/matmul_precision.h).
 #include "model/exec_path.h"
 #include "model/moe.h"
 #include "model/quant.h"
@@ -50,31 +50,27 @@ void check_expert_on(const ExpertWeights& ew, int64_t D, int64_t I, Device dev, 
 // y = beta y + r (y a row range of a wider tensor).
 void store(const Tensor& r, float beta, Tensor& y) { ops::copy(beta == 0.0f ? r : ops::add(y, r), y); }
 
-// Y [n, out] = X [n, in] W_k^T + beta Y with the frozen weight (qgemm: FP32, the CPU's tile GEMMs on the CPU) or the
-// F32 weight in the expert's precision.
+// Y [n, out] = X [n, in] W_k^T + beta Y with the frozen weight (model/matmul_precision.h's qp GEMMs: on the CPU the
+// reference's row calls, beta inside) or the F32 weight, in the expert's precision.
 void expert_xwT(const ExpertWeights& ew, int k, const Tensor& X, float beta, Tensor& Y) {
   const QuantizedWeight& q = ew.frozen(k);
-  if (!q.defined()) {
+  if (!q.defined())
     pgemm_xwT(ew.precision, X, ew.param(k).value, beta, Y);
-  } else if (X.device().is_cpu()) {  // the reference's call, beta inside the tile GEMMs
-    if (X.size(0) > 0)
-      qgemm_xwT(q, X.size(0), X.data<float>(), X.stride(0), beta, Y.data<float>(), Y.stride(0));
-  } else {
-    store(qmatmul_xwT(X, q), beta, Y);
-  }
+  else if (X.device().is_cpu())
+    qpgemm_xwT_rows(ew.precision, q, X.size(0), X.data<float>(), X.stride(0), beta, Y.data<float>(), Y.stride(0));
+  else
+    store(qpmatmul_xwT(ew.precision, X, q), beta, Y);
 }
 
 // dX [n, in] = dY [n, out] W_k + beta dX.
 void expert_dyW(const ExpertWeights& ew, int k, const Tensor& dY, float beta, Tensor& dX) {
   const QuantizedWeight& q = ew.frozen(k);
-  if (!q.defined()) {
+  if (!q.defined())
     pgemm_dyW(ew.precision, dY, ew.param(k).value, beta, dX);
-  } else if (dY.device().is_cpu()) {
-    if (dY.size(0) > 0)
-      qgemm_dyW(q, dY.size(0), dY.data<float>(), dY.stride(0), beta, dX.data<float>(), dX.stride(0));
-  } else {
-    store(qmatmul_dyW(dY, q), beta, dX);
-  }
+  else if (dY.device().is_cpu())
+    qpgemm_dyW_rows(ew.precision, q, dY.size(0), dY.data<float>(), dY.stride(0), beta, dX.data<float>(), dX.stride(0));
+  else
+    store(qpmatmul_dyW(ew.precision, dY, q), beta, dX);
 }
 
 bool trainable(const ExpertWeights& ew, int k) { return !ew.frozen(k).defined() && ew.param(k).trainable; }

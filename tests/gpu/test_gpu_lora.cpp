@@ -1,12 +1,14 @@
 // LoRA and frozen weights on CUDA tensors: the hashed_dropout op (bit-identical to the CPU twin, strided input), a
 // Linear with an adapter over an F32, frozen BF16, frozen FP8 and frozen FP4 base (FP4 dequantised through FP8 on the
-// device, lossless here) on the GPU against the same Linear on the CPU (y, dx, dA, dB within 2e-5 · max|cpu|: cuBLAS vs
-// CPU BLAS FP32 accumulation order; the dequantisation is exact on both sides). Skips without a GPU.
+// device, lossless here) in fp32, bf16 and fp8 on the GPU against the same Linear on the CPU (y, dx, dA, dB within
+// 2e-5 · max|cpu| in fp32, 1e-4 otherwise: the same rounded or quantised operands on both sides, only FP32 accumulation
+// orders differ). Skips without a GPU.
 #include <optional>
 #include <string>
 
 #include "gpu_test_util.h"
 #include "model/layers.h"
+#include "model/matmul_precision.h"
 #include "model/lora.h"
 #include "model/quant.h"
 #include "runtime/model_math.h"
@@ -36,8 +38,11 @@ TEST_F(GpuLora, HashedDropoutMatchesCpuBitForBit) {
 }
 
 TEST_F(GpuLora, LinearAdapterOnFrozenBasesMatchesCpu) {
+  for (MatmulPrecision p : {MatmulPrecision::F32, MatmulPrecision::BF16, MatmulPrecision::FP8})
   for (int variant = 0; variant < 4; ++variant) {  // F32 trainable-off base, BF16, FP8, FP4 frozen
-    SCOPED_TRACE(variant);
+    SCOPED_TRACE(std::string(matmul_precision_name(p)) + " variant " + std::to_string(variant));
+    // The same rounded / quantised operands on both sides: only FP32 accumulation orders differ.
+    const double tol = p == MatmulPrecision::F32 ? 2e-5 : 1e-4;
     const int64_t in = 300, out = 260, T = 45;
     Linear cpu("x.weight", in, out);
     cpu.weight.value = rand_cpu({out, in}, -0.5f, 0.5f);
@@ -48,6 +53,7 @@ TEST_F(GpuLora, LinearAdapterOnFrozenBasesMatchesCpu) {
     cpu.lora->train = true;
     cpu.lora->A.value = rand_cpu({8, in}, -0.3f, 0.3f);
     cpu.lora->B.value = rand_cpu({out, 8}, -0.3f, 0.3f);
+    cpu.set_precision(p);
     Linear gpu = cpu;
     if (variant > 0) gpu.frozen = to_device(cpu.frozen, kGpu, "x.weight");
     else gpu.weight.value = cpu.weight.value.to(kGpu);
@@ -55,10 +61,10 @@ TEST_F(GpuLora, LinearAdapterOnFrozenBasesMatchesCpu) {
     gpu.lora->B.value = cpu.lora->B.value.to(kGpu);
     const Tensor x = rand_cpu({T, in}), dy = rand_cpu({T, out});
     LinearCtx cc, gc;
-    close(gpu.forward(x.to(kGpu), &gc), cpu.forward(x, &cc), 2e-5, "y");
-    close(gpu.backward(dy.to(kGpu), gc), cpu.backward(dy, cc), 2e-5, "dx");
-    close(gpu.lora->A.grad, cpu.lora->A.grad, 2e-5, "dA");
-    close(gpu.lora->B.grad, cpu.lora->B.grad, 2e-5, "dB");
+    close(gpu.forward(x.to(kGpu), &gc), cpu.forward(x, &cc), tol, "y");
+    close(gpu.backward(dy.to(kGpu), gc), cpu.backward(dy, cc), tol, "dx");
+    close(gpu.lora->A.grad, cpu.lora->A.grad, tol, "dA");
+    close(gpu.lora->B.grad, cpu.lora->B.grad, tol, "dB");
   }
 }
 

@@ -122,6 +122,35 @@ TEST(MatmulPrecision, RowFormsEqualTensorForms) {
   EXPECT_TRUE(same_bits(Y, want));
 }
 
+// Frozen weights in each precision: fp32 is quant.h's qmatmul; bf16 is the BF16 GEMM of the dequantised weight
+// (bit for bit); fp8 uses the weight's own codes and scales (an FP8 E8M0 weight: exactly fp8_matmul on its blocks;
+// FP4 through fp4_to_fp8_blocks) and lands near the FP32 product; the row forms equal the tensor forms.
+TEST(MatmulPrecision, FrozenWeightsInEachPrecision) {
+  const Tensor w = randn(200, 260, 3, 0.05f), x = randn(37, 260, 4), dy = randn(37, 200, 5);
+  for (WeightFormat f : {WeightFormat::FP8, WeightFormat::FP4, WeightFormat::BF16}) {
+    SCOPED_TRACE(std::string(weight_format_name(f)));
+    const QuantizedWeight q = quantize_weight(w, f, ScaleFormat::E8M0, "w");
+    const Tensor wd = q.dequantize();
+    EXPECT_TRUE(same_bits(qpmatmul_xwT(MatmulPrecision::F32, x, q), qmatmul_xwT(x, q)));
+    EXPECT_TRUE(same_bits(qpmatmul_xwT(MatmulPrecision::BF16, x, q), pmatmul_xwT(MatmulPrecision::BF16, x, wd)));
+    EXPECT_TRUE(same_bits(qpmatmul_dyW(MatmulPrecision::BF16, dy, q), pmatmul_dyW(MatmulPrecision::BF16, dy, wd)));
+    const Tensor y8 = qpmatmul_xwT(MatmulPrecision::FP8, x, q), dx8 = qpmatmul_dyW(MatmulPrecision::FP8, dy, q);
+    if (f == WeightFormat::FP8) {
+      const Fp8Tensor blocks{q.data, q.scale, Fp8Layout::Blocks128x128};
+      EXPECT_TRUE(same_bits(y8, fp8_matmul(fp8_quantize_rows(x, ScaleFormat::F32), blocks)));
+    }
+    EXPECT_LT(rel_err(y8, qmatmul_xwT(x, q)), 0.05);
+    EXPECT_LT(rel_err(dx8, qmatmul_dyW(dy, q)), 0.05);
+    for (MatmulPrecision p : {MatmulPrecision::F32, MatmulPrecision::BF16, MatmulPrecision::FP8}) {
+      Tensor y = Tensor::zeros({37, 200}, DType::F32), dx = Tensor::zeros({37, 260}, DType::F32);
+      qpgemm_xwT_rows(p, q, 37, x.data<float>(), 260, 0.0f, y.data<float>(), 200);
+      qpgemm_dyW_rows(p, q, 37, dy.data<float>(), 200, 0.0f, dx.data<float>(), 260);
+      EXPECT_TRUE(same_bits(y, qpmatmul_xwT(p, x, q))) << matmul_precision_name(p);
+      EXPECT_TRUE(same_bits(dx, qpmatmul_dyW(p, dy, q))) << matmul_precision_name(p);
+    }
+  }
+}
+
 TEST(MatmulPrecision, Fp8LinearKeepsOnlyTheWgradOperand) {
   Linear lin("lin.weight", 200, 90);
   lin.weight.value = randn(90, 200, 21, 0.05f);

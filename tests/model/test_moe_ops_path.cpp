@@ -120,8 +120,8 @@ TEST(MoEOpsPath, Bf16AndFp8MatchReference) {
 
 // Adapters everywhere (router, routed w1 / w2 / w3 singles and a fused w13, shared expert), dropout on, over frozen
 // FP8 and FP4 expert weights: bit-identical to the reference (the same CPU GEMMs, masks and draws in the same order).
-std::unique_ptr<MoE> make_adapted_moe(uint64_t seed) {
-  auto m = make_moe(false, MatmulPrecision::F32, seed);
+std::unique_ptr<MoE> make_adapted_moe(uint64_t seed, MatmulPrecision p = MatmulPrecision::F32) {
+  auto m = make_moe(false, p, seed);
   const ModelConfig c = moe_config();
   const int64_t D = c.dim, I = c.moe_inter_dim, E = c.n_routed_experts;
   std::mt19937 rng(static_cast<uint32_t>(seed + 100));
@@ -153,21 +153,24 @@ TEST(MoEOpsPath, AdaptersOverFrozenExpertsBitIdentical) {
   const int64_t T = 29, D = moe_config().dim;
   std::mt19937 rng(9);
   const Tensor x = random_tensor({T, D}, rng, 1.0f), dy = random_tensor({T, D}, rng, 1.0f);
-  auto ref_m = make_adapted_moe(5), ops_m = make_adapted_moe(5);
-  const MoeRun ref = run(*ref_m, x, Tensor(), SeqLayout(1, T), dy, 0.01);
-  MoeRun got;
-  {
-    ForceOpsPath scope;
-    got = run(*ops_m, x, Tensor(), SeqLayout(1, T), dy, 0.01);
-  }
-  expect_close("y", ref.y, got.y, 0.0);
-  expect_close("dx", ref.dx, got.dx, 0.0);
-  ASSERT_EQ(ref.grads.size(), got.grads.size());
-  EXPECT_GT(ref.grads.count("layers.0.ffn.experts.1.w13.lora_A"), 0u);
-  EXPECT_EQ(ref.grads.count("layers.0.ffn.experts.1.w1.weight"), 0u);  // frozen
-  for (const auto& [name, g] : ref.grads) {
-    ASSERT_TRUE(got.grads.count(name)) << name;
-    expect_close(name, g, got.grads.at(name), 0.0);
+  for (MatmulPrecision p : {MatmulPrecision::F32, MatmulPrecision::BF16, MatmulPrecision::FP8}) {
+    SCOPED_TRACE(std::string(matmul_precision_name(p)));
+    auto ref_m = make_adapted_moe(5, p), ops_m = make_adapted_moe(5, p);
+    const MoeRun ref = run(*ref_m, x, Tensor(), SeqLayout(1, T), dy, 0.01);
+    MoeRun got;
+    {
+      ForceOpsPath scope;
+      got = run(*ops_m, x, Tensor(), SeqLayout(1, T), dy, 0.01);
+    }
+    expect_close("y", ref.y, got.y, 0.0);
+    expect_close("dx", ref.dx, got.dx, 0.0);
+    ASSERT_EQ(ref.grads.size(), got.grads.size());
+    EXPECT_GT(ref.grads.count("layers.0.ffn.experts.1.w13.lora_A"), 0u);
+    EXPECT_EQ(ref.grads.count("layers.0.ffn.experts.1.w1.weight"), 0u);  // frozen
+    for (const auto& [name, g] : ref.grads) {
+      ASSERT_TRUE(got.grads.count(name)) << name;
+      expect_close(name, g, got.grads.at(name), 0.0);
+    }
   }
 }
 
