@@ -37,6 +37,23 @@ void close(const Tensor& gpu, const Tensor& cpu, double rtol, const std::string&
   expect_close_scaled({g.begin(), g.end()}, {c.begin(), c.end()}, rtol, what);
 }
 
+// Every gradient of the GPU module (on the GPU) against the CPU module's, and the same set of them.
+void close_grads(MoE& gpu, MoE& cpu, double rtol) {
+  std::map<std::string, Tensor> cpu_grads;
+  cpu.visit([&](Param& q) {
+    if (q.grad.defined()) cpu_grads[q.name] = q.grad;
+  });
+  size_t n = 0;
+  gpu.visit([&](Param& q) {
+    if (!q.grad.defined()) return;
+    ++n;
+    ASSERT_TRUE(cpu_grads.count(q.name)) << q.name;
+    EXPECT_TRUE(q.grad.device().is_cuda()) << q.name;
+    close(q.grad, cpu_grads.at(q.name), rtol, q.name);
+  });
+  EXPECT_EQ(n, cpu_grads.size());
+}
+
 void check(bool hash, MatmulPrecision p, int64_t batch, int64_t seq, double rtol_fwd, double rtol_bwd) {
   SCOPED_TRACE(std::string(hash ? "hash " : "learned ") + std::string(matmul_precision_name(p)));
   const ModelConfig cfg = moe_config();
@@ -67,19 +84,7 @@ void check(bool hash, MatmulPrecision p, int64_t batch, int64_t seq, double rtol
   EXPECT_NEAR(gs.balance_term, cs.balance_term, 1e-6 * std::abs(cs.balance_term));
   close(y_gpu, y_cpu, rtol_fwd, "y");
   close(gpu.backward(dy.to(kGpu), gc, 0.01), cpu.backward(dy, cc, 0.01), rtol_bwd, "dx");
-  std::map<std::string, Tensor> cpu_grads;
-  cpu.visit([&](Param& q) {
-    if (q.grad.defined()) cpu_grads[q.name] = q.grad;
-  });
-  size_t n = 0;
-  gpu.visit([&](Param& q) {
-    if (!q.grad.defined()) return;
-    ++n;
-    ASSERT_TRUE(cpu_grads.count(q.name)) << q.name;
-    EXPECT_TRUE(q.grad.device().is_cuda()) << q.name;
-    close(q.grad, cpu_grads.at(q.name), rtol_bwd, q.name);
-  });
-  EXPECT_EQ(n, cpu_grads.size());
+  close_grads(gpu, cpu, rtol_bwd);
 }
 
 TEST_F(GpuMoe, Fp32MatchesCpu) {
@@ -137,18 +142,7 @@ TEST_F(GpuMoe, AdaptersOverFrozenExpertsMatchCpu) {
   expect_same_bits(gc.idx, cc.idx, "selected experts");
   close(y_gpu, y_cpu, 1e-4, "y");
   close(gpu.backward(dy.to(kGpu), gc, 0.01), cpu.backward(dy, cc, 0.01), 1e-4, "dx");
-  std::map<std::string, Tensor> cpu_grads;
-  cpu.visit([&](Param& q) {
-    if (q.grad.defined()) cpu_grads[q.name] = q.grad;
-  });
-  size_t n = 0;
-  gpu.visit([&](Param& q) {
-    if (!q.grad.defined()) return;
-    ++n;
-    ASSERT_TRUE(cpu_grads.count(q.name)) << q.name;
-    close(q.grad, cpu_grads.at(q.name), 1e-4, q.name);
-  });
-  EXPECT_EQ(n, cpu_grads.size());
+  close_grads(gpu, cpu, 1e-4);
 }
 
 }  // namespace

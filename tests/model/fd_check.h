@@ -24,6 +24,15 @@ inline Tensor random_tensor(const Shape& shape, std::mt19937& rng, float scale =
   return Tensor::from_floats(shape, v);
 }
 
+// I64 [n] token ids uniform in [0, vocab) from a seeded mt19937.
+inline Tensor random_ids(int64_t n, int64_t vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int64_t> u(0, vocab - 1);
+  std::vector<int64_t> v(static_cast<size_t>(n));
+  for (auto& x : v) x = u(rng);
+  return Tensor::from_vector<int64_t>({n}, v);
+}
+
 // sum(a * b) in double for F32 tensors of equal shape (a projection of an output onto a fixed direction).
 inline double dot(const Tensor& a, const Tensor& b) {
   const auto va = a.to_floats(), vb = b.to_floats();

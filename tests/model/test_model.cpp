@@ -11,13 +11,7 @@
 namespace dsv4 {
 namespace {
 
-Tensor random_ids(int64_t n, int64_t vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int64_t> u(0, vocab - 1);
-  std::vector<int64_t> v(static_cast<size_t>(n));
-  for (auto& x : v) x = u(rng);
-  return Tensor::from_vector<int64_t>({n}, v);
-}
+using testing::random_ids;
 
 Param& find_param(Model& m, const std::string& name) {
   Param* found = nullptr;

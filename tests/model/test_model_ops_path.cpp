@@ -17,6 +17,7 @@
 #include <optional>
 #include <random>
 
+#include "fd_check.h"
 #include "model/exec_path.h"
 #include "model/model.h"
 #include "model/quant.h"
@@ -24,13 +25,7 @@
 namespace dsv4 {
 namespace {
 
-Tensor random_ids(int64_t n, int64_t vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int64_t> u(0, vocab - 1);
-  std::vector<int64_t> v(static_cast<size_t>(n));
-  for (auto& x : v) x = u(rng);
-  return Tensor::from_vector<int64_t>({n}, v);
-}
+using testing::random_ids;
 
 Tensor random_floats(const Shape& shape, float lo, float hi, uint32_t seed) {
   std::mt19937 rng(seed);
