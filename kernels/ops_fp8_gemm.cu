@@ -15,10 +15,12 @@
 //      - 1D x 1D, 1D x 2D and 2D x 1D are supported, 2D x 2D is not; sm_90 only (no sm_100/120 kernels).
 //    FP8 on Hopper wants the "TN" form: cuBLAS's A = b (weight, K x N column-major = our row-major [N, K],
 //    TRANSA = T), B = a (K x M, TRANSB = N), D = N x M column-major = our row-major c [M, N], F32.
-//    We use it only where the layout questions above do not arise or are handled: K % 128 == 0 (no partial K
-//    block), M % 4 == 0 and (for 1x128 b) N % 4 == 0 (padding of the row-fastest scale rows is then moot),
-//    16-byte aligned operands, and cuBLASLt's heuristic returns an algorithm. The scales are re-laid out (and
-//    E8M0 decoded to F32, exactly) into a scratch buffer per call.
+//    Every shape goes through it padded so that the layout questions above do not arise: K up to a multiple of 128
+//    (no partial K block), M and N up to multiples of 4 (the row-fastest scale rows), zero codes past the real
+//    rows / columns (exact zeros in every sum), 16-byte aligned copies where needed and a scratch output when the
+//    padded shape differs; only where cuBLASLt's heuristic returns no algorithm does Auto fall back. Expert GEMMs
+//    (any row count, any token count in the weight gradient) need this: the fallback below is a CUDA-core kernel.
+//    The scales are re-laid out (and E8M0 decoded to F32, exactly) into a scratch buffer per call.
 //    Precision: the tensor cores accumulate each 128-wide K block in their own order and the result is
 //    promoted to FP32 with the scales; the result equals the reference up to FP32 rounding of the accumulation
 //    (tests/gpu/test_gpu_fp8.cpp states the bound).
@@ -226,14 +228,7 @@ Lt& lt_for(int device) {
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// The shape / alignment gate (see the header comment).
-bool lt_shape_ok(int64_t M, int64_t N, int64_t K, Fp8Layout b_layout) {
-  if (K <= 0 || K % kFp8Group != 0 || M % 4 != 0 || N % 4 != 0) return false;
-  if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX) return false;
-  (void)b_layout;
-  return true;
-}
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Heuristic for (M, N, K, layout), cached per device; the caller holds lt.mu.
 const LtHeuristic& lt_heuristic(Lt& lt, int64_t M, int64_t N, int64_t K, Fp8Layout b_layout) {
@@ -260,34 +255,69 @@ const LtHeuristic& lt_heuristic(Lt& lt, int64_t M, int64_t N, int64_t K, Fp8Layo
   return lt.cache.emplace(key, h).first->second;
 }
 
+// The padded problem cuBLASLt runs: K up to a multiple of 128, M and N up to multiples of 4. Zero codes past the
+// real rows / columns add exact zeros, and the scale tensors already have ceil(K / 128) blocks (a multiple of 4
+// never crosses a 128 boundary), so the padded product's first M x N outputs are the unpadded product's.
+struct LtShape {
+  int64_t M, N, K;
+};
+LtShape lt_shape(const Tensor& a_q, const Tensor& b_q) {
+  return {round_up(a_q.size(0), 4), round_up(b_q.size(0), 4), round_up(a_q.size(1), kFp8Group)};
+}
+
 bool lt_accepts(const Tensor& a_q, const Tensor& b_q, Fp8Layout b_layout, const Tensor& c) {
-  const int64_t M = a_q.size(0), K = a_q.size(1), N = b_q.size(0);
-  if (!lt_shape_ok(M, N, K, b_layout)) return false;
-  if (!aligned16(a_q.raw_data()) || !aligned16(b_q.raw_data()) || !aligned16(c.raw_data())) return false;
+  const LtShape s = lt_shape(a_q, b_q);
+  if (s.K <= 0 || s.M > INT32_MAX || s.N > INT32_MAX || s.K > INT32_MAX) return false;
   Lt& lt = lt_for(c.device().index);
   std::lock_guard<std::mutex> lock(lt.mu);
-  return lt_heuristic(lt, M, N, K, b_layout).ok;
+  return lt_heuristic(lt, s.M, s.N, s.K, b_layout).ok;
+}
+
+// q [rows, cols] E4M3 codes as a 16-byte aligned [prows, pcols] matrix (zeros past the real ones); q itself when
+// it already is one.
+Tensor padded_codes(const Tensor& q, int64_t prows, int64_t pcols) {
+  const int64_t rows = q.size(0), cols = q.size(1);
+  if (rows == prows && cols == pcols && aligned16(q.raw_data())) return q;
+  Tensor out = Tensor::empty({prows, pcols}, q.dtype(), q.device());
+  const cudaStream_t st = detail::stream_of(q);
+  CUDA_CHECK(cudaMemsetAsync(out.raw_data(), 0, static_cast<size_t>(prows * pcols), st));
+  if (rows > 0 && cols > 0)
+    CUDA_CHECK(cudaMemcpy2DAsync(out.raw_data(), static_cast<size_t>(pcols), q.raw_data(), static_cast<size_t>(cols),
+                                 static_cast<size_t>(cols), static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, st));
+  return out;
 }
 
 void run_cublaslt(const Tensor& a_q, const Tensor& a_scale, const Tensor& b_q, const Tensor& b_scale,
                   Fp8Layout b_layout, Tensor& c) {
-  const int64_t M = a_q.size(0), K = a_q.size(1), N = b_q.size(0);
-  const Tensor sa = relayout_scales(a_scale, /*transpose=*/true, 1);  // [K/128, M]
-  const Tensor sb = b_layout == Fp8Layout::Rows1x128 ? relayout_scales(b_scale, true, 1)    // [K/128, N]
+  const int64_t M = a_q.size(0), N = b_q.size(0);
+  const LtShape s = lt_shape(a_q, b_q);
+  const Tensor a = padded_codes(a_q, s.M, s.K), b = padded_codes(b_q, s.N, s.K);
+  const Tensor sa = relayout_scales(a_scale, /*transpose=*/true, 4);  // [K/128, pad4(M)]
+  const Tensor sb = b_layout == Fp8Layout::Rows1x128 ? relayout_scales(b_scale, true, 4)    // [K/128, pad4(N)]
                                                      : relayout_scales(b_scale, false, 4);  // [N/128, pad4(K/128)]
+  const bool direct_out = s.M == M && s.N == N && aligned16(c.raw_data());
+  Tensor out = direct_out ? c : Tensor::empty({s.M, s.N}, DType::F32, c.device());
   Lt& lt = lt_for(c.device().index);
-  std::lock_guard<std::mutex> lock(lt.mu);
-  const LtHeuristic& h = lt_heuristic(lt, M, N, K, b_layout);
-  DSV4_CHECK(h.ok, "cuda::fp8_gemm: cuBLASLt has no block-scaled algorithm for M={} N={} K={}", M, N, K);
-  const LtProblem& p = *h.problem;
-  const void* sa_ptr = sa.raw_data();
-  const void* sb_ptr = sb.raw_data();
-  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sb_ptr, sizeof(sb_ptr)));
-  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa_ptr, sizeof(sa_ptr)));
-  const float alpha = 1.0f, beta = 0.0f;
-  CUBLAS_CHECK(cublasLtMatmul(lt.handle, p.desc, &alpha, b_q.raw_data(), p.la, a_q.raw_data(), p.lb, &beta,
-                              c.raw_data(), p.lc, c.raw_data(), p.lc, &h.algo, lt.workspace, kLtWorkspaceBytes,
-                              detail::stream_of(c)));
+  {
+    std::lock_guard<std::mutex> lock(lt.mu);
+    const LtHeuristic& h = lt_heuristic(lt, s.M, s.N, s.K, b_layout);
+    DSV4_CHECK(h.ok, "cuda::fp8_gemm: cuBLASLt has no block-scaled algorithm for M={} N={} K={}", s.M, s.N, s.K);
+    const LtProblem& p = *h.problem;
+    const void* sa_ptr = sa.raw_data();
+    const void* sb_ptr = sb.raw_data();
+    CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sb_ptr, sizeof(sb_ptr)));
+    CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa_ptr, sizeof(sa_ptr)));
+    const float alpha = 1.0f, beta = 0.0f;
+    CUBLAS_CHECK(cublasLtMatmul(lt.handle, p.desc, &alpha, b.raw_data(), p.la, a.raw_data(), p.lb, &beta,
+                                out.raw_data(), p.lc, out.raw_data(), p.lc, &h.algo, lt.workspace, kLtWorkspaceBytes,
+                                detail::stream_of(c)));
+  }
+  if (!direct_out)
+    CUDA_CHECK(cudaMemcpy2DAsync(c.raw_data(), static_cast<size_t>(N) * sizeof(float), out.raw_data(),
+                                 static_cast<size_t>(s.N) * sizeof(float), static_cast<size_t>(N) * sizeof(float),
+                                 static_cast<size_t>(M), cudaMemcpyDeviceToDevice, detail::stream_of(c)));
 }
 
 }  // namespace
@@ -308,8 +338,8 @@ void fp8_gemm(const Tensor& a_q, const Tensor& a_scale, const Tensor& b_q, const
                       (impl == Fp8GemmImpl::Auto && lt_accepts(a_q, b_q, b_layout, c));
   if (use_lt) {
     DSV4_CHECK(impl != Fp8GemmImpl::CublasLt || lt_accepts(a_q, b_q, b_layout, c),
-               "cuda::fp8_gemm: cuBLASLt's block-scaled path does not take M={} N={} K={} (needs K % 128 == 0, "
-               "M % 4 == 0, N % 4 == 0, 16-byte alignment and a cuBLASLt algorithm)",
+               "cuda::fp8_gemm: cuBLASLt has no block-scaled algorithm for M={} N={} K={} (padded to multiples of "
+               "4, 4 and 128)",
                a_q.size(0), b_q.size(0), a_q.size(1));
     run_cublaslt(a_q, a_scale, b_q, b_scale, b_layout, c);
   } else {

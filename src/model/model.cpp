@@ -1,8 +1,11 @@
 #include "model/model.h"
 
+#include <algorithm>
+#include <atomic>
 #include <random>
 #include <regex>
 #include <set>
+#include <thread>
 
 namespace dsv4 {
 
@@ -418,15 +421,35 @@ void Model::init_random(uint64_t seed, double stddev) {
       if (p.placement == Placement::TpSplit) ops::copy(p.local_part(full), p.value);
     }
   };
+  // Parameters draw independently, so they are drawn in parallel (a 2B-parameter model takes minutes on one core).
+  // A model already on a device (Model::to) draws on the host and copies over afterwards: the values a CPU model gets.
+  std::vector<Param*> params;
   visit([&](Param& p) {
-    if (!p.value.defined()) return;
-    if (p.value.device().is_cpu()) return init(p);
-    // A model already on a device (Model::to): drawn on the host, then copied over (the values a CPU model gets).
-    Param host = p;
-    host.value = Tensor::empty(p.value.shape(), p.value.dtype());
-    init(host);
-    ops::copy(host.value, p.value);
+    if (p.value.defined()) params.push_back(&p);
   });
+  std::stable_sort(params.begin(), params.end(),  // largest first: the threads finish together
+                   [](const Param* a, const Param* b) { return a->value.numel() > b->value.numel(); });
+  std::vector<Param> host(params.size());
+  std::atomic<size_t> next{0};
+  auto worker = [&] {
+    for (size_t i = next++; i < params.size(); i = next++) {
+      Param& p = *params[i];
+      if (p.value.device().is_cpu()) {
+        init(p);
+      } else {
+        host[i] = p;
+        host[i].value = Tensor::empty(p.value.shape(), p.value.dtype());
+        init(host[i]);
+      }
+    }
+  };
+  const size_t n_threads = std::min<size_t>(std::max(1u, std::thread::hardware_concurrency()), params.size());
+  std::vector<std::thread> threads;
+  for (size_t t = 1; t < n_threads; ++t) threads.emplace_back(worker);
+  worker();
+  for (std::thread& t : threads) t.join();
+  for (size_t i = 0; i < params.size(); ++i)
+    if (!params[i]->value.device().is_cpu()) ops::copy(host[i].value, params[i]->value);
 }
 
 void Model::load_state(const std::map<std::string, Tensor>& state, const std::string& source) {

@@ -210,9 +210,13 @@ int run_step_bench(const StepBenchOptions& opt) {
   ModelOptions mopts;
   mopts.recompute = opt.recompute;
   mopts.attention.tensor_core_forward = opt.tc_attention;
+  const double w0 = clk.now();
   Model model(cfg, mopts);
   model.init_random(1);
+  const double w1 = clk.now();
   model.to(dev);
+  std::fprintf(stderr, "step bench: model built and initialised in %.1f s, moved to %s in %.1f s\n", w1 - w0,
+               cuda ? "cuda:0" : "cpu", clk.now() - w1);
   const MatmulPrecision precision = parse_matmul_precision(opt.precision, "--precision");
   model.set_matmul_precision(precision);
   Optimizer optimizer(model, OptimizerConfig::for_model(cfg));
@@ -243,6 +247,8 @@ int run_step_bench(const StepBenchOptions& opt) {
     const double t2 = clk.now();
     loss = r.total;
     gnorm = c.norm;
+    std::fprintf(stderr, "step bench: %s step %d: forward+backward %.3f s, clip+optimizer %.3f s, loss %.4f\n",
+                 i < opt.warmup ? "warmup" : "timed", i, t1 - t0, t2 - t1, r.total);
     if (i >= opt.warmup) {
       t_fb.push_back(t1 - t0);
       t_opt.push_back(t2 - t1);

@@ -113,7 +113,8 @@ TEST_F(GpuOptimizer, GradNormAndClippingMatchCpu) {
   scale_grads(pg, 0.37);
   for (size_t i = 0; i < pc.size(); ++i)
     if (pc[i]->grad.defined()) expect_same_bits(pg[i]->grad, pc[i]->grad, pc[i]->name);
-  const ClipResult ca = clip_grad_norm(pc, 0.5 * a.norm), cg = clip_grad_norm(pg, 0.5 * a.norm);
+  const double max_norm = 0.5 * 0.37 * std::sqrt(a.sq_sum);  // half the scaled norm: both must clip
+  const ClipResult ca = clip_grad_norm(pc, max_norm), cg = clip_grad_norm(pg, max_norm);
   EXPECT_TRUE(ca.clipped && cg.clipped);
   EXPECT_NEAR(cg.scale, ca.scale, 1e-5 * ca.scale);
 
