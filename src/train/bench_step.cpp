@@ -277,6 +277,11 @@ int run_step_bench(const StepBenchOptions& opt) {
               tflops, 100 * tflops / kBf16PeakTflops, kBf16PeakTflops);
   if (precision == MatmulPrecision::FP8) std::printf(", %.3g%% of %.0f TFLOP/s (FP8 peak)", 100 * tflops / kFp8PeakTflops, kFp8PeakTflops);
   std::printf("\n");
+  // With gradient accumulation the optimizer runs once per several micro-batches; this is the limit of many.
+  const double tflops_fb = fl.training() * tokens / fb / 1e12;
+  std::printf("  forward+backward alone: %.1f tokens/s, %.4g TFLOP/s, MFU %.3g%% (the optimizer amortised over many "
+              "accumulated micro-batches)\n",
+              tokens / fb, tflops_fb, 100 * tflops_fb / kBf16PeakTflops);
   std::printf("  memory (%s allocator): peak %.3f GiB during the timed steps, %.3f GiB resident before them (weights + "
               "optimizer state)\n",
               dev.str().c_str(), mem.peak_bytes / 1073741824.0, resident / 1073741824.0);
