@@ -1,7 +1,8 @@
 // CUDA twins of the optimizer ops of runtime/model_ops.h (CPU reference src/runtime/cpu_model_ops.cpp): AdamW,
 // Muon's momentum and apply (the element rules of runtime/update_math.h; this file is built with --fmad=false, so
-// they compute the CPU's bits) and a batched Newton-Schulz on cuBLAS (FP32 GEMMs through runtime/ops.h's gemm,
-// strided-batched over the matrices; same schedule and operation order as runtime/newton_schulz.cpp's F32 path).
+// they compute the CPU's bits) and a batched Newton-Schulz on cuBLAS (GEMMs through runtime/ops.h's gemm,
+// strided-batched over the matrices, FP32 accumulation; same schedule, operation order and, for NsPrecision::BF16,
+// the same BF16 rounding points as runtime/newton_schulz.cpp).
 #include "kernels/cuda_check.cuh"  // first: makes fmt usable under nvcc
 
 #include "kernels/ops_common.cuh"
@@ -59,8 +60,62 @@ __global__ void scale_kernel(const float* x, float a, float* y, int64_t n) {
   GRID_STRIDE(i, n) y[i] = a * x[i];
 }
 
+// BF16 X [b] = bf16(bf16(U[b]) / nrm), nrm = bf16(float(max(||bf16(U[b])||_F, eps))) with the norm summed in double
+// (one block per matrix): the CPU emulation's rounding points.
+__global__ void ns_normalize_bf16_kernel(const float* u, uint16_t* x, int64_t n, double eps) {
+  __shared__ double smem[kThreads];
+  const float* ub = u + static_cast<int64_t>(blockIdx.x) * n;
+  uint16_t* xb = x + static_cast<int64_t>(blockIdx.x) * n;
+  double ss = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const double v = round_bf16(ub[i]);
+    ss += v * v;
+  }
+  smem[threadIdx.x] = ss;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (static_cast<int>(threadIdx.x) < s) smem[threadIdx.x] += smem[threadIdx.x + s];
+    __syncthreads();
+  }
+  const float nrm = round_bf16(static_cast<float>(fmax(sqrt(smem[0]), eps)));
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) xb[i] = f32_to_bf16(round_bf16(ub[i]) / nrm);
+}
+
+// Newton-Schulz in BF16 on wide matrices X [B, r, c] (r <= c, F32 in and out). X, A, B and Y are BF16 tensors; each
+// GEMM accumulates in FP32 and rounds its result once to BF16. cuBLAS forms alpha op(a) op(b) + beta C in FP32, so
+// b A + c A A is one GEMM on C = a copy of A (BF16 already: the copy is exact) and a X + B X one on C = a copy of X.
+void ns_wide_bf16(Tensor& X, const std::vector<NsStage>& schedule, double eps) {
+  const int64_t B = X.size(0), r = X.size(1), c = X.size(2);
+  cudaStream_t st = stream_of(X);
+  Tensor x16 = Tensor::empty(X.shape(), DType::BF16, X.device());
+  Tensor y16 = Tensor::empty(X.shape(), DType::BF16, X.device());
+  Tensor A = Tensor::empty({B, r, r}, DType::BF16, X.device());
+  Tensor Bm = Tensor::empty({B, r, r}, DType::BF16, X.device());
+  ns_normalize_bf16_kernel<<<static_cast<unsigned>(B), kThreads, 0, st>>>(X.data<float>(), x16.data_u16(), r * c,
+                                                                           eps);
+  CUDA_CHECK_LAUNCH();
+  Tensor* x = &x16;
+  Tensor* y = &y16;
+  for (const NsStage& s : schedule) {
+    const float a = static_cast<float>(s.a), b = static_cast<float>(s.b), cc = static_cast<float>(s.c);
+    for (int64_t k = 0; k < s.steps; ++k) {
+      dsv4::ops::gemm(*x, false, *x, true, 1.0f, 0.0f, A);  // A = X X^T
+      Bm.copy_from(A);
+      dsv4::ops::gemm(A, false, A, false, cc, b, Bm);  // B = b A + c A A
+      y->copy_from(*x);
+      dsv4::ops::gemm(Bm, false, *x, false, 1.0f, a, *y);  // Y = a X + B X
+      std::swap(x, y);
+    }
+  }
+  X.copy_from(*x);  // BF16 -> F32, exact
+}
+
 // Newton-Schulz on wide matrices X [B, r, c] (r <= c), in place.
-void ns_wide(Tensor& X, const std::vector<NsStage>& schedule, double eps) {
+void ns_wide(Tensor& X, const std::vector<NsStage>& schedule, double eps, NsPrecision precision) {
+  if (precision == NsPrecision::BF16) {
+    ns_wide_bf16(X, schedule, eps);
+    return;
+  }
   const int64_t B = X.size(0), r = X.size(1), c = X.size(2);
   cudaStream_t st = stream_of(X);
   ns_normalize_kernel<<<static_cast<unsigned>(B), kThreads, 0, st>>>(X.data<float>(), r * c, eps);
@@ -109,16 +164,16 @@ void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s) {
   CUDA_CHECK_LAUNCH();
 }
 
-void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps) {
+void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps, NsPrecision precision) {
   detail::DeviceGuard guard(x.device().index);
   Tensor x3 = x.ndim() == 3 ? x : x.unsqueeze(0);
   const int64_t r = x3.size(1), c = x3.size(2);
   if (r <= c) {
-    ns_wide(x3, schedule, eps);
+    ns_wide(x3, schedule, eps, precision);
     return;
   }
   Tensor t = x3.transpose(1, 2).contiguous();  // [B, c, r]
-  ns_wide(t, schedule, eps);
+  ns_wide(t, schedule, eps, precision);
   x3.copy_from(t.transpose(1, 2));
 }
 

@@ -165,9 +165,6 @@ OptimizerStepStats Optimizer::step(double lr) {
 }
 
 int64_t Optimizer::muon_ops_step(const std::vector<Slot*>& slots, double lr) {
-  DSV4_CHECK(cfg_.muon.precision == NsPrecision::F32,
-             "optimizer: muon.ns_precision bf16 has no tensor-op path (newton_schulz_batched is F32 only); {} is on {}",
-             slots.front()->p->name, slots.front()->p->value.device().str());
   // Batches: the Muon matrices (row blocks) of one shape on one device, in order of first appearance, cut into runs of
   // at most kNsBatchElements. The CPU path orthogonalises each matrix by itself; newton_schulz_batched runs the same
   // computation per matrix (CPU twin: the same newton_schulz loop; CUDA: batched GEMMs).
@@ -205,7 +202,7 @@ int64_t Optimizer::muon_ops_step(const std::vector<Slot*>& slots, double lr) {
       muon_momentum_step(s.p->grad, s.momentum, u, static_cast<float>(mc.momentum), mc.nesterov);
       first += s.row_blocks;
     }
-    newton_schulz_batched(u_all, mc.ns_schedule, mc.ns_eps);
+    newton_schulz_batched(u_all, mc.ns_schedule, mc.ns_eps, mc.precision);
     const MuonApplyScalars sc = muon_apply_scalars(lr, mc.weight_decay, mc.update_scale, b.block_rows, b.cols);
     first = 0;
     for (size_t i = 0; i < b.slots.size(); ++i) {
@@ -236,11 +233,8 @@ void Optimizer::muon_step(Slot& s, double lr) {
       muon_orthogonalize(m.data<float>(), m_rows, cols, blocks, mc);
       return;
     }
-    DSV4_CHECK(mc.precision == NsPrecision::F32,
-               "optimizer: muon.ns_precision bf16 has no tensor-op path (newton_schulz_batched is F32 only); {} is on {}",
-               p.name, dev.str());
     Tensor b = m.view({blocks, m_rows / blocks, cols});
-    newton_schulz_batched(b, mc.ns_schedule, mc.ns_eps);
+    newton_schulz_batched(b, mc.ns_schedule, mc.ns_eps, mc.precision);
   };
   Tensor u = Tensor::empty(p.value.shape(), DType::F32, dev);
   if (ops_path)

@@ -13,8 +13,8 @@
 // newton_schulz_batched over every Muon matrix (row block) of one shape and device at once (at most 2^26 elements per
 // call), muon_apply_step. The CPU twins of these ops are the loops of update_rules.cpp, so on CPU tensors both paths
 // give the same bits; the CUDA twins are bit-identical for AdamW and Muon's element-wise steps, and Newton-Schulz's
-// cuBLAS GEMMs round differently from the CPU BLAS (model_ops.h). Not on devices yet (one-line errors): parallel
-// layouts over several ranks (ZeRO-1 owners, distributed Muon over tp) and muon.ns_precision bf16.
+// cuBLAS GEMMs round differently from the CPU BLAS (model_ops.h; muon.ns_precision bf16 runs BF16 GEMMs there). Not
+// on devices yet (one-line errors): parallel layouts over several ranks (ZeRO-1 owners, distributed Muon over tp).
 //
 // State dict (a map that checkpoints write as safetensors), keys:
 //   "{param}/momentum"    F32, param shape   (Muon)

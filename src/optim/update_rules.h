@@ -12,7 +12,8 @@
 //   W <- W (1 - lr wd) - lr O           (decoupled weight decay, wd = 0.1)
 // NS runs in FP32 GEMMs (cpu_gemm, row-major). NsPrecision::BF16 emulates a BF16 NS (as torch.optim.Muon runs it):
 // U is rounded to BF16, the norm is a BF16 value, the normalised X and every GEMM result (X X^T, b A + c A A,
-// a X + B X) are rounded to BF16, with FP32 accumulation inside the GEMMs.
+// a X + B X) are rounded to BF16, with FP32 accumulation inside the GEMMs; on CUDA (the optimizer's tensor-op path,
+// runtime/model_ops.h newton_schulz_batched) these are real BF16 cuBLAS GEMMs rounded at the same points.
 // With row_blocks = k > 1 the matrix is k independent [n/k, m] matrices (one NS and one sqrt(max(n/k, m)) each).
 //
 // AdamW (torch.optim.AdamW semantics, step t counted from 1 for each parameter):

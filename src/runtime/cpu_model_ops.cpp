@@ -184,10 +184,10 @@ void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s) {
   for (int64_t i = 0; i < w.numel(); ++i) wp[i] = muon_apply_element(wp[i], op[i], s);
 }
 
-void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps) {
+void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps, NsPrecision precision) {
   const int64_t r = x.size(x.ndim() - 2), c = x.size(x.ndim() - 1), B = x.numel() / std::max<int64_t>(r * c, 1);
   float* p = x.data<float>();
-  for (int64_t b = 0; b < B; ++b) newton_schulz(p + b * r * c, p + b * r * c, r, c, schedule, eps, NsPrecision::F32);
+  for (int64_t b = 0; b < B; ++b) newton_schulz(p + b * r * c, p + b * r * c, r, c, schedule, eps, precision);
 }
 
 }  // namespace dsv4::cpu

@@ -261,12 +261,12 @@ void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s) {
   if (w.numel() > 0) DSV4_MODEL_DISPATCH(w.device(), muon_apply_step, w, o, s);
 }
 
-void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps) {
+void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps, NsPrecision precision) {
   const char* op = "newton_schulz_batched";
   check_arg(x, op, "x", DType::F32, -1, x.defined() ? x.device() : Device::cpu());
   DSV4_CHECK(x.ndim() == 2 || x.ndim() == 3, "{}: x must be [r, c] or [B, r, c], got {}", op, x.str());
   DSV4_CHECK(x.size(x.ndim() - 1) >= 1 && x.size(x.ndim() - 2) >= 1, "{}: empty matrices {}", op, x.str());
-  if (x.numel() > 0) DSV4_MODEL_DISPATCH(x.device(), newton_schulz_batched, x, schedule, eps);
+  if (x.numel() > 0) DSV4_MODEL_DISPATCH(x.device(), newton_schulz_batched, x, schedule, eps, precision);
 }
 
 }  // namespace dsv4

@@ -101,9 +101,12 @@ Tensor ce_backward(const Tensor& logits, const Tensor& targets, const std::vecto
 void adamw_step(Tensor& w, const Tensor& g, Tensor& exp_avg, Tensor& exp_avg_sq, const AdamWScalars& s);
 void muon_momentum_step(const Tensor& g, Tensor& momentum, Tensor& u, float mu, bool nesterov);
 void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s);
-// x [B, r, c] (or [r, c]): each matrix orthogonalised in place by newton_schulz's schedule (F32 only; CUDA: batched
-// cuBLAS GEMMs X X^T, b A + c A A, a X + B X on the wide orientation).
-void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps);
+// x [B, r, c] (or [r, c], F32): each matrix orthogonalised in place as newton_schulz(..., precision) does. CPU: that
+// loop per matrix. CUDA: batched cuBLAS GEMMs X X^T, b A + c A A, a X + B X on the wide orientation, in FP32 or (BF16)
+// on BF16 X, A, B, Y with FP32 accumulation, rounded where the CPU emulation rounds; the GEMMs sum in another order,
+// so results differ from the CPU by FP32 rounding (F32) or a few BF16 ulps (BF16).
+void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps,
+                           NsPrecision precision = NsPrecision::F32);
 
 // ---- backends: one function per idea, CPU reference and CUDA twin with the same signature -----------------------
 // Arguments validated and outputs allocated by the frontends.
@@ -134,7 +137,7 @@ void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, doub
   void adamw_step(Tensor& w, const Tensor& g, Tensor& exp_avg, Tensor& exp_avg_sq, const AdamWScalars& s);          \
   void muon_momentum_step(const Tensor& g, Tensor& momentum, Tensor& u, float mu, bool nesterov);                   \
   void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s);                                      \
-  void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps);
+  void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps, NsPrecision precision);
 namespace cpu {
 DSV4_MODEL_BACKEND_OPS
 }

@@ -76,6 +76,10 @@ StepBenchCli::StepBenchCli(CLI::App& app) {
   step_->add_flag("--recompute", o.recompute, "per-layer activation recomputation");
   step_->add_flag("--tc-attention", o.tc_attention,
                   "BF16 tensor-core attention forward where supported (C = 512, H % 16 == 0; the backward stays FP32)");
+  step_->add_option("--ns-precision", o.ns_precision,
+                    "Muon's Newton-Schulz GEMMs (muon.ns_precision); bf16 is what Muon implementations use in practice")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   step_->add_flag("!--no-profile", o.profile, "skip the profiled step (no breakdown)");
   step_->add_option("--threads", o.threads, "OpenBLAS threads (0: library default)")->capture_default_str();
   step_->add_option("--lr", o.lr, "learning rate of the optimizer steps")->capture_default_str();
@@ -219,7 +223,9 @@ int run_step_bench(const StepBenchOptions& opt) {
                cuda ? "cuda:0" : "cpu", clk.now() - w1);
   const MatmulPrecision precision = parse_matmul_precision(opt.precision, "--precision");
   model.set_matmul_precision(precision);
-  Optimizer optimizer(model, OptimizerConfig::for_model(cfg));
+  OptimizerConfig ocfg = OptimizerConfig::for_model(cfg);
+  ocfg.muon.precision = opt.ns_precision == "bf16" ? NsPrecision::BF16 : NsPrecision::F32;
+  Optimizer optimizer(model, ocfg);
   const std::vector<Param*> params = model_params(model);
 
   // Random token ids, one document per row; the labels are the ids (Model::forward_backward shifts them).
@@ -263,9 +269,10 @@ int run_step_bench(const StepBenchOptions& opt) {
   const double tokens = static_cast<double>(layout.tokens());
   const FlopsPerToken fl = model_flops_per_token(cfg, opt.seq);
   const double tflops = fl.training() * tokens / st / 1e12;
-  std::printf("dsv4-bench step preset=%s batch=%lld seq=%lld precision=%s device=%s%s%s steps=%d warmup=%d (medians)\n",
+  std::printf("dsv4-bench step preset=%s batch=%lld seq=%lld precision=%s ns_precision=%s device=%s%s%s steps=%d "
+              "warmup=%d (medians)\n",
               opt.preset.c_str(), static_cast<long long>(opt.batch), static_cast<long long>(opt.seq),
-              opt.precision.c_str(), dev.str().c_str(), opt.ops_path ? " (ops path)" : "",
+              opt.precision.c_str(), opt.ns_precision.c_str(), dev.str().c_str(), opt.ops_path ? " (ops path)" : "",
               opt.recompute ? " recompute" : "", opt.steps, opt.warmup);
   std::printf("  params %.3fM; FLOPs/token = 3 x forward = 3 x %.4g (active params/token %.4gM, mean visible keys "
               "%.1f, attention part of forward %.1f%%, fp8-eligible GEMMs %.1f%%)\n",

@@ -1,8 +1,10 @@
 // dsv4-bench step (src/train/bench_step.cpp): the full training step (issues 9/10), numbers only.
 //   dsv4-bench step [--preset proxy-2b] [--batch 1] [--seq 4096] [--precision bf16|fp8|fp32] [--steps 10]
-//                   [--warmup 2] [--device cuda|cpu] [--ops-path] [--recompute] [--threads T]
+//                   [--warmup 2] [--device cuda|cpu] [--ops-path] [--recompute] [--ns-precision bf16|fp32]
+//                   [--threads T]
 // Builds Model(model_preset(preset)), init_random, Model::to(device), set_matmul_precision, an Optimizer (Muon + AdamW,
-// state on the device) and times, per step: zero_grad, forward_backward on random token ids (one document per row),
+// state on the device; Muon's Newton-Schulz in --ns-precision, BF16 by default as Muon implementations run it) and
+// times, per step: zero_grad, forward_backward on random token ids (one document per row),
 // then gradient-norm clipping (max 1.0) and the optimizer step, with a device synchronisation at each boundary. Prints
 // the medians: tokens/s, achieved TFLOP/s and MFU against the dense BF16 peak of an H100/H200 SXM (989 TFLOP/s; fp8
 // runs also against the FP8 peak, 1979), with the FLOP formula of shared/design/BENCHMARKS.md (model/flops.h:
@@ -30,6 +32,7 @@ struct StepBenchOptions {
   bool ops_path = false;   // --device cpu: run the modules' tensor-op path (ForceOpsPath)
   bool recompute = false;  // per-layer activation recomputation (ModelOptions::recompute)
   bool tc_attention = false;  // the BF16 tensor-core attention forward (AttentionOptions::tensor_core_forward)
+  std::string ns_precision = "bf16";  // Muon's Newton-Schulz (MuonConfig::precision)
   bool profile = true;     // the extra profiled step for the breakdown
   int threads = 0;         // OpenBLAS threads (0: library default)
   double lr = 1e-4;

@@ -9,6 +9,7 @@
 #   BENCH=/path/to/dsv4-bench tests/gpu/bench_all.sh   # no build: runs that binary (e.g. on PATH after device_run.sh)
 #   NO_FLASH=1 tests/gpu/bench_all.sh              # ops / attn at proxy-2b shapes only
 #   STEP_ARGS="--steps 5 --recompute" tests/gpu/bench_all.sh   # extra arguments of the step benchmarks
+#   STEP_ARGS="--ns-precision fp32" tests/gpu/bench_all.sh     # Muon's Newton-Schulz in FP32 (default: bf16)
 #   tests/gpu/device_run.sh .devrun env BENCH=dsv4-bench LOG_DIR=/tmp/bench bash tests/gpu/bench_all.sh
 #                                                  # on a lent GPU machine, binaries from device_pack.sh
 #

@@ -5,8 +5,14 @@
 //   rtol 2e-6, atol 1e-6   rmsnorm y / rstd / dx, swiglu (+backward), sqrt_softplus (+backward), rope, ce sums / grad
 //   rtol 1e-5, atol 1e-5   rmsnorm dweight (FP32 sums over rows in another order)
 //   atol 2e-3              Newton-Schulz (cuBLAS vs CPU BLAS FP32 GEMMs over 10 iterations)
+//   2^-5 max|ref|, RMS 2^-6 RMS(ref)   Newton-Schulz in BF16: same rounding points, but the FP32 sums before each
+//                          BF16 rounding run in another order, so single BF16 ulps flip and the 10 iterations carry
+//                          them on (a CPU emulation with two summation orders measured up to 1.7% of max|ref|, RMS
+//                          0.6%, on shapes 64x200 .. 384x1024)
 // Skipped without a GPU.
+#include <array>
 #include <cmath>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -313,6 +319,34 @@ TEST_F(GpuModelOps, NewtonSchulzBatched) {
     newton_schulz_batched(xc, hybrid_ns_schedule(), 1e-7);
     newton_schulz_batched(xg, hybrid_ns_schedule(), 1e-7);
     expect_close(xg, xc, 0, 2e-3, "newton-schulz");
+  }
+}
+
+TEST_F(GpuModelOps, NewtonSchulzBatchedBf16) {
+  // Wide, tall, square and odd shapes, batches of several; the CPU twin is the BF16 emulation of newton_schulz.
+  for (auto [B, r, c] : {std::array<int64_t, 3>{1, 1, 5}, {4, 37, 100}, {3, 100, 37}, {2, 64, 64}, {5, 17, 40},
+                         {2, 256, 512}}) {
+    const std::string what = "newton-schulz bf16 [" + std::to_string(B) + ", " + std::to_string(r) + ", " +
+                             std::to_string(c) + "]";
+    const Tensor x = rand_cpu({B, r, c});
+    Tensor xc = x.clone(), xg = G(x);
+    newton_schulz_batched(xc, hybrid_ns_schedule(), 1e-7, NsPrecision::BF16);
+    newton_schulz_batched(xg, hybrid_ns_schedule(), 1e-7, NsPrecision::BF16);
+    const std::vector<float> got = xg.to_floats(), want = xc.to_floats();
+    size_t not_bf16 = 0;
+    for (float v : got) not_bf16 += v != round_bf16(v);
+    EXPECT_EQ(not_bf16, 0u) << what << ": outputs that are not BF16 values";
+    const double worst = gputest::expect_close_scaled(std::vector<double>(got.begin(), got.end()),
+                                                      std::vector<double>(want.begin(), want.end()), 1.0 / 32, what);
+    double se = 0, sr = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      se += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+      sr += double(want[i]) * want[i];
+    }
+    const double rms = std::sqrt(se / sr);
+    EXPECT_LE(rms, 1.0 / 64) << what;
+    std::printf("  %s: max|gpu - cpu| / max|cpu| = %.3g, rms(gpu - cpu) / rms(cpu) = %.3g\n", what.c_str(), worst,
+                rms);
   }
 }
 

@@ -1,6 +1,7 @@
 // CPU twins of runtime/model_ops.h against the model and optimizer code they mirror: bitwise.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cstring>
 #include <random>
 
@@ -92,6 +93,24 @@ TEST(ModelOpsCpu, OptimizerStepsMatchUpdateRules) {
   muon_apply_step(wb, u, muon_apply_scalars(0.02, mc.weight_decay, mc.update_scale, 12, 25));
   expect_bits(mb, ma);
   expect_bits(wb, wa);
+}
+
+TEST(ModelOpsCpu, NewtonSchulzBatchedIsThePerMatrixRoutine) {
+  // Wide, tall and square batches in both precisions: each matrix exactly newton_schulz(..., precision).
+  for (NsPrecision prec : {NsPrecision::F32, NsPrecision::BF16})
+    for (auto [B, r, c] : {std::array<int64_t, 3>{3, 7, 20}, {2, 20, 7}, {2, 9, 9}}) {
+      const Tensor x = randn({B, r, c}, 12);
+      Tensor batched = x.clone();
+      newton_schulz_batched(batched, hybrid_ns_schedule(), 1e-7, prec);
+      Tensor single = x.clone();
+      for (int64_t b = 0; b < B; ++b) {
+        float* m = single.data<float>() + b * r * c;
+        newton_schulz(m, m, r, c, hybrid_ns_schedule(), 1e-7, prec);
+      }
+      expect_bits(batched, single);
+      if (prec == NsPrecision::BF16)  // every output is a BF16 value
+        for (float v : batched.to_floats()) ASSERT_EQ(v, round_bf16(v));
+    }
 }
 
 TEST(ModelOpsCpu, SortPermuteUnpermute) {

@@ -3,7 +3,8 @@
 // run on CPU tensors under ForceOpsPath, against the CPU reference path.
 //   Optimizer: bit-identical (the CPU twins of the ops are the reference loops; batching only regroups independent
 //     matrices), for several steps of the tiny model (every group: wo_a row blocks, the experts' same-shape batches,
-//     hc_*_fn, AdamW vectors and matrices), with a parameter skipped on odd steps, in both optimizer modes.
+//     hc_*_fn, AdamW vectors and matrices), with a parameter skipped on odd steps, in both optimizer modes and with
+//     Muon's Newton-Schulz in FP32 and in BF16.
 //   Gradient norm: within 2e-7 relative (per-parameter sums of FP32 squares rounded to FP32; see optim/clip.h);
 //     the non-finite report identical; scaling by a given factor bit-identical; an element beyond FP32's square range
 //     (|g| > ~1.8e19) is not finite on the ops path only.
@@ -48,15 +49,24 @@ bool bit_equal(const Tensor& a, const Tensor& b) {
 
 std::vector<Param*> params_of(Model& m) { return model_params(m); }
 
+OptimizerConfig optimizer_config(const ModelConfig& cfg, OptimizerMode mode, NsPrecision ns) {
+  OptimizerConfig oc = OptimizerConfig::for_model(cfg, mode);
+  oc.muon.precision = ns;
+  return oc;
+}
+
 TEST(OptimizerOpsPath, StepsAreBitIdenticalToTheReference) {
   const ModelConfig cfg = tiny_cfg();
-  for (OptimizerMode mode : {OptimizerMode::MuonAdamW, OptimizerMode::AdamW}) {
-    SCOPED_TRACE(std::string(optimizer_mode_name(mode)));
+  const std::pair<OptimizerMode, NsPrecision> cases[] = {{OptimizerMode::MuonAdamW, NsPrecision::F32},
+                                                         {OptimizerMode::MuonAdamW, NsPrecision::BF16},
+                                                         {OptimizerMode::AdamW, NsPrecision::F32}};
+  for (const auto& [mode, ns] : cases) {
+    SCOPED_TRACE(std::string(optimizer_mode_name(mode)) + (ns == NsPrecision::BF16 ? " ns bf16" : " ns fp32"));
     Model ref(cfg), ops(cfg);
     ref.init_random(3);
     ops.init_random(3);
-    Optimizer oref(ref, OptimizerConfig::for_model(cfg, mode));
-    Optimizer oops(ops, OptimizerConfig::for_model(cfg, mode));
+    Optimizer oref(ref, optimizer_config(cfg, mode, ns));
+    Optimizer oops(ops, optimizer_config(cfg, mode, ns));
     for (int k = 0; k < 5; ++k) {
       set_grads(ref, k);
       set_grads(ops, k);
@@ -94,7 +104,7 @@ TEST(OptimizerOpsPath, StepsAreBitIdenticalToTheReference) {
       EXPECT_TRUE(bit_equal(t, sb.at(key))) << key;
     }
     // A saved ops-path state loads into a fresh optimizer and continues identically.
-    Optimizer resumed(ops, OptimizerConfig::for_model(cfg, mode));
+    Optimizer resumed(ops, optimizer_config(cfg, mode, ns));
     resumed.load_state_dict(sb);
     for (const auto& [key, t] : resumed.state_dict()) EXPECT_TRUE(bit_equal(t, sb.at(key))) << key;
   }
@@ -145,21 +155,28 @@ TEST(OptimizerOpsPath, BatchesOnlyMatricesOfOneShape) {
   for (size_t i = 0; i < specs.size(); ++i) EXPECT_TRUE(bit_equal(ref[i]->value, ops[i]->value)) << specs[i].first;
 }
 
-TEST(OptimizerOpsPath, Bf16NewtonSchulzHasNoOpsPath) {
+TEST(OptimizerOpsPath, Bf16NewtonSchulzChangesTheUpdate) {
+  // The ops path takes muon.ns_precision: a BF16 step differs from an FP32 one (and equals the CPU BF16 reference,
+  // StepsAreBitIdenticalToTheReference).
   const ModelConfig cfg = tiny_cfg();
-  Model m(cfg);
-  m.init_random(1);
-  OptimizerConfig oc = OptimizerConfig::for_model(cfg);
-  oc.muon.precision = NsPrecision::BF16;
-  Optimizer opt(m, oc);
-  set_grads(m, 0);
-  ForceOpsPath force;
-  try {
-    opt.step(0.01);
-    FAIL() << "expected an error";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find("ns_precision bf16"), std::string::npos) << e.what();
+  Model f32(cfg), bf16(cfg);
+  f32.init_random(1);
+  bf16.init_random(1);
+  Optimizer of32(f32, optimizer_config(cfg, OptimizerMode::MuonAdamW, NsPrecision::F32));
+  Optimizer obf16(bf16, optimizer_config(cfg, OptimizerMode::MuonAdamW, NsPrecision::BF16));
+  set_grads(f32, 0);
+  set_grads(bf16, 0);
+  {
+    ForceOpsPath force;
+    of32.step(0.01);
+    obf16.step(0.01);
   }
+  Param* a = nullptr;
+  Param* b = nullptr;
+  f32.visit([&](Param& p) { if (p.name == "layers.0.attn.wo_a.weight") a = &p; });
+  bf16.visit([&](Param& p) { if (p.name == "layers.0.attn.wo_a.weight") b = &p; });
+  ASSERT_TRUE(a && b);
+  EXPECT_FALSE(bit_equal(a->value, b->value));
 }
 
 TEST(OptimizerOpsPath, GradNormAndClipping) {
