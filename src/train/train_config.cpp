@@ -63,6 +63,7 @@ class Schema {
     real("optim", "eps", &c.optim.eps, 0);
     real("optim", "muon_momentum", &c.optim.muon_momentum, 0, 1);
     real("optim", "muon_update_scale", &c.optim.muon_update_scale, 0);
+    str("optim", "muon_ns_precision", &c.optim.muon_ns_precision, {"fp32", "bf16"});
     real("optim", "clip_grad_norm", &c.optim.clip_grad_norm, 0);
     // loss
     real("loss", "mtp_weight", &c.loss.mtp_weight, 0);

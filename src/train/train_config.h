@@ -42,6 +42,7 @@ struct OptimSection {
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-20;
   double muon_momentum = 0.95;
   double muon_update_scale = 0.18;
+  std::string muon_ns_precision = "fp32";  // Newton-Schulz GEMMs: fp32 | bf16 (BF16 operands, FP32 sums; GPUs)
   double clip_grad_norm = 1.0;        // 0 disables
 };
 

@@ -155,6 +155,7 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
       model_cfg_, cfg_.optim.type == "adamw" ? OptimizerMode::AdamW : OptimizerMode::MuonAdamW);
   oc.muon.momentum = cfg_.optim.muon_momentum;
   oc.muon.update_scale = cfg_.optim.muon_update_scale;
+  oc.muon.precision = cfg_.optim.muon_ns_precision == "bf16" ? NsPrecision::BF16 : NsPrecision::F32;
   oc.muon.weight_decay = cfg_.optim.weight_decay;
   oc.adamw.beta1 = cfg_.optim.beta1;
   oc.adamw.beta2 = cfg_.optim.beta2;

@@ -65,6 +65,9 @@ TEST(TrainConfig, TypesRangesAndChoicesAreChecked) {
   msg = error_of([] { parse_train_config("model:\n  preset: flahs\ndata:\n  train: [x]\n", "run.yaml"); });
   EXPECT_NE(msg.find("'model.preset' = 'flahs' is not one of"), std::string::npos) << msg;
   EXPECT_NE(msg.find("did you mean 'flash'"), std::string::npos) << msg;
+  msg = error_of([&] { parse_train_config(with("optim:\n  muon_ns_precision: fp16\n"), "run.yaml"); });
+  EXPECT_NE(msg.find("'optim.muon_ns_precision' = 'fp16' is not one of"), std::string::npos) << msg;
+  EXPECT_EQ(parse_train_config(with("optim:\n  muon_ns_precision: bf16\n"), "run.yaml").optim.muon_ns_precision, "bf16");
   msg = error_of([] { parse_train_config("model: [1, 2\n", "bad.yaml"); });
   EXPECT_NE(msg.find("bad.yaml:"), std::string::npos) << msg;
   EXPECT_NE(msg.find("not valid YAML"), std::string::npos) << msg;
