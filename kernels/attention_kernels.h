@@ -73,6 +73,8 @@ void sparse_attn_backward(const float* q, const float* kv, const float* ckv, con
 // Per (query, candidate, 16-head group) the query-major kernel writes the candidate's dK row to a partial buffer;
 // the candidate positions are processed in chunks of sparse_attn_backward_tc_chunk() positions (the buffer holds
 // one chunk: about kSparseAttnTcPartialFloats floats), each chunk reduced key-major into dkv / dckv before the next.
+// The results do not depend on the chunk size (bit for bit); `chunk` > 0 overrides it (tests exercise the chunking
+// with small chunks; the workspace must then be sparse_attn_backward_tc_workspace(..., chunk)).
 inline constexpr int64_t kSparseAttnTcPartialFloats = int64_t{1} << 26;  // 256 MB of partial dK rows per chunk
 inline int64_t sparse_attn_backward_tc_chunk(int64_t H, int64_t C, int64_t n_candidates) {
   const int64_t per_position = (H / 16) * C;
@@ -80,15 +82,17 @@ inline int64_t sparse_attn_backward_tc_chunk(int64_t H, int64_t C, int64_t n_can
   return n_candidates < fit ? (n_candidates > 0 ? n_candidates : 1) : (fit > 0 ? fit : 1);
 }
 // Workspace floats of sparse_attn_backward_tc: D [T, H] (rounded up to 4 floats), then the partial dK rows
-// [H / 16, chunk, C].
-inline int64_t sparse_attn_backward_tc_workspace(int64_t T, int64_t H, int64_t C, int64_t n_candidates) {
-  return (T * H + 3) / 4 * 4 + (H / 16) * sparse_attn_backward_tc_chunk(H, C, n_candidates) * C;
+// [H / 16, chunk, C]. chunk: positions per chunk, 0 = sparse_attn_backward_tc_chunk(H, C, n_candidates).
+inline int64_t sparse_attn_backward_tc_workspace(int64_t T, int64_t H, int64_t C, int64_t n_candidates,
+                                                 int64_t chunk = 0) {
+  return (T * H + 3) / 4 * 4 + (H / 16) * (chunk > 0 ? chunk : sparse_attn_backward_tc_chunk(H, C, n_candidates)) * C;
 }
 void sparse_attn_backward_tc(const float* q, const float* kv, const float* ckv, const float* sink, const float* o,
                              const float* lse, const float* dout, const int32_t* cand_offsets, const int32_t* cand_ids,
                              const int32_t* key_offsets, const int32_t* key_positions, int64_t T, int64_t n_raw,
                              int64_t n_comp, int64_t n_candidates, int64_t H, int64_t C, float scale, float* dq,
-                             float* dkv, float* dckv, float* dsink, float* workspace, void* stream);
+                             float* dkv, float* dckv, float* dsink, float* workspace, void* stream,
+                             int64_t chunk = 0);
 
 // ---- mHC (CPU reference: src/model/mhc.h) ---------------------------------------------------------------------
 // n streams (1 <= n <= kMhcMaxN), D = dim, M = (2 + n) n mixes, N = n D. fn [M, N], scale [3], base [M].

@@ -1,5 +1,6 @@
-// BF16 tensor-core forward of the sparse attention with a sink (host API: kernels/attention_kernels.h,
-// sparse_attn_forward_tc; exact FP32 twin: kernels/attn_sparse.cu; CPU reference: src/model/sparse_attention.h).
+// BF16 tensor-core forward and backward of the sparse attention with a sink (host API: kernels/attention_kernels.h,
+// sparse_attn_forward_tc / sparse_attn_backward_tc; exact FP32 twin: kernels/attn_sparse.cu; CPU reference:
+// src/model/sparse_attention.h).
 //
 // One 128-thread block (4 warps) per (query, group of 16 heads): the 16 heads are the M dimension of
 // mma.sync.m16n8k16 (BF16 in, FP32 accumulate), so every K = V row gathered for the query is read once for all 16
@@ -14,6 +15,20 @@
 // o = acc / l, lse = m + log(l); an empty list gives o = 0, lse = sink. Differences from the FP32 twin: q, K = V and
 // the probabilities are rounded to BF16 (tests/gpu/test_gpu_attention.cpp bounds the error against a reference on
 // the same rounded operands). Requires C == 512 and H % 16 == 0 (sparse_attn_tc_supported); 16-byte aligned rows.
+//
+// Backward (sparse_attn_backward_tc; deterministic, no atomics), over chunks of candidate positions:
+//  1. query-major, one 128-thread block per (query, 16-head group), the forward's layout: D = rowsum(BF16(dO) * O)
+//     in FP32; q * scale and dO as A fragments; per tile of 16 candidates, the partial S and dP = dO . K per warp
+//     (128 dims each) summed in warp order (S is the forward's bit for bit), P = exp(S - lse), dS = P (dP - D);
+//     dQ += dS . K (BF16 dS, FP32 registers; times scale at the end); and the tile's dK rows
+//     dK [16 keys, C] = dS^T . (q * scale) + P^T . dO (M = keys, K = heads, two mma per 8 dims; P and dS transposed
+//     through shared memory, q and dO kept transposed [dim][head] in shared memory as the B operands) written to
+//     partial[group, position - p0, :]. Tiles are aligned to the list's start, so a query split by a chunk boundary
+//     gets the same tiles in both chunks; the chunk holding its first position writes dq and D.
+//  2. key-major, one block per row of [kv; ckv]: dk_r += the partial rows of the chunk's positions that list r
+//     (build_key_major_positions: ascending), head groups ascending. Chunks run in order, so every row is summed in
+//     the same order whatever the chunk size.
+//  3. dsink from D and lse, t ascending (the FP32 backward's kernel).
 #include "kernels/cuda_check.cuh"  // first: makes fmt usable under nvcc
 
 #include <cuda_bf16.h>
@@ -466,7 +481,8 @@ void sparse_attn_backward_tc(const float* q, const float* kv, const float* ckv, 
                              const float* lse, const float* dout, const int32_t* cand_offsets, const int32_t* cand_ids,
                              const int32_t* key_offsets, const int32_t* key_positions, int64_t T, int64_t n_raw,
                              int64_t n_comp, int64_t n_candidates, int64_t H, int64_t C, float scale, float* dq,
-                             float* dkv, float* dckv, float* dsink, float* workspace, void* stream) {
+                             float* dkv, float* dckv, float* dsink, float* workspace, void* stream,
+                             int64_t chunk) {
   DSV4_CHECK(sparse_attn_tc_supported(H, C),
              "cuda::sparse_attn_backward_tc: needs head_dim 512 and a multiple of 16 heads, got H={} C={}", H, C);
   DSV4_CHECK(T >= 0 && n_raw >= 0 && n_comp >= 0 && n_candidates >= 0 && (n_comp == 0 || (ckv && dckv)),
@@ -482,7 +498,7 @@ void sparse_attn_backward_tc(const float* q, const float* kv, const float* ckv, 
              "cuda::sparse_attn_backward_tc: kv, ckv, dq, dkv, dckv and the workspace must be 16-byte aligned");
   const auto st = static_cast<cudaStream_t>(stream);
   const int groups = static_cast<int>(H / kHeads);
-  const int64_t chunk = sparse_attn_backward_tc_chunk(H, C, n_candidates);
+  if (chunk <= 0) chunk = sparse_attn_backward_tc_chunk(H, C, n_candidates);
   float* Dws = workspace;
   float* partial = workspace + (T * H + 3) / 4 * 4;
   const int64_t rows = n_raw + n_comp;

@@ -75,7 +75,7 @@ StepBenchCli::StepBenchCli(CLI::App& app) {
   step_->add_flag("--ops-path", o.ops_path, "--device cpu: run the modules' tensor-op path (ForceOpsPath)");
   step_->add_flag("--recompute", o.recompute, "per-layer activation recomputation");
   step_->add_flag("--tc-attention", o.tc_attention,
-                  "BF16 tensor-core attention forward where supported (C = 512, H % 16 == 0; the backward stays FP32)");
+                  "BF16 tensor-core attention forward and backward where supported (C = 512, H % 16 == 0)");
   step_->add_flag("!--no-profile", o.profile, "skip the profiled step (no breakdown)");
   step_->add_option("--threads", o.threads, "OpenBLAS threads (0: library default)")->capture_default_str();
   step_->add_option("--lr", o.lr, "learning rate of the optimizer steps")->capture_default_str();
@@ -209,7 +209,7 @@ int run_step_bench(const StepBenchOptions& opt) {
   const ModelConfig cfg = model_preset(opt.preset);
   ModelOptions mopts;
   mopts.recompute = opt.recompute;
-  mopts.attention.tensor_core_forward = opt.tc_attention;
+  mopts.attention.tensor_cores = opt.tc_attention;
   Model model(cfg, mopts);
   model.init_random(1);
   model.to(dev);
