@@ -26,8 +26,12 @@ void build_sparse_candidates(const std::vector<int64_t>& win_begin, const std::v
   }
 }
 
-void build_key_major(const std::vector<int32_t>& cand_offsets, const std::vector<int32_t>& cand_ids, int64_t n_rows,
-                     std::vector<int32_t>& key_offsets, std::vector<int32_t>& key_queries) {
+namespace {
+// Counting sort of the candidate positions by row: key_offsets [n_rows + 1]; per row, emit(slot, t, position) in
+// ascending position order (so ascending query order, a row listed twice by one query in list order).
+template <typename Emit>
+void key_major_transpose(const std::vector<int32_t>& cand_offsets, const std::vector<int32_t>& cand_ids, int64_t n_rows,
+                         std::vector<int32_t>& key_offsets, Emit emit) {
   DSV4_CHECK(!cand_offsets.empty(), "build_key_major: empty offsets");
   const size_t T = cand_offsets.size() - 1;
   DSV4_CHECK(static_cast<size_t>(cand_offsets[T]) == cand_ids.size(), "build_key_major: offsets end at {} but {} ids",
@@ -39,11 +43,25 @@ void build_key_major(const std::vector<int32_t>& cand_offsets, const std::vector
   }
   for (size_t r = 0; r < static_cast<size_t>(n_rows); ++r) key_offsets[r + 1] += key_offsets[r];
   std::vector<int32_t> fill(key_offsets.begin(), key_offsets.end() - 1);
-  key_queries.assign(cand_ids.size(), 0);
   for (size_t t = 0; t < T; ++t)  // queries ascending: each row's list comes out sorted
     for (int32_t c = cand_offsets[t]; c < cand_offsets[t + 1]; ++c)
-      key_queries[static_cast<size_t>(fill[static_cast<size_t>(cand_ids[static_cast<size_t>(c)])]++)] =
-          static_cast<int32_t>(t);
+      emit(static_cast<size_t>(fill[static_cast<size_t>(cand_ids[static_cast<size_t>(c)])]++), static_cast<int32_t>(t),
+           c);
+}
+}  // namespace
+
+void build_key_major(const std::vector<int32_t>& cand_offsets, const std::vector<int32_t>& cand_ids, int64_t n_rows,
+                     std::vector<int32_t>& key_offsets, std::vector<int32_t>& key_queries) {
+  key_queries.assign(cand_ids.size(), 0);
+  key_major_transpose(cand_offsets, cand_ids, n_rows, key_offsets,
+                      [&](size_t slot, int32_t t, int32_t) { key_queries[slot] = t; });
+}
+
+void build_key_major_positions(const std::vector<int32_t>& cand_offsets, const std::vector<int32_t>& cand_ids,
+                               int64_t n_rows, std::vector<int32_t>& key_offsets, std::vector<int32_t>& key_positions) {
+  key_positions.assign(cand_ids.size(), 0);
+  key_major_transpose(cand_offsets, cand_ids, n_rows, key_offsets,
+                      [&](size_t slot, int32_t, int32_t position) { key_positions[slot] = position; });
 }
 
 void indexer_topk_offsets(const std::vector<int64_t>& n_visible, int64_t topk, std::vector<int64_t>& topk_offsets) {

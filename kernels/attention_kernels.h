@@ -13,7 +13,8 @@
 // query's list is the softmax's summation order; build_sparse_candidates() puts the window first, then the
 // compressed ids, as the CPU reference gathers them. K = V (MQA): each row is key and value for all H heads.
 // Backward additionally takes the key-major transpose of the list (build_key_major()): for every row r,
-// key_offsets [R + 1] and key_queries (int32 query ids, ascending): the queries that attend to r.
+// key_offsets [R + 1] and key_queries (int32 query ids, ascending): the queries that attend to r; the tensor-core
+// backward takes key_positions instead (build_key_major_positions(): the CSR positions that list r, ascending).
 #pragma once
 
 #include <cstdint>
@@ -30,6 +31,11 @@ void build_sparse_candidates(const std::vector<int64_t>& win_begin, const std::v
 // (a query listing a row twice appears twice). Deterministic (counting sort).
 void build_key_major(const std::vector<int32_t>& cand_offsets, const std::vector<int32_t>& cand_ids, int64_t n_rows,
                      std::vector<int32_t>& key_offsets, std::vector<int32_t>& key_queries);
+// The same transpose carrying each entry's CSR position c (cand_ids[c] == r) instead of its query: per row, the
+// positions in ascending order (= ascending query order). Used by the tensor-core backward, whose per-candidate
+// partial dK rows are indexed by position.
+void build_key_major_positions(const std::vector<int32_t>& cand_offsets, const std::vector<int32_t>& cand_ids,
+                               int64_t n_rows, std::vector<int32_t>& key_offsets, std::vector<int32_t>& key_positions);
 
 // ---- sparse attention -------------------------------------------------------------------------------------
 // q [T, H, C]; kv [n_raw, C]; ckv [n_comp, C] (may be null when n_comp == 0); sink [H].
@@ -58,6 +64,35 @@ void sparse_attn_backward(const float* q, const float* kv, const float* ckv, con
                           const int32_t* key_offsets, const int32_t* key_queries, int64_t T, int64_t n_raw,
                           int64_t n_comp, int64_t H, int64_t C, float scale, float* dq, float* dkv, float* dckv,
                           float* dsink, float* workspace, void* stream);
+
+// BF16 tensor-core backward (kernels/attn_sparse_tc.cu): the same semantics as sparse_attn_backward (dq overwritten;
+// dkv, dckv, dsink accumulate; deterministic, no atomics) with q * scale, the K = V rows, dout, P and dS rounded to
+// BF16 for mma.sync (FP32 accumulation, softmax and D). Needs sparse_attn_tc_supported(H, C) and 16-byte aligned
+// kv / ckv / dq / dkv / dckv / workspace. Instead of key_queries it takes build_key_major_positions() of the
+// candidates (key_offsets, key_positions) and the candidate count n_candidates = cand_offsets[T].
+// Per (query, candidate, 16-head group) the query-major kernel writes the candidate's dK row to a partial buffer;
+// the candidate positions are processed in chunks of sparse_attn_backward_tc_chunk() positions (the buffer holds
+// one chunk: about kSparseAttnTcPartialFloats floats), each chunk reduced key-major into dkv / dckv before the next.
+// The results do not depend on the chunk size (bit for bit); `chunk` > 0 overrides it (tests exercise the chunking
+// with small chunks; the workspace must then be sparse_attn_backward_tc_workspace(..., chunk)).
+inline constexpr int64_t kSparseAttnTcPartialFloats = int64_t{1} << 26;  // 256 MB of partial dK rows per chunk
+inline int64_t sparse_attn_backward_tc_chunk(int64_t H, int64_t C, int64_t n_candidates) {
+  const int64_t per_position = (H / 16) * C;
+  const int64_t fit = kSparseAttnTcPartialFloats / (per_position > 0 ? per_position : 1);
+  return n_candidates < fit ? (n_candidates > 0 ? n_candidates : 1) : (fit > 0 ? fit : 1);
+}
+// Workspace floats of sparse_attn_backward_tc: D [T, H] (rounded up to 4 floats), then the partial dK rows
+// [H / 16, chunk, C]. chunk: positions per chunk, 0 = sparse_attn_backward_tc_chunk(H, C, n_candidates).
+inline int64_t sparse_attn_backward_tc_workspace(int64_t T, int64_t H, int64_t C, int64_t n_candidates,
+                                                 int64_t chunk = 0) {
+  return (T * H + 3) / 4 * 4 + (H / 16) * (chunk > 0 ? chunk : sparse_attn_backward_tc_chunk(H, C, n_candidates)) * C;
+}
+void sparse_attn_backward_tc(const float* q, const float* kv, const float* ckv, const float* sink, const float* o,
+                             const float* lse, const float* dout, const int32_t* cand_offsets, const int32_t* cand_ids,
+                             const int32_t* key_offsets, const int32_t* key_positions, int64_t T, int64_t n_raw,
+                             int64_t n_comp, int64_t n_candidates, int64_t H, int64_t C, float scale, float* dq,
+                             float* dkv, float* dckv, float* dsink, float* workspace, void* stream,
+                             int64_t chunk = 0);
 
 // ---- mHC (CPU reference: src/model/mhc.h) ---------------------------------------------------------------------
 // n streams (1 <= n <= kMhcMaxN), D = dim, M = (2 + n) n mixes, N = n D. fn [M, N], scale [3], base [M].

@@ -22,6 +22,7 @@
 #include <algorithm>
 
 #include "kernels/attention_kernels.h"
+#include "kernels/attn_sparse_common.cuh"
 #include "kernels/ops_common.cuh"
 
 namespace dsv4::cuda {
@@ -235,17 +236,6 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   for (int d = tid; d < C; d += kThreads) drow[d] = acc[d];
-}
-
-// Backward 3: dsink[h] -= sum_t exp(sink_h - lse_th) D_th, t ascending.
-__global__ void sparse_bwd_dsink_kernel(const float* __restrict__ sink, const float* __restrict__ lse,
-                                        const float* __restrict__ Dws, int64_t T, int H, float* __restrict__ dsink) {
-  const int h = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
-  if (h >= H) return;
-  float v = dsink[h];
-  const float s = sink[h];
-  for (int64_t t = 0; t < T; ++t) v -= expf(s - lse[t * H + h]) * Dws[t * H + h];
-  dsink[h] = v;
 }
 
 // Largest dynamic shared memory a block may opt into on the current device.

@@ -1,5 +1,6 @@
-// BF16 tensor-core forward of the sparse attention with a sink (host API: kernels/attention_kernels.h,
-// sparse_attn_forward_tc; exact FP32 twin: kernels/attn_sparse.cu; CPU reference: src/model/sparse_attention.h).
+// BF16 tensor-core forward and backward of the sparse attention with a sink (host API: kernels/attention_kernels.h,
+// sparse_attn_forward_tc / sparse_attn_backward_tc; exact FP32 twin: kernels/attn_sparse.cu; CPU reference:
+// src/model/sparse_attention.h).
 //
 // One 128-thread block (4 warps) per (query, group of 16 heads): the 16 heads are the M dimension of
 // mma.sync.m16n8k16 (BF16 in, FP32 accumulate), so every K = V row gathered for the query is read once for all 16
@@ -14,14 +15,30 @@
 // o = acc / l, lse = m + log(l); an empty list gives o = 0, lse = sink. Differences from the FP32 twin: q, K = V and
 // the probabilities are rounded to BF16 (tests/gpu/test_gpu_attention.cpp bounds the error against a reference on
 // the same rounded operands). Requires C == 512 and H % 16 == 0 (sparse_attn_tc_supported); 16-byte aligned rows.
+//
+// Backward (sparse_attn_backward_tc; deterministic, no atomics), over chunks of candidate positions:
+//  1. query-major, one 128-thread block per (query, 16-head group), the forward's layout: D = rowsum(BF16(dO) * O)
+//     in FP32; q * scale and dO as A fragments; per tile of 16 candidates, the partial S and dP = dO . K per warp
+//     (128 dims each) summed in warp order (S is the forward's bit for bit), P = exp(S - lse), dS = P (dP - D);
+//     dQ += dS . K (BF16 dS, FP32 registers; times scale at the end); and the tile's dK rows
+//     dK [16 keys, C] = dS^T . (q * scale) + P^T . dO (M = keys, K = heads, two mma per 8 dims; P and dS transposed
+//     through shared memory, q and dO kept transposed [dim][head] in shared memory as the B operands) written to
+//     partial[group, position - p0, :]. Tiles are aligned to the list's start, so a query split by a chunk boundary
+//     gets the same tiles in both chunks; the chunk holding its first position writes dq and D.
+//  2. key-major, one block per row of [kv; ckv]: dk_r += the partial rows of the chunk's positions that list r
+//     (build_key_major_positions: ascending), head groups ascending. Chunks run in order, so every row is summed in
+//     the same order whatever the chunk size.
+//  3. dsink from D and lse, t ascending (the FP32 backward's kernel).
 #include "kernels/cuda_check.cuh"  // first: makes fmt usable under nvcc
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 #include "kernels/attention_kernels.h"
+#include "kernels/attn_sparse_common.cuh"
 
 namespace dsv4::cuda {
 namespace {
@@ -191,6 +208,251 @@ __global__ void __launch_bounds__(kWarpsTc * 32)
   }
 }
 
+
+// ---- backward ------------------------------------------------------------------------------------------------------
+
+constexpr int kTPad = 8;  // BF16 padding of the [.][16 heads] rows: conflict-free 32-bit fragment loads
+
+// Shared memory of the query-major backward kernel (dynamic: about 77 KB).
+struct BwdSmem {
+  __nv_bfloat16 qT[kC][kHeads + kTPad];   // BF16(q * scale) [dim][head]: B operand of dK (k = heads, n = dims)
+  __nv_bfloat16 doT[kC][kHeads + kTPad];  // BF16(dO) [dim][head]
+  __nv_bfloat16 rows[kWarpsTc][kKeys][kDimsPerWarp + kPad];  // the tile's K = V rows, warp w: dims of warp w
+  float part_s[kWarpsTc][kHeads][kKeys + 1];                  // per-warp partial scores S
+  float part_dp[kWarpsTc][kHeads][kKeys + 1];                 // per-warp partial dP = dO . K
+  __nv_bfloat16 pT[kKeys][kHeads + kTPad];   // BF16(P) [key][head]: A operand of dK (m = keys, k = heads)
+  __nv_bfloat16 dsT[kKeys][kHeads + kTPad];  // BF16(dS) [key][head]
+  float D[kHeads], lse[kHeads];
+  int ids[kKeys];
+};
+
+__device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+__device__ __forceinline__ uint32_t load_u32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Query-major backward of one chunk [p0, p1) of candidate positions, one block per (query, 16-head group).
+// The chunk that holds a query's first position (the last chunk also: queries whose list starts at nnz, i.e. empty
+// trailing lists) owns the query: it walks the whole list and writes dq [16, C] and D [16] (Dws [T, H]). Every block
+// whose list meets [p0, p1) writes, for each of those positions pos, the candidate's dK row over its 16 heads to
+// partial[group, pos - p0, :] (partial [H / 16, chunk, C]).
+__global__ void __launch_bounds__(kWarpsTc * 32)
+    sparse_bwd_tc_query_kernel(const float* __restrict__ q, const float* __restrict__ kv, const float* __restrict__ ckv,
+                               const float* __restrict__ o, const float* __restrict__ lse,
+                               const float* __restrict__ dout, const int32_t* __restrict__ cand_offsets,
+                               const int32_t* __restrict__ cand_ids, int64_t n_raw, int H, float scale, int p0, int p1,
+                               bool last_chunk, int64_t chunk, float* __restrict__ dq, float* __restrict__ Dws,
+                               float* __restrict__ partial) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  BwdSmem& sm = *reinterpret_cast<BwdSmem*>(smem_raw);
+  const int64_t t = blockIdx.x;
+  const int group = static_cast<int>(blockIdx.y);
+  const int h0 = group * kHeads;
+  const int beg = cand_offsets[t], end = cand_offsets[t + 1];
+  const bool owner = beg >= p0 && (beg < p1 || last_chunk);
+  if (!owner && (end <= p0 || beg >= p1)) return;
+  // Tiles start at beg + 16 k; a non-owner starts at the tile holding p0 and stops at p1.
+  const int first = owner ? beg : beg + (p0 - beg) / kKeys * kKeys;
+  const int stop = owner ? end : min(end, p1);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, tq = lane & 3;  // MMA group (row / column) and thread-in-group
+  const int d0 = warp * kDimsPerWarp;
+  const int64_t base = (t * H + h0) * kC;  // q / dout / o / dq of head h0 of query t
+
+  for (int i = tid; i < kHeads * kC; i += kWarpsTc * 32) {
+    const int h = i / kC, d = i % kC;
+    sm.qT[d][h] = __float2bfloat16_rn(q[base + i] * scale);
+    sm.doT[d][h] = __float2bfloat16_rn(dout[base + i]);
+  }
+  // D = rowsum(BF16(dO) * O): the dO the kernel differentiates with (warp w: heads 4 w .. 4 w + 3).
+  for (int h = warp * (kHeads / kWarpsTc); h < (warp + 1) * (kHeads / kWarpsTc); ++h) {
+    const float* orow = o + base + static_cast<int64_t>(h) * kC;
+    const float* drow = dout + base + static_cast<int64_t>(h) * kC;
+    float v = 0.0f;
+    for (int d = lane; d < kC; d += 32) v = fmaf(round_bf16(drow[d]), orow[d], v);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) {
+      sm.D[h] = v;
+      sm.lse[h] = lse[t * H + h0 + h];
+      if (owner) Dws[t * H + h0 + h] = v;
+    }
+  }
+  // q * scale and dO as A fragments (rows g / g + 8 = heads, k = dims d0 + 16 ks + 2 tq (+1) (+8)), as the forward.
+  uint32_t qa[kDimsPerWarp / 16][4], da[kDimsPerWarp / 16][4];
+  {
+    const float* q0 = q + base + static_cast<int64_t>(g) * kC + d0;
+    const float* q1 = q0 + 8 * kC;
+    const float* o0 = dout + base + static_cast<int64_t>(g) * kC + d0;
+    const float* o1 = o0 + 8 * kC;
+#pragma unroll
+    for (int ks = 0; ks < kDimsPerWarp / 16; ++ks) {
+      const int c = ks * 16 + 2 * tq;
+      qa[ks][0] = pack_bf16(q0[c] * scale, q0[c + 1] * scale);
+      qa[ks][1] = pack_bf16(q1[c] * scale, q1[c + 1] * scale);
+      qa[ks][2] = pack_bf16(q0[c + 8] * scale, q0[c + 9] * scale);
+      qa[ks][3] = pack_bf16(q1[c + 8] * scale, q1[c + 9] * scale);
+      da[ks][0] = pack_bf16(o0[c], o0[c + 1]);
+      da[ks][1] = pack_bf16(o1[c], o1[c + 1]);
+      da[ks][2] = pack_bf16(o0[c + 8], o0[c + 9]);
+      da[ks][3] = pack_bf16(o1[c + 8], o1[c + 9]);
+    }
+  }
+  float acc[kDimsPerWarp / 8][4];  // dQ / scale: rows g / g + 8 = heads, dims d0 + 8 n + 2 tq (+1)
+#pragma unroll
+  for (int n = 0; n < kDimsPerWarp / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+
+  for (int j0 = first; j0 < stop; j0 += kKeys) {
+    const int cnt = min(kKeys, end - j0);
+    __syncthreads();  // the previous tile's shared memory is no longer read (and qT / doT / D / lse are written)
+    if (tid < kKeys) sm.ids[tid] = tid < cnt ? cand_ids[j0 + tid] : -1;
+    __syncthreads();
+#pragma unroll 4
+    for (int r = 0; r < kKeys; ++r) {
+      const int id = sm.ids[r];
+      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (id >= 0) {
+        const float* row = id < n_raw ? kv + static_cast<int64_t>(id) * kC : ckv + (static_cast<int64_t>(id) - n_raw) * kC;
+        v = *reinterpret_cast<const float4*>(row + d0 + 4 * lane);
+      }
+      uint2 packed;
+      packed.x = pack_bf16(v.x, v.y);
+      packed.y = pack_bf16(v.z, v.w);
+      *reinterpret_cast<uint2*>(&sm.rows[warp][r][4 * lane]) = packed;
+    }
+    __syncwarp();
+    // Partial S and dP over this warp's dims (n-tile nt = keys 8 nt .. 8 nt + 7): the forward's S bit for bit.
+    float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    float dp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int ks = 0; ks < kDimsPerWarp / 16; ++ks)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const __nv_bfloat16* kr = &sm.rows[warp][nt * 8 + g][ks * 16 + 2 * tq];
+        const uint32_t b0 = load_u32(kr), b1 = load_u32(kr + 8);
+        mma_bf16(sc[nt], qa[ks], b0, b1);
+        mma_bf16(dp[nt], da[ks], b0, b1);
+      }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = g + (e >> 1) * 8, key = nt * 8 + 2 * tq + (e & 1);
+        sm.part_s[warp][row][key] = sc[nt][e];
+        sm.part_dp[warp][row][key] = dp[nt][e];
+      }
+    __syncthreads();
+    // Totals (warp order, as the forward); P = exp(S - lse), dS = P (dP - D); zero beyond cnt.
+    float p[2][4], ds[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = g + (e >> 1) * 8, key = nt * 8 + 2 * tq + (e & 1);
+        float s = sm.part_s[0][row][key];
+        s += sm.part_s[1][row][key];
+        s += sm.part_s[2][row][key];
+        s += sm.part_s[3][row][key];
+        float dpv = sm.part_dp[0][row][key];
+        dpv += sm.part_dp[1][row][key];
+        dpv += sm.part_dp[2][row][key];
+        dpv += sm.part_dp[3][row][key];
+        const float pv = key < cnt ? expf(s - sm.lse[row]) : 0.0f;
+        p[nt][e] = pv;
+        ds[nt][e] = pv * (dpv - sm.D[row]);
+      }
+    // dQ += dS . K (A: rows = heads, k = keys, the two n-tiles side by side; B: k = keys, n = dims).
+    const uint32_t dsa[4] = {pack_bf16(ds[0][0], ds[0][1]), pack_bf16(ds[0][2], ds[0][3]),
+                             pack_bf16(ds[1][0], ds[1][1]), pack_bf16(ds[1][2], ds[1][3])};
+#pragma unroll
+    for (int n = 0; n < kDimsPerWarp / 8; ++n) {
+      const int d = n * 8 + g;
+      const uint32_t b0 = pack_raw(sm.rows[warp][2 * tq][d], sm.rows[warp][2 * tq + 1][d]);
+      const uint32_t b1 = pack_raw(sm.rows[warp][2 * tq + 8][d], sm.rows[warp][2 * tq + 9][d]);
+      mma_bf16(acc[n], dsa, b0, b1);
+    }
+    if (j0 + cnt <= p0 || j0 >= p1) continue;  // (block-uniform) no position of this tile is in the chunk
+    // dK rows of the tile: dK [16 keys, C] = dS^T . (q * scale) + P^T . dO (M = keys, K = heads, N = dims).
+    if (warp == 0) {
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = g + (e >> 1) * 8, key = nt * 8 + 2 * tq + (e & 1);
+          sm.pT[key][row] = __float2bfloat16_rn(p[nt][e]);
+          sm.dsT[key][row] = __float2bfloat16_rn(ds[nt][e]);
+        }
+    }
+    __syncthreads();
+    // A fragments: rows g / g + 8 = keys, k = heads 2 tq (+1) (+8).
+    const uint32_t dsk[4] = {load_u32(&sm.dsT[g][2 * tq]), load_u32(&sm.dsT[g + 8][2 * tq]),
+                             load_u32(&sm.dsT[g][2 * tq + 8]), load_u32(&sm.dsT[g + 8][2 * tq + 8])};
+    const uint32_t pk[4] = {load_u32(&sm.pT[g][2 * tq]), load_u32(&sm.pT[g + 8][2 * tq]),
+                            load_u32(&sm.pT[g][2 * tq + 8]), load_u32(&sm.pT[g + 8][2 * tq + 8])};
+    // Partial rows of keys g and g + 8 (positions j0 + key), when they are candidates inside the chunk.
+    const int pos0 = j0 + g, pos1 = j0 + g + 8;
+    const bool w0 = g < cnt && pos0 >= p0 && pos0 < p1, w1 = g + 8 < cnt && pos1 >= p0 && pos1 < p1;
+    float* out0 = partial + (static_cast<int64_t>(group) * chunk + (w0 ? pos0 - p0 : 0)) * kC + d0 + 2 * tq;
+    float* out1 = partial + (static_cast<int64_t>(group) * chunk + (w1 ? pos1 - p0 : 0)) * kC + d0 + 2 * tq;
+#pragma unroll 4
+    for (int n = 0; n < kDimsPerWarp / 8; ++n) {
+      const int d = d0 + n * 8 + g;
+      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      mma_bf16(c, dsk, load_u32(&sm.qT[d][2 * tq]), load_u32(&sm.qT[d][2 * tq + 8]));
+      mma_bf16(c, pk, load_u32(&sm.doT[d][2 * tq]), load_u32(&sm.doT[d][2 * tq + 8]));
+      if (w0) *reinterpret_cast<float2*>(out0 + n * 8) = make_float2(c[0], c[1]);
+      if (w1) *reinterpret_cast<float2*>(out1 + n * 8) = make_float2(c[2], c[3]);
+    }
+  }
+  if (!owner) return;
+  float* dq0 = dq + base + static_cast<int64_t>(g) * kC + d0;
+  float* dq1 = dq0 + 8 * kC;
+#pragma unroll
+  for (int n = 0; n < kDimsPerWarp / 8; ++n) {
+    const int d = n * 8 + 2 * tq;
+    *reinterpret_cast<float2*>(dq0 + d) = make_float2(acc[n][0] * scale, acc[n][1] * scale);
+    *reinterpret_cast<float2*>(dq1 + d) = make_float2(acc[n][2] * scale, acc[n][3] * scale);
+  }
+}
+
+constexpr int kReduceThreads = kC / 4;  // one float4 of the row per thread
+
+// First index in [lo, hi) of the ascending key_positions with a value >= v.
+__device__ __forceinline__ int lower_bound_pos(const int32_t* __restrict__ key_positions, int lo, int hi, int v) {
+  while (lo < hi) {
+    const int mid = lo + (hi - lo) / 2;
+    if (key_positions[mid] < v) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// Key-major reduction of one chunk, one block per row r of [kv; ckv]: dk_r += the partial rows of the positions
+// in [p0, p1) that list r, positions ascending, head groups ascending within a position. Rows without such a position
+// are untouched.
+__global__ void __launch_bounds__(kReduceThreads)
+    sparse_bwd_tc_reduce_kernel(const float* __restrict__ partial, const int32_t* __restrict__ key_offsets,
+                                const int32_t* __restrict__ key_positions, int64_t n_raw, int groups, int64_t chunk,
+                                int p0, int p1, float* __restrict__ dkv, float* __restrict__ dckv) {
+  const int64_t r = blockIdx.x;
+  const int lo = lower_bound_pos(key_positions, key_offsets[r], key_offsets[r + 1], p0);
+  const int hi = lower_bound_pos(key_positions, lo, key_offsets[r + 1], p1);
+  if (lo == hi) return;
+  float* drow = (r < n_raw ? dkv + r * kC : dckv + (r - n_raw) * kC) + 4 * threadIdx.x;
+  float4 a = *reinterpret_cast<const float4*>(drow);
+  for (int e = lo; e < hi; ++e) {
+    const float* src = partial + static_cast<int64_t>(key_positions[e] - p0) * kC + 4 * threadIdx.x;
+    for (int gi = 0; gi < groups; ++gi) {
+      const float4 v = *reinterpret_cast<const float4*>(src + gi * chunk * kC);
+      a.x += v.x;
+      a.y += v.y;
+      a.z += v.z;
+      a.w += v.w;
+    }
+  }
+  *reinterpret_cast<float4*>(drow) = a;
+}
 }  // namespace
 
 bool sparse_attn_tc_supported(int64_t H, int64_t C) { return C == kC && H >= kHeads && H % kHeads == 0; }
@@ -211,6 +473,58 @@ void sparse_attn_forward_tc(const float* q, const float* kv, const float* ckv, c
   const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(H / kHeads));
   sparse_fwd_tc_kernel<<<grid, kWarpsTc * 32, 0, static_cast<cudaStream_t>(stream)>>>(
       q, kv, ckv, sink, cand_offsets, cand_ids, n_raw, static_cast<int>(H), scale, o, lse);
+  CUDA_CHECK_LAUNCH();
+}
+
+
+void sparse_attn_backward_tc(const float* q, const float* kv, const float* ckv, const float* sink, const float* o,
+                             const float* lse, const float* dout, const int32_t* cand_offsets, const int32_t* cand_ids,
+                             const int32_t* key_offsets, const int32_t* key_positions, int64_t T, int64_t n_raw,
+                             int64_t n_comp, int64_t n_candidates, int64_t H, int64_t C, float scale, float* dq,
+                             float* dkv, float* dckv, float* dsink, float* workspace, void* stream,
+                             int64_t chunk) {
+  DSV4_CHECK(sparse_attn_tc_supported(H, C),
+             "cuda::sparse_attn_backward_tc: needs head_dim 512 and a multiple of 16 heads, got H={} C={}", H, C);
+  DSV4_CHECK(T >= 0 && n_raw >= 0 && n_comp >= 0 && n_candidates >= 0 && (n_comp == 0 || (ckv && dckv)),
+             "cuda::sparse_attn_backward_tc: bad sizes T={} n_raw={} n_comp={} n_candidates={}", T, n_raw, n_comp,
+             n_candidates);
+  DSV4_CHECK(T < (int64_t{1} << 31) && n_candidates < (int64_t{1} << 31) && n_raw + n_comp < (int64_t{1} << 31) &&
+                 H / kHeads <= 65535,
+             "cuda::sparse_attn_backward_tc: T={} H={} n_candidates={} exceed the grid / int32 positions", T, H,
+             n_candidates);
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  DSV4_CHECK(aligned(kv) && aligned(dkv) && (n_comp == 0 || (aligned(ckv) && aligned(dckv))) && aligned(dq) &&
+                 aligned(workspace),
+             "cuda::sparse_attn_backward_tc: kv, ckv, dq, dkv, dckv and the workspace must be 16-byte aligned");
+  const auto st = static_cast<cudaStream_t>(stream);
+  const int groups = static_cast<int>(H / kHeads);
+  if (chunk <= 0) chunk = sparse_attn_backward_tc_chunk(H, C, n_candidates);
+  float* Dws = workspace;
+  float* partial = workspace + (T * H + 3) / 4 * 4;
+  const int64_t rows = n_raw + n_comp;
+  if (T > 0) {
+    const size_t bytes = sizeof(BwdSmem);
+    CUDA_CHECK(cudaFuncSetAttribute(sparse_bwd_tc_query_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(bytes)));
+    const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(groups));
+    for (int64_t p0 = 0;; p0 += chunk) {  // at least one chunk: it writes dq and D of every query when nnz = 0
+      const int64_t p1 = std::min(p0 + chunk, n_candidates);
+      const bool last = p1 >= n_candidates;
+      sparse_bwd_tc_query_kernel<<<grid, kWarpsTc * 32, bytes, st>>>(
+          q, kv, ckv, o, lse, dout, cand_offsets, cand_ids, n_raw, static_cast<int>(H), scale, static_cast<int>(p0),
+          static_cast<int>(p1), last, chunk, dq, Dws, partial);
+      CUDA_CHECK_LAUNCH();
+      if (p1 > p0 && rows > 0) {
+        sparse_bwd_tc_reduce_kernel<<<static_cast<unsigned>(rows), kReduceThreads, 0, st>>>(
+            partial, key_offsets, key_positions, n_raw, groups, chunk, static_cast<int>(p0), static_cast<int>(p1),
+            dkv, dckv);
+        CUDA_CHECK_LAUNCH();
+      }
+      if (last) break;
+    }
+  }
+  sparse_bwd_dsink_kernel<<<static_cast<unsigned>((H + 127) / 128), 128, 0, st>>>(sink, lse, Dws, T,
+                                                                                  static_cast<int>(H), dsink);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -463,12 +463,16 @@ Tensor Attention::forward_ops(const Tensor& x_TD, const SeqLayout& layout, Atten
 
   // Compressed entries (the compressor's tensor-op path) and the candidate lists (host; CSA's top-k on x's device).
   const int64_t E = compress_and_index(x_TD, qr, layout, c, ctx != nullptr);
-  c.dindex = SparseAttnDeviceIndex::build(c.index, T, E, dev, /*key_major=*/ctx != nullptr);
+  const SparseAttnKeyMajor key_major = ctx == nullptr ? SparseAttnKeyMajor::none
+                                       : sparse_attn_tensor_cores_taken(opts_.tensor_cores, H, C)
+                                           ? SparseAttnKeyMajor::positions
+                                           : SparseAttnKeyMajor::queries;
+  c.dindex = SparseAttnDeviceIndex::build(c.index, T, E, dev, key_major);
 
   // Core attention with sink, then the inverse RoPE at the query position.
   const float scale = static_cast<float>(std::pow(static_cast<double>(C), -0.5));
   SparseAttnOut core = sparse_attn_forward_tensors(c.index, c.dindex, c.q, c.kv, c.ckv, attn_sink.value, scale,
-                                                   opts_.tensor_core_forward);
+                                                   opts_.tensor_cores);
   c.o = core.o;
   c.lse = core.lse;
   Tensor o_rows = c.o.clone().view({T * H, C});
@@ -558,7 +562,7 @@ Tensor Attention::backward_ops(const Tensor& dout_TD, const AttentionCtx& c) {
   // Core attention (the sink's gradient summed from zero, then added on the device).
   const float scale = static_cast<float>(std::pow(static_cast<double>(C), -0.5));
   SparseAttnGrads core = sparse_attn_backward_tensors(c.index, c.dindex, c.q, c.kv, c.ckv, attn_sink.value, c.o,
-                                                      c.lse, d_o.view({T, H, C}), scale);
+                                                      c.lse, d_o.view({T, H, C}), scale, opts_.tensor_cores);
   if (attn_sink.trainable) {
     Tensor& g = attn_sink.grad_buffer();
     ops::copy(ops::add(g, core.dsink), g);

@@ -42,10 +42,10 @@ struct AttentionOptions {
   // back-propagates only its heads, so their gradients are TpPartial and backward sums dx over tp once at the end.
   // Adapters: see Attention::place_adapters.
   const Parallel* parallel = nullptr;
-  // Tensor-op path on CUDA tensors only: the BF16 tensor-core forward of the core attention
-  // (cuda::sparse_attn_forward_tc: q * scale, keys and probabilities rounded to BF16, FP32 accumulation) where it
-  // supports H and C, instead of the FP32 kernel. Off by default; the backward is FP32 either way.
-  bool tensor_core_forward = false;
+  // Tensor-op path on CUDA tensors only: the BF16 tensor-core forward and backward of the core attention
+  // (cuda::sparse_attn_forward_tc / sparse_attn_backward_tc: q * scale, keys, dO, probabilities and score gradients
+  // rounded to BF16, FP32 accumulation) where they support H and C, instead of the FP32 kernels. Off by default.
+  bool tensor_cores = false;
 };
 
 struct AttentionCtx {

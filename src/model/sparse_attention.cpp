@@ -58,10 +58,15 @@ AttnDims check_inputs(const SparseAttnIndex& idx, const Tensor& q, const Tensor&
 const float* data_or_null(const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data<float>() : nullptr; }
 
 #if defined(DSV4_WITH_CUDA)
-void check_device_index(const SparseAttnDeviceIndex& didx, bool key_major) {
-  DSV4_CHECK(didx.cand_offsets.defined() && didx.cand_ids.defined() && (!key_major || didx.key_offsets.defined()),
-             "sparse attention on CUDA tensors: the device candidate lists were not built{}",
-             key_major ? " (with the key-major transpose for the backward)" : "");
+void check_device_index(const SparseAttnDeviceIndex& didx, SparseAttnKeyMajor key_major) {
+  const bool ok = didx.cand_offsets.defined() && didx.cand_ids.defined() &&
+                  (key_major == SparseAttnKeyMajor::none || didx.key_offsets.defined()) &&
+                  (key_major != SparseAttnKeyMajor::queries || didx.key_queries.defined()) &&
+                  (key_major != SparseAttnKeyMajor::positions || didx.key_positions.defined());
+  DSV4_CHECK(ok, "sparse attention on CUDA tensors: the device candidate lists were not built{}",
+             key_major == SparseAttnKeyMajor::queries     ? " (with the key-major queries for the FP32 backward)"
+             : key_major == SparseAttnKeyMajor::positions ? " (with the key-major positions for the tensor-core backward)"
+                                                          : "");
 }
 #endif
 }  // namespace
@@ -77,21 +82,37 @@ void* attention_kernel_stream(const Tensor& t) {
 
 void fail_without_cuda(const char* what) { DSV4_FAIL("{}: CUDA tensors, but dsv4 was built without CUDA", what); }
 
+bool sparse_attn_tensor_cores_taken(bool tensor_cores, int64_t H, int64_t C) {
+#if defined(DSV4_WITH_CUDA)
+  return tensor_cores && cuda::sparse_attn_tc_supported(H, C);
+#else
+  (void)tensor_cores, (void)H, (void)C;
+  return false;
+#endif
+}
+
 SparseAttnDeviceIndex SparseAttnDeviceIndex::build(const SparseAttnIndex& idx, int64_t n_raw, int64_t n_comp,
-                                                   Device device, bool key_major) {
+                                                   Device device, SparseAttnKeyMajor key_major) {
   SparseAttnDeviceIndex d;
   if (device.is_cpu()) return d;
 #if defined(DSV4_WITH_CUDA)
+  const auto upload = [&](const std::vector<int32_t>& v) {
+    return Tensor::from_vector<int32_t>(Shape{static_cast<int64_t>(v.size())}, v).to(device);
+  };
   std::vector<int32_t> offsets, ids;
   cuda::build_sparse_candidates(idx.win_begin, idx.win_end, idx.comp_offsets, idx.comp_ids, n_raw, offsets, ids);
-  d.cand_offsets = Tensor::from_vector<int32_t>(Shape{static_cast<int64_t>(offsets.size())}, offsets).to(device);
-  d.cand_ids = Tensor::from_vector<int32_t>(Shape{static_cast<int64_t>(ids.size())}, ids).to(device);
-  if (key_major) {
-    std::vector<int32_t> koff, kq;
-    cuda::build_key_major(offsets, ids, n_raw + n_comp, koff, kq);
-    d.key_offsets = Tensor::from_vector<int32_t>(Shape{static_cast<int64_t>(koff.size())}, koff).to(device);
-    d.key_queries = Tensor::from_vector<int32_t>(Shape{static_cast<int64_t>(kq.size())}, kq).to(device);
+  d.cand_offsets = upload(offsets);
+  d.cand_ids = upload(ids);
+  d.n_candidates = static_cast<int64_t>(ids.size());
+  std::vector<int32_t> koff, kmajor;
+  if (key_major == SparseAttnKeyMajor::queries) {
+    cuda::build_key_major(offsets, ids, n_raw + n_comp, koff, kmajor);
+    d.key_queries = upload(kmajor);
+  } else if (key_major == SparseAttnKeyMajor::positions) {
+    cuda::build_key_major_positions(offsets, ids, n_raw + n_comp, koff, kmajor);
+    d.key_positions = upload(kmajor);
   }
+  if (key_major != SparseAttnKeyMajor::none) d.key_offsets = upload(koff);
 #else
   (void)idx, (void)n_raw, (void)n_comp, (void)key_major;
   fail_without_cuda("SparseAttnDeviceIndex");
@@ -108,8 +129,8 @@ SparseAttnOut sparse_attn_forward_tensors(const SparseAttnIndex& idx, const Spar
   if (d.T == 0) return r;
   if (dev.is_cuda()) {
 #if defined(DSV4_WITH_CUDA)
-    check_device_index(didx, false);
-    const bool tc = tensor_cores && cuda::sparse_attn_tc_supported(d.H, d.C);
+    check_device_index(didx, SparseAttnKeyMajor::none);
+    const bool tc = sparse_attn_tensor_cores_taken(tensor_cores, d.H, d.C);
     (tc ? cuda::sparse_attn_forward_tc : cuda::sparse_attn_forward)(
         q.data<float>(), kv.data<float>(), data_or_null(ckv), sink.data<float>(), didx.cand_offsets.data<int32_t>(),
         didx.cand_ids.data<int32_t>(), d.T, d.n_raw, d.n_comp, d.H, d.C, scale, r.o.data<float>(),
@@ -127,7 +148,8 @@ SparseAttnOut sparse_attn_forward_tensors(const SparseAttnIndex& idx, const Spar
 
 SparseAttnGrads sparse_attn_backward_tensors(const SparseAttnIndex& idx, const SparseAttnDeviceIndex& didx,
                                              const Tensor& q, const Tensor& kv, const Tensor& ckv, const Tensor& sink,
-                                             const Tensor& o, const Tensor& lse, const Tensor& dout, float scale) {
+                                             const Tensor& o, const Tensor& lse, const Tensor& dout, float scale,
+                                             bool tensor_cores) {
   const AttnDims d = check_inputs(idx, q, kv, ckv, sink);
   const Device dev = q.device();
   check_f32("o", o, q.shape(), dev);
@@ -141,17 +163,31 @@ SparseAttnGrads sparse_attn_backward_tensors(const SparseAttnIndex& idx, const S
   if (d.T == 0) return g;
   if (dev.is_cuda()) {
 #if defined(DSV4_WITH_CUDA)
-    check_device_index(didx, true);
+    const float* ckv_p = data_or_null(ckv);
+    float* dckv_p = g.dckv.defined() && d.n_comp > 0 ? g.dckv.data<float>() : nullptr;
+    const auto stream = attention_kernel_stream(q);
+    if (sparse_attn_tensor_cores_taken(tensor_cores, d.H, d.C)) {
+      check_device_index(didx, SparseAttnKeyMajor::positions);
+      Tensor ws = Tensor::empty({cuda::sparse_attn_backward_tc_workspace(d.T, d.H, d.C, didx.n_candidates)},
+                                DType::F32, dev);
+      cuda::sparse_attn_backward_tc(q.data<float>(), kv.data<float>(), ckv_p, sink.data<float>(), o.data<float>(),
+                                    lse.data<float>(), dout.data<float>(), didx.cand_offsets.data<int32_t>(),
+                                    didx.cand_ids.data<int32_t>(), didx.key_offsets.data<int32_t>(),
+                                    didx.key_positions.data<int32_t>(), d.T, d.n_raw, d.n_comp, didx.n_candidates,
+                                    d.H, d.C, scale, g.dq.data<float>(), g.dkv.data<float>(), dckv_p,
+                                    g.dsink.data<float>(), ws.data<float>(), stream);
+      return g;
+    }
+    check_device_index(didx, SparseAttnKeyMajor::queries);
     Tensor ws = Tensor::empty({std::max<int64_t>(cuda::sparse_attn_backward_workspace(d.T, d.H), 1)}, DType::F32, dev);
-    cuda::sparse_attn_backward(q.data<float>(), kv.data<float>(), data_or_null(ckv), sink.data<float>(),
-                               o.data<float>(), lse.data<float>(), dout.data<float>(),
-                               didx.cand_offsets.data<int32_t>(), didx.cand_ids.data<int32_t>(),
-                               didx.key_offsets.data<int32_t>(), didx.key_queries.data<int32_t>(), d.T, d.n_raw,
-                               d.n_comp, d.H, d.C, scale, g.dq.data<float>(), g.dkv.data<float>(),
-                               g.dckv.defined() && d.n_comp > 0 ? g.dckv.data<float>() : nullptr,
-                               g.dsink.data<float>(), ws.data<float>(), attention_kernel_stream(q));
+    cuda::sparse_attn_backward(q.data<float>(), kv.data<float>(), ckv_p, sink.data<float>(), o.data<float>(),
+                               lse.data<float>(), dout.data<float>(), didx.cand_offsets.data<int32_t>(),
+                               didx.cand_ids.data<int32_t>(), didx.key_offsets.data<int32_t>(),
+                               didx.key_queries.data<int32_t>(), d.T, d.n_raw, d.n_comp, d.H, d.C, scale,
+                               g.dq.data<float>(), g.dkv.data<float>(), dckv_p, g.dsink.data<float>(),
+                               ws.data<float>(), stream);
 #else
-    (void)didx;
+    (void)didx, (void)tensor_cores;
     fail_without_cuda("sparse_attn_backward_tensors");
 #endif
     return g;

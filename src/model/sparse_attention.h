@@ -145,13 +145,24 @@ void sparse_attn_backward(const SparseAttnIndex& idx, const T* q, const T* kv, c
 void* attention_kernel_stream(const Tensor& t);
 [[noreturn]] void fail_without_cuda(const char* what);
 
+// The key-major transpose a backward needs: the FP32 kernel takes the attending queries per row, the tensor-core
+// kernel the CSR positions per row (kernels/attention_kernels.h).
+enum class SparseAttnKeyMajor { none, queries, positions };
+
 struct SparseAttnDeviceIndex {
   Tensor cand_offsets, cand_ids;    // I32 [T + 1], [nnz] (CUDA only; undefined for CPU tensors)
-  Tensor key_offsets, key_queries;  // I32 [n_raw + n_comp + 1], [nnz] (CUDA, when built for a backward)
-  // Undefined tensors for `device` = CPU; key_major: also the transpose (needed by the backward only).
+  Tensor key_offsets;               // I32 [n_raw + n_comp + 1] (CUDA, when built with a key-major transpose)
+  Tensor key_queries;               // I32 [nnz] (CUDA, SparseAttnKeyMajor::queries)
+  Tensor key_positions;             // I32 [nnz] (CUDA, SparseAttnKeyMajor::positions)
+  int64_t n_candidates = 0;         // nnz
+  // Undefined tensors for `device` = CPU; key_major: the transpose the backward needs (none for a forward only).
   static SparseAttnDeviceIndex build(const SparseAttnIndex& idx, int64_t n_raw, int64_t n_comp, Device device,
-                                     bool key_major);
+                                     SparseAttnKeyMajor key_major);
 };
+
+// Whether tensor_cores = true selects the BF16 tensor-core kernels for H heads of dim C on CUDA tensors
+// (cuda::sparse_attn_tc_supported); false in a build without CUDA.
+bool sparse_attn_tensor_cores_taken(bool tensor_cores, int64_t H, int64_t C);
 
 struct SparseAttnOut {
   Tensor o;    // [T, H, C]
@@ -169,8 +180,12 @@ struct SparseAttnGrads {
   Tensor dckv;   // [n_comp, C] (undefined when n_comp = 0)
   Tensor dsink;  // [H], summed from zero (the caller adds it to the parameter's gradient)
 };
+// tensor_cores: on CUDA, the BF16 tensor-core backward (cuda::sparse_attn_backward_tc; didx built with
+// SparseAttnKeyMajor::positions) where it supports H and C; the FP32 kernel otherwise (SparseAttnKeyMajor::queries).
+// Ignored on the CPU.
 SparseAttnGrads sparse_attn_backward_tensors(const SparseAttnIndex& idx, const SparseAttnDeviceIndex& didx,
                                              const Tensor& q, const Tensor& kv, const Tensor& ckv, const Tensor& sink,
-                                             const Tensor& o, const Tensor& lse, const Tensor& dout, float scale);
+                                             const Tensor& o, const Tensor& lse, const Tensor& dout, float scale,
+                                             bool tensor_cores);
 
 }  // namespace dsv4

@@ -511,7 +511,7 @@ int run_attn_bench(const KernelBenchOptions& opt) {
       }
       co.push_back(static_cast<int64_t>(ci.size()));
     }
-    std::vector<int32_t> cand_off, cand_ids, key_off, key_q;
+    std::vector<int32_t> cand_off, cand_ids, key_off, key_q, key_pos_off, key_pos;
     cuda::build_sparse_candidates(wb, we, co, ci, T, cand_off, cand_ids);
     cuda::build_key_major(cand_off, cand_ids, T + n_comp, key_off, key_q);
     const Tensor d_co = upload(cand_off), d_ci = upload(cand_ids), d_ko = upload(key_off), d_kq = upload(key_q);
@@ -566,6 +566,23 @@ int run_attn_bench(const KernelBenchOptions& opt) {
       });
       std::printf("       BF16 tensor-core forward (sparse_attn_forward_tc): %.3f ms, %.1f TFLOP/s\n", t_tc,
                   fwd_flop / (t_tc * 1e-3) / 1e12);
+      cuda::build_key_major_positions(cand_off, cand_ids, T + n_comp, key_pos_off, key_pos);
+      const Tensor d_kpo = upload(key_pos_off), d_kp = upload(key_pos);
+      const int64_t nnz = static_cast<int64_t>(cand_ids.size());
+      const Tensor ws_tc =
+          Tensor::empty({cuda::sparse_attn_backward_tc_workspace(T, H, C, nnz)}, DType::F32, kGpu);
+      const double t_tcb = timer.median_ms(1, [&](int) {
+        cuda::sparse_attn_backward_tc(q.data<float>(), kv.data<float>(), ckv_p, sink.data<float>(), o.data<float>(),
+                                      lse.data<float>(), dout.data<float>(), d_co.data<int32_t>(), d_ci.data<int32_t>(),
+                                      d_kpo.data<int32_t>(), d_kp.data<int32_t>(), T, T, n_comp, nnz, H, C, scale,
+                                      dq.data<float>(), dkv.data<float>(), dckv_p, dsink.data<float>(),
+                                      ws_tc.data<float>(), stream());
+      });
+      const int64_t chunk = cuda::sparse_attn_backward_tc_chunk(H, C, nnz);
+      std::printf("       BF16 tensor-core backward (sparse_attn_backward_tc): %.3f ms, %.1f TFLOP/s (%.1fx the FP32 "
+                  "backward; %lld chunk(s) of <= %lld positions, workspace %.0f MB)\n",
+                  t_tcb, 2.5 * fwd_flop / (t_tcb * 1e-3) / 1e12, t_b / t_tcb, (long long)((nnz + chunk - 1) / chunk),
+                  (long long)chunk, static_cast<double>(ws_tc.numel()) * 4.0 / 1e6);
     }
     std::fflush(stdout);
   };

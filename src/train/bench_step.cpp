@@ -75,7 +75,7 @@ StepBenchCli::StepBenchCli(CLI::App& app) {
   step_->add_flag("--ops-path", o.ops_path, "--device cpu: run the modules' tensor-op path (ForceOpsPath)");
   step_->add_flag("--recompute", o.recompute, "per-layer activation recomputation");
   step_->add_flag("--tc-attention", o.tc_attention,
-                  "BF16 tensor-core attention forward where supported (C = 512, H % 16 == 0; the backward stays FP32)");
+                  "BF16 tensor-core attention forward and backward where supported (C = 512, H % 16 == 0)");
   step_->add_option("--ns-precision", o.ns_precision,
                     "Muon's Newton-Schulz GEMMs (muon.ns_precision); bf16 is what Muon implementations use in practice")
       ->capture_default_str()
@@ -213,7 +213,7 @@ int run_step_bench(const StepBenchOptions& opt) {
   const ModelConfig cfg = model_preset(opt.preset);
   ModelOptions mopts;
   mopts.recompute = opt.recompute;
-  mopts.attention.tensor_core_forward = opt.tc_attention;
+  mopts.attention.tensor_cores = opt.tc_attention;
   const double w0 = clk.now();
   Model model(cfg, mopts);
   model.init_random(1);

@@ -31,7 +31,7 @@ struct StepBenchOptions {
   std::string device = "cuda";
   bool ops_path = false;   // --device cpu: run the modules' tensor-op path (ForceOpsPath)
   bool recompute = false;  // per-layer activation recomputation (ModelOptions::recompute)
-  bool tc_attention = false;  // the BF16 tensor-core attention forward (AttentionOptions::tensor_core_forward)
+  bool tc_attention = false;  // the BF16 tensor-core attention forward and backward (AttentionOptions::tensor_cores)
   std::string ns_precision = "bf16";  // Muon's Newton-Schulz (MuonConfig::precision)
   bool profile = true;     // the extra profiled step for the breakdown
   int threads = 0;         // OpenBLAS threads (0: library default)

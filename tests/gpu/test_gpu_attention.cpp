@@ -7,6 +7,8 @@
 // dsink (sums over up to a few hundred candidates and H heads in a different order than the reference).
 // The CPU float reference must meet the same bounds (checked without a GPU: SparseAttnCpu.*), so the bounds are
 // not looser than FP32 itself needs. The GPU backward must also be bitwise deterministic across runs.
+// The BF16 tensor-core forward and backward are compared with the double reference on BF16-rounded operands (their
+// sections below state the bounds); the backward must be bitwise deterministic across runs and chunk sizes.
 // GPU tests skip without a GPU.
 #include <algorithm>
 #include <cmath>
@@ -162,6 +164,41 @@ TEST(SparseAttnCpu, CandidateListsAndKeyMajorTranspose) {
   }
 }
 
+// The positions variant of the transpose: per row, the CSR positions that list it, ascending, with the same offsets
+// as build_key_major (whose queries are the positions' queries). Hand-made lists with empty queries, a row listed
+// twice by one query and an unused row, then a generated CSA problem.
+TEST(SparseAttnCpu, KeyMajorPositionsTranspose) {
+  const auto check = [](const std::vector<int32_t>& off, const std::vector<int32_t>& ids, int64_t n_rows,
+                        const std::string& what) {
+    std::vector<int32_t> koff, kq, koff_p, kp;
+    cuda::build_key_major(off, ids, n_rows, koff, kq);
+    cuda::build_key_major_positions(off, ids, n_rows, koff_p, kp);
+    EXPECT_EQ(koff_p, koff) << what;
+    ASSERT_EQ(kp.size(), ids.size()) << what;
+    for (int64_t r = 0; r < n_rows; ++r) {
+      std::vector<int32_t> want;
+      for (int32_t c = 0; c < static_cast<int32_t>(ids.size()); ++c)
+        if (ids[static_cast<size_t>(c)] == r) want.push_back(c);
+      const auto b = static_cast<size_t>(koff_p[static_cast<size_t>(r)]);
+      const auto e = static_cast<size_t>(koff_p[static_cast<size_t>(r) + 1]);
+      EXPECT_EQ(std::vector<int32_t>(kp.begin() + static_cast<std::ptrdiff_t>(b), kp.begin() + static_cast<std::ptrdiff_t>(e)),
+                want)
+          << what << " row " << r;
+      for (size_t i = b; i < e; ++i) {  // the position's query is the one build_key_major lists
+        const int32_t pos = kp[i];
+        const auto t = std::upper_bound(off.begin(), off.end(), pos) - off.begin() - 1;
+        EXPECT_EQ(kq[i], t) << what << " row " << r << " entry " << i;
+      }
+    }
+  };
+  check({0, 3, 3, 6, 7, 7}, {2, 0, 2, 1, 2, 0, 2}, 4, "hand-made");
+  check({0, 0, 0}, {}, 3, "all empty");
+  const AttnProblem p = make_problem({"csa", 4, 16, {6, 9}, 3, 2, 2});
+  std::vector<int32_t> off, ids;
+  cuda::build_sparse_candidates(p.idx.win_begin, p.idx.win_end, p.idx.comp_offsets, p.idx.comp_ids, p.n_raw, off, ids);
+  check(off, ids, p.n_raw + p.n_comp, "csa");
+}
+
 TEST(SparseAttnCpu, FloatReferenceMeetsTheStatedTolerance) {
   for (const AttnCase& c : cases()) {
     if (c.C > 64) continue;  // keeps the CPU-only run short; the GPU test covers the large shapes
@@ -294,6 +331,130 @@ TEST_F(GpuSparseAttn, TensorCoreForwardMatchesBf16Reference) {
     EXPECT_EQ(bad_o + bad_l, 0u) << c.name;
     std::printf("[ tc %s ] T=%lld H=%lld: max |o err| %.2e (bound %.2e), max |lse err| %.2e (bound 1e-4)\n",
                 c.name.c_str(), (long long)p.T, (long long)p.H, wo, 4e-3 * max_kv, wl);
+  }
+}
+
+// ---- BF16 tensor-core backward (kernels/attn_sparse_tc.cu) --------------------------------------------------------
+// Reference: the double backward on the operands the kernel rounds to BF16 (q * scale with scale 1, K = V rows, dout),
+// given the same o and lse as the kernel (the double forward on those operands, stored as FP32). dq is compared as
+// scale * the reference's gradient w.r.t. q * scale. What remains is the BF16 rounding of P and dS as mma operands
+// (relative 2^-9 per term) and FP32 accumulation: |err| <= 1e-2 * max|gradient| for dq / dkv / dckv (about five
+// times 2^-9) and 1e-3 for dsink (FP32 D and sums over T only). dkv / dckv / dsink accumulate onto random initial
+// values; the bound is taken on the gradient (result minus the initial value), its scale.
+struct TcBwdInputs {
+  AttnProblem p;
+  std::vector<float> o, lse;  // FP32 [T, H, C], [T, H] from the double forward on the rounded operands
+  AttnResult ref;             // dq, dkv, dckv, dsink (accumulated onto p's initial values)
+};
+
+TcBwdInputs tc_backward_reference(const AttnCase& c) {
+  TcBwdInputs in;
+  in.p = make_problem(c);
+  const AttnProblem& p = in.p;
+  const auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+  const std::vector<double> q = as_double(bf16_round(p.q, p.scale)), kv = as_double(bf16_round(p.kv)),
+                            ckv = as_double(bf16_round(p.ckv)), dout = as_double(bf16_round(p.dout)),
+                            sink = as_double(p.sink);
+  std::vector<double> o(p.q.size()), lse(static_cast<size_t>(p.T * p.H));
+  sparse_attn_forward<double>(p.idx, q.data(), kv.data(), ckv.data(), sink.data(), p.H, p.C, 1.0, o.data(), lse.data());
+  in.o.assign(o.begin(), o.end());
+  in.lse.assign(lse.begin(), lse.end());
+  const std::vector<double> o_f = as_double(in.o), lse_f = as_double(in.lse);
+  AttnResult& r = in.ref;
+  r.dq.assign(p.q.size(), 0.0);
+  r.dkv = as_double(p.dkv0);
+  r.dckv = as_double(p.dckv0);
+  r.dsink = as_double(p.dsink0);
+  sparse_attn_backward<double>(p.idx, q.data(), kv.data(), ckv.data(), sink.data(), o_f.data(), lse_f.data(),
+                               dout.data(), p.H, p.C, 1.0, r.dq.data(), r.dkv.data(), r.dckv.data(), r.dsink.data());
+  for (double& v : r.dq) v *= static_cast<double>(p.scale);
+  return in;
+}
+
+// The tensor-core backward on the problem's FP32 inputs (the kernel rounds them) with the given o / lse;
+// chunk: positions per chunk (0: the default).
+AttnResult run_gpu_tc_backward(const TcBwdInputs& in, int64_t chunk) {
+  const AttnProblem& p = in.p;
+  std::vector<int32_t> off, ids, koff, kpos;
+  cuda::build_sparse_candidates(p.idx.win_begin, p.idx.win_end, p.idx.comp_offsets, p.idx.comp_ids, p.n_raw, off, ids);
+  cuda::build_key_major_positions(off, ids, p.n_raw + p.n_comp, koff, kpos);
+  const int64_t nnz = static_cast<int64_t>(ids.size());
+  const Tensor q = gpu_f(p.q), kv = gpu_f(p.kv), ckv = gpu_f(p.ckv), sink = gpu_f(p.sink), dout = gpu_f(p.dout);
+  const Tensor o = gpu_f(in.o), lse = gpu_f(in.lse);
+  const Tensor dkv = gpu_f(p.dkv0), dckv = gpu_f(p.dckv0), dsink = gpu_f(p.dsink0);
+  const Tensor goff = gpu_i(off), gids = gpu_i(ids), gkoff = gpu_i(koff), gkpos = gpu_i(kpos);
+  const Tensor dq = gpu_f(std::vector<float>(p.q.size(), NAN));  // overwritten: every element must be written
+  const Tensor ws = gpu_f(std::vector<float>(
+      static_cast<size_t>(cuda::sparse_attn_backward_tc_workspace(p.T, p.H, p.C, nnz, chunk)), NAN));
+  cuda::sparse_attn_backward_tc(q.data<float>(), kv.data<float>(), ckv.data<float>(), sink.data<float>(),
+                                o.data<float>(), lse.data<float>(), dout.data<float>(), goff.data<int32_t>(),
+                                gids.data<int32_t>(), gkoff.data<int32_t>(), gkpos.data<int32_t>(), p.T, p.n_raw,
+                                p.n_comp, nnz, p.H, p.C, p.scale, dq.data<float>(), dkv.data<float>(),
+                                dckv.data<float>(), dsink.data<float>(), ws.data<float>(), cuda::current_stream(0),
+                                chunk);
+  cuda::synchronize(0);
+  return {{}, {}, host(dq, p.q.size()), host(dkv, p.dkv0.size()), host(dckv, p.dckv0.size()),
+          host(dsink, p.dsink0.size())};
+}
+
+std::vector<double> minus(const std::vector<double>& a, const std::vector<float>& b) {
+  std::vector<double> d(a.size());
+  for (size_t i = 0; i < a.size(); ++i) d[i] = a[i] - static_cast<double>(b[i]);
+  return d;
+}
+
+constexpr double kTcBwdRtol = 1e-2, kTcBwdSinkRtol = 1e-3;
+
+void check_tc_backward(const AttnResult& got, const TcBwdInputs& in, const std::string& what) {
+  const AttnProblem& p = in.p;
+  const AttnResult& ref = in.ref;
+  const double e_dq = expect_close_scaled(got.dq, ref.dq, kTcBwdRtol, what + " dq");
+  const double e_dkv = expect_close_scaled(minus(got.dkv, p.dkv0), minus(ref.dkv, p.dkv0), kTcBwdRtol, what + " dkv");
+  const double e_dckv = p.n_comp > 0 ? expect_close_scaled(minus(got.dckv, p.dckv0), minus(ref.dckv, p.dckv0),
+                                                           kTcBwdRtol, what + " dckv")
+                                     : 0.0;
+  const double e_dsink =
+      expect_close_scaled(minus(got.dsink, p.dsink0), minus(ref.dsink, p.dsink0), kTcBwdSinkRtol, what + " dsink");
+  std::printf("[ %s ] T=%lld H=%lld n_comp=%lld: max |err| / max|grad|: dq %.2e dkv %.2e dckv %.2e (bound %.0e) "
+              "dsink %.2e (bound %.0e)\n",
+              what.c_str(), (long long)p.T, (long long)p.H, (long long)p.n_comp, e_dq, e_dkv, e_dckv, kTcBwdRtol,
+              e_dsink, kTcBwdSinkRtol);
+}
+
+// Odd T, documents shorter than a tile, lists of 1 to 40+ candidates (partial last tiles), empty lists,
+// compressed-only lists, H = 16 / 32 / 64.
+const std::vector<AttnCase>& tc_backward_cases() {
+  static const std::vector<AttnCase> c = {
+      {"tcb_swa_odd_docs", 16, 512, {37, 5, 91}, 40, 0, 0},
+      {"tcb_hca_h32", 32, 512, {77}, 20, 4, -1},
+      {"tcb_csa_empty_even", 16, 512, {33}, 7, 4, 3, true},
+      {"tcb_compressed_only_h64", 64, 512, {21, 30}, 0, 2, -1},
+      {"tcb_csa_h64", 64, 512, {50}, 16, 4, 5}};
+  return c;
+}
+
+TEST_F(GpuSparseAttn, TensorCoreBackwardMatchesBf16Reference) {
+  for (const AttnCase& c : tc_backward_cases()) {
+    const TcBwdInputs in = tc_backward_reference(c);
+    check_tc_backward(run_gpu_tc_backward(in, 0), in, "tc bwd " + c.name);
+  }
+}
+
+// Two runs give the same bits, and so does any chunking of the positions (chunks of 5 and 37 positions split
+// queries and tiles; each chunk is reduced onto dkv / dckv in position order, the order of a single chunk).
+TEST_F(GpuSparseAttn, TensorCoreBackwardIsBitwiseDeterministicAcrossRunsAndChunks) {
+  for (const AttnCase& c : {tc_backward_cases()[0], tc_backward_cases()[2], tc_backward_cases()[3]}) {
+    const TcBwdInputs in = tc_backward_reference(c);
+    const AttnResult a = run_gpu_tc_backward(in, 0);
+    for (int64_t chunk : {int64_t{0}, int64_t{5}, int64_t{37}}) {
+      const AttnResult b = run_gpu_tc_backward(in, chunk);
+      const std::string what = c.name + " chunk " + std::to_string(chunk);
+      EXPECT_EQ(a.dq, b.dq) << what;
+      EXPECT_EQ(a.dkv, b.dkv) << what;
+      EXPECT_EQ(a.dckv, b.dckv) << what;
+      EXPECT_EQ(a.dsink, b.dsink) << what;
+    }
+    check_tc_backward(a, in, "tc bwd determinism " + c.name);
   }
 }
 

@@ -7,8 +7,8 @@
 // Tolerance per tensor, |gpu - cpu| <= rtol * max|cpu|: 1e-4 for the output (cuBLAS F32 vs CPU BLAS and the kernels'
 // summation order: tests/gpu/test_gpu_attention.cpp bounds the core alone at 2e-5 forward) and 5e-4 for dx and the
 // gradients (the core's backward alone is bounded at 1e-4; these chain it with up to five GEMMs, two RMSNorm
-// backwards and the compressor's pooling backward). The BF16 tensor-core forward
-// (AttentionOptions::tensor_core_forward, off by default) is checked separately at C = 512, H = 16 (2e-2 of max|out|).
+// backwards and the compressor's pooling backward). The BF16 tensor-core core (AttentionOptions::tensor_cores, off by
+// default) is checked separately at C = 512, H = 16 (2e-2 of max|out|, 3e-2 of max|grad| for dx and the gradients).
 // Skips without a GPU.
 // Written without a GPU (compile-checked only): not yet run on one (tests/gpu/RESULTS.md lists what has).
 #include <map>
@@ -112,34 +112,61 @@ TEST_F(GpuAttentionModule, HeavilyCompressedMatchesCpu) {
   check_layer(2, packed_row());
 }
 
-// AttentionOptions::tensor_core_forward: the BF16 tensor-core core forward (needs C = 512, H % 16 == 0) is taken when
-// asked for (the output differs from the FP32 kernel's) and stays within BF16 accuracy of the CPU module: the kernel
-// alone is bounded at 4e-3 max|kv| on o (tests/gpu/test_gpu_attention.cpp); through wo_a / wo_b, 2e-2 of max|out|.
-TEST_F(GpuAttentionModule, TensorCoreForwardOnlyWhenAskedAndClose) {
+// AttentionOptions::tensor_cores: the BF16 tensor-core core forward and backward (need C = 512, H % 16 == 0) are taken
+// when asked for (the output differs from the FP32 kernel's; the backward's device index carries the positions) and stay within BF16 accuracy of the CPU module:
+// the kernels alone are bounded at 4e-3 max|kv| on o and 1e-2 max|grad| on dq / dkv / dckv
+// (tests/gpu/test_gpu_attention.cpp); through wo_a / wo_b, 2e-2 of max|out|; dx and the parameter gradients, which
+// chain the core's backward with the GEMMs, the norms and the compressor, 3e-2 of max|cpu|.
+TEST_F(GpuAttentionModule, TensorCoresOnlyWhenAskedAndClose) {
   ModelConfig cfg = model_preset("tiny");
   cfg.head_dim = 512;
   cfg.n_heads = 16;
   cfg.o_groups = 4;
+  constexpr double kTcOutRtol = 2e-2, kTcGradRtol = 3e-2;
   for (int64_t layer : {0, 2}) {
-    const Attention cpu = random_attention(cfg, layer);
+    Attention cpu = random_attention(cfg, layer);
     Attention fp32 = on_gpu(cpu);
     AttentionOptions tc_opts;
-    tc_opts.tensor_core_forward = true;
+    tc_opts.tensor_cores = true;
     Attention tc(prefix_of(layer), cfg, layer, tc_opts);
     {
       Attention src = on_gpu(cpu);
       std::map<std::string, Tensor> values;
       src.visit([&](Param& p) { values[p.name] = p.value; });
-      tc.visit([&](Param& p) { p.value = values.at(p.name); });
+      tc.visit([&](Param& p) {
+        p.value = values.at(p.name);
+        p.grad = Tensor();
+      });
     }
     const SeqLayout L(2, 45);
-    const Tensor x = rand_cpu({L.tokens(), cfg.dim});
-    const Tensor out_c = cpu.forward(x, L, nullptr);
-    const Tensor out_f = fp32.forward(x.to(kGpu), L, nullptr), out_t = tc.forward(x.to(kGpu), L, nullptr);
+    const Tensor x = rand_cpu({L.tokens(), cfg.dim}), dy = rand_cpu({L.tokens(), cfg.dim});
+    AttentionCtx cc, fc, tcc;
+    const Tensor out_c = cpu.forward(x, L, &cc);
+    const Tensor out_f = fp32.forward(x.to(kGpu), L, &fc), out_t = tc.forward(x.to(kGpu), L, &tcc);
     const std::string tag = "layer " + std::to_string(layer) + " ";
     close(out_f, out_c, kOutRtol, tag + "fp32 kernel out");
-    close(out_t, out_c, 2e-2, tag + "tensor-core out");
+    close(out_t, out_c, kTcOutRtol, tag + "tensor-core out");
     EXPECT_NE(host_bytes(out_t), host_bytes(out_f)) << tag << "the tensor-core forward was not taken";
+
+    const Tensor dx_c = cpu.backward(dy, cc);
+    const Tensor dx_f = fp32.backward(dy.to(kGpu), fc), dx_t = tc.backward(dy.to(kGpu), tcc);
+    close(dx_f, dx_c, kGradRtol, tag + "fp32 kernel dx");
+    close(dx_t, dx_c, kTcGradRtol, tag + "tensor-core dx");
+    std::map<std::string, Tensor> grads;
+    cpu.visit([&](Param& p) {
+      if (p.grad.defined()) grads[p.name] = p.grad;
+    });
+    int checked = 0;
+    tc.visit([&](Param& p) {
+      EXPECT_EQ(p.grad.defined(), grads.count(p.name) == 1) << tag << p.name;
+      if (!p.grad.defined() || !grads.count(p.name)) return;
+      close(p.grad, grads.at(p.name), kTcGradRtol, tag + "tensor-core " + p.name);
+      ++checked;
+    });
+    EXPECT_EQ(checked, layer == 0 ? 8 : 12) << tag;
+    // The tensor-core backward was the one prepared for (key-major positions; the FP32 backward needs the queries).
+    EXPECT_TRUE(tcc.dindex.key_positions.defined() && !tcc.dindex.key_queries.defined()) << tag;
+    EXPECT_TRUE(fc.dindex.key_queries.defined() && !fc.dindex.key_positions.defined()) << tag;
   }
 }
 

@@ -95,8 +95,10 @@ TEST_F(GpuMoe, Fp32MatchesCpu) {
 
 TEST_F(GpuMoe, Bf16AndFp8MatchCpu) {
   check(false, MatmulPrecision::BF16, 2, 45, 1e-3, 1e-3);
-  check(false, MatmulPrecision::FP8, 2, 45, 1e-2, 1e-2);
-  check(true, MatmulPrecision::FP8, 1, 61, 1e-2, 1e-2);
+  // FP8: cuBLASLt sums in its own order where the CPU reference is exact, and a different FP32 sum can flip an
+  // E4M3 code of a later quantisation (up to 1/8 of that value): measured 1.01e-2 of max|ref| on a weight gradient.
+  check(false, MatmulPrecision::FP8, 2, 45, 1e-2, 3e-2);
+  check(true, MatmulPrecision::FP8, 1, 61, 1e-2, 3e-2);
 }
 
 // Adapters (router, routed w1 + w2, fused w13, shared w1; dropout on) over frozen FP8 and FP4 experts (FP4 through FP8,
