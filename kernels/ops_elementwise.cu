@@ -74,6 +74,12 @@ void launch_fill(const detail::RawView& v, uint64_t bits, cudaStream_t stream) {
   const int64_t n = v.shape.numel();
   if (n == 0) return;
   const Indexer<1> ix = make_indexer<1>(v.shape, {v.strides});
+  if (bits == 0 && (ix.ndim == 0 || (ix.ndim == 1 && ix.strides[0][0] == 1))) {
+    // Zeroing contiguous memory (every gradient, every step): cudaMemsetAsync; the kernel below moved 8 MB gradients
+    // at about 0.8 TB/s (ncu, H100).
+    CUDA_CHECK(cudaMemsetAsync(v.data, 0, static_cast<size_t>(n) * static_cast<size_t>(v.elem_bytes), stream));
+    return;
+  }
   detail::dispatch_bytes(v.elem_bytes, "fill", [&](auto tag) {
     using T = typename decltype(tag)::type;
     fill_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(static_cast<T*>(v.data), ix, n, static_cast<T>(bits));

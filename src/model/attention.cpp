@@ -17,6 +17,8 @@
 #include "model/attention.h"
 
 #include <cmath>
+#include <deque>
+#include <mutex>
 
 #include "model/exec_path.h"
 #include "model/quant_sim.h"
@@ -27,6 +29,46 @@
 namespace dsv4 {
 
 namespace {
+
+// Device candidate lists of the layers whose lists follow from the layout alone (sliding window, and HCA: every
+// visible entry): every such layer of a step, and every step with the same document layout, has the same lists, so
+// they are built (host work while the GPU waits, then an upload) once per (positions, window, ratio, transpose,
+// device). The few most recent are kept; the tensors are read-only once built. Leaked on purpose: the device
+// allocator may be gone when static destructors run.
+class LayoutIndexCache {
+ public:
+  SparseAttnDeviceIndex get(const SparseAttnIndex& idx, const std::vector<int64_t>& pos, int64_t window, int64_t ratio,
+                            int64_t n_raw, int64_t n_comp, Device device, SparseAttnKeyMajor key_major) {
+    if (device.is_cpu()) return SparseAttnDeviceIndex::build(idx, n_raw, n_comp, device, key_major);  // nothing to build
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const Entry& e : entries_)
+      if (e.window == window && e.ratio == ratio && e.n_comp == n_comp && e.device == device &&
+          e.key_major == key_major && e.pos == pos)
+        return e.index;
+    if (entries_.size() == kEntries) entries_.pop_front();
+    entries_.push_back({pos, window, ratio, n_comp, device, key_major,
+                        SparseAttnDeviceIndex::build(idx, n_raw, n_comp, device, key_major)});
+    return entries_.back().index;
+  }
+
+ private:
+  static constexpr size_t kEntries = 8;
+  struct Entry {
+    std::vector<int64_t> pos;
+    int64_t window, ratio, n_comp;
+    Device device;
+    SparseAttnKeyMajor key_major;
+    SparseAttnDeviceIndex index;
+  };
+  std::mutex mu_;
+  std::deque<Entry> entries_;
+};
+
+LayoutIndexCache& layout_index_cache() {
+  static auto* cache = new LayoutIndexCache;
+  return *cache;
+}
+
 std::vector<int64_t> per_head(const std::vector<int64_t>& pos, int64_t H) {
   std::vector<int64_t> out(pos.size() * static_cast<size_t>(H));
   for (size_t t = 0; t < pos.size(); ++t)
@@ -467,7 +509,9 @@ Tensor Attention::forward_ops(const Tensor& x_TD, const SeqLayout& layout, Atten
                                        : sparse_attn_tensor_cores_taken(opts_.tensor_cores, H, C)
                                            ? SparseAttnKeyMajor::positions
                                            : SparseAttnKeyMajor::queries;
-  c.dindex = SparseAttnDeviceIndex::build(c.index, T, E, dev, key_major);
+  // CSA's lists come from the indexer's top-k of this step; the others from the layout alone.
+  c.dindex = ratio_ == 4 ? SparseAttnDeviceIndex::build(c.index, T, E, dev, key_major)
+                         : layout_index_cache().get(c.index, c.pos, window_, ratio_, T, E, dev, key_major);
 
   // Core attention with sink, then the inverse RoPE at the query position.
   const float scale = static_cast<float>(std::pow(static_cast<double>(C), -0.5));
