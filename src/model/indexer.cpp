@@ -9,6 +9,7 @@
 #include "model/quant_sim.h"
 #include "model/sparse_attention.h"
 #include "runtime/compress_math.h"
+#include "runtime/host_phases.h"
 #include "runtime/cpu_blas.h"
 #include "runtime/model_ops.h"
 
@@ -222,7 +223,10 @@ void Indexer::select_topk_ops(const Tensor& x_TD, const Tensor& qr_TQ, const std
     Tensor ids_d = Tensor::empty({std::max<int64_t>(offsets.back(), 1)}, DType::I32, dev);
     cuda::indexer_topk(scores.data<float>(), offsets_d.data<int64_t>(), first_d.data<int64_t>(),
                        topk_offsets_d.data<int64_t>(), T, E, ids_d.data<int32_t>(), stream);
-    const Tensor ids_h = ids_d.to(Device::cpu());  // waits for the stream
+    const Tensor ids_h = [&] {
+      const HostPhase phase("attention: CSA top-k to the host (waits for the GPU)");
+      return ids_d.to(Device::cpu());  // waits for the stream
+    }();
     const int32_t* p = ids_h.data<int32_t>();
     ids.assign(p, p + offsets.back());
 #else

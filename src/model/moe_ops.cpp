@@ -16,6 +16,7 @@
 #include "model/exec_path.h"
 #include "model/moe.h"
 #include "model/quant.h"
+#include "runtime/host_phases.h"
 #include "runtime/model_ops.h"
 #include "runtime/ops.h"
 
@@ -139,6 +140,7 @@ Tensor expert_backward_ops(ExpertWeights& ew, const Tensor& X, const Tensor& G, 
 }
 
 std::vector<int64_t> host_i64(const Tensor& t) {
+  const HostPhase phase("moe: routing results to the host (waits for the GPU)");
   const Tensor h = t.contiguous().to(Device::cpu());
   return std::vector<int64_t>(h.data<int64_t>(), h.data<int64_t>() + h.numel());
 }

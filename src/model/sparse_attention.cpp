@@ -1,5 +1,7 @@
 #include "model/sparse_attention.h"
 
+#include "runtime/host_phases.h"
+
 #if defined(DSV4_WITH_CUDA)
 #include "kernels/attention_kernels.h"
 #include "kernels/cuda_runtime_api.h"
@@ -96,6 +98,7 @@ SparseAttnDeviceIndex SparseAttnDeviceIndex::build(const SparseAttnIndex& idx, i
   SparseAttnDeviceIndex d;
   if (device.is_cpu()) return d;
 #if defined(DSV4_WITH_CUDA)
+  const HostPhase phase("attention: device candidate lists (host build + upload)");
   const auto upload = [&](const std::vector<int32_t>& v) {
     return Tensor::from_vector<int32_t>(Shape{static_cast<int64_t>(v.size())}, v).to(device);
   };

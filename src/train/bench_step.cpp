@@ -31,6 +31,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <random>
 #include <stdexcept>
@@ -46,6 +47,7 @@
 #include "optim/optimizer.h"
 #include "runtime/cpu_blas.h"
 #include "runtime/device.h"
+#include "runtime/host_phases.h"
 #include "runtime/ops.h"
 #include "train/bench_kernels.h"
 #if defined(DSV4_WITH_CUDA)
@@ -115,6 +117,7 @@ struct Clock {
 // Seconds per part of the profiled step.
 struct Breakdown {
   double mhc = 0, attn = 0, moe = 0, head = 0, norms = 0;
+  double attn_bwd = 0, moe_bwd = 0;  // the backward parts of attn / moe
 };
 
 // Times f() into `acc` (synchronised on both sides) and returns its result.
@@ -146,12 +149,16 @@ void profile_block(Block& blk, const Tensor& X, const Tensor& ids_T, const SeqLa
   const Tensor dY = ops::affine(Y, 1e-3, 0.0);  // a fixed output gradient (values do not matter for timing)
   const double alpha = blk.ffn.hash_routed() ? 0.0 : balance_alpha;
   HcPostGrads g2 = timed(clk, b.mhc, [&] { return blk.hc_ffn.post_backward(dY, c.ffn_post); });
+  const double moe_before = b.moe;
   const Tensor dm_in = timed(clk, b.moe, [&] { return blk.ffn.backward(g2.dF_TD, c.ffn, alpha); });
+  b.moe_bwd += b.moe - moe_before;
   const Tensor dx2 = timed(clk, b.norms, [&] { return blk.ffn_norm.backward(dm_in, c.ffn_norm); });
   Tensor dX1 = g2.dX_TND;
   timed(clk, b.mhc, [&] { blk.hc_ffn.pre_backward_accumulate(dx2, g2.dpost_TN, g2.dcomb_TNN, c.ffn_pre, dX1); });
   HcPostGrads g1 = timed(clk, b.mhc, [&] { return blk.hc_attn.post_backward(dX1, c.attn_post); });
+  const double attn_before = b.attn;
   const Tensor da_in = timed(clk, b.attn, [&] { return blk.attn.backward(g1.dF_TD, c.attn); });
+  b.attn_bwd += b.attn - attn_before;
   const Tensor dx1 = timed(clk, b.norms, [&] { return blk.attn_norm.backward(da_in, c.attn_norm); });
   Tensor dX0 = g1.dX_TND;
   timed(clk, b.mhc, [&] { blk.hc_attn.pre_backward_accumulate(dx1, g1.dpost_TN, g1.dcomb_TNN, c.attn_pre, dX0); });
@@ -263,7 +270,14 @@ int run_step_bench(const StepBenchOptions& opt) {
   }
   const AllocatorStats mem = alloc.stats();
   Breakdown b;
-  if (opt.profile) b = profile_step(model, ids, layout, weights, clk);
+  std::map<std::string, HostPhaseTotal> host_phases;
+  if (opt.profile) {
+    host_phases_reset();
+    host_phases_enable(true);
+    b = profile_step(model, ids, layout, weights, clk);
+    host_phases_enable(false);
+    host_phases = host_phases_snapshot();
+  }
 
   const double fb = median(t_fb), op = median(t_opt), st = median(t_step);
   const double tokens = static_cast<double>(layout.tokens());
@@ -301,11 +315,18 @@ int run_step_bench(const StepBenchOptions& opt) {
     };
     row("mHC", b.mhc, "hc pre/post fwd+bwd of every block, HyperHead collapses");
     row("attention", b.attn, "Attention fwd+bwd (projections, compressor, indexer, sparse core)");
+    row("  fwd", b.attn - b.attn_bwd, "");
+    row("  bwd", b.attn_bwd, "");
     row("MoE", b.moe, "gate, routing, shared + routed experts fwd+bwd");
+    row("  fwd", b.moe - b.moe_bwd, "");
+    row("  bwd", b.moe_bwd, "");
     row("head+loss", b.head, "output heads (main + MTP) fwd, cross-entropy, head bwd");
     row("optimizer", op, "grad-norm clip + Muon/AdamW step (timed steps' median)");
     row("other", other, "norms, embeddings, MTP projections, glue, gaps");
     std::printf("    (RMSNorms as profiled: %.3f ms)\n", b.norms * 1e3);
+    if (!host_phases.empty()) std::printf("  host phases within the profiled step (GPU possibly idle meanwhile):\n");
+    for (const auto& [name, t] : host_phases)
+      std::printf("    %9.3f ms in %5lld calls  %s\n", t.seconds * 1e3, static_cast<long long>(t.calls), name.c_str());
   }
   return 0;
 }
