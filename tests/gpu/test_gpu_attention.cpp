@@ -11,9 +11,13 @@
 // sections below state the bounds); the backward must be bitwise deterministic across runs and chunk sizes.
 // GPU tests skip without a GPU.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <random>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "gpu_test_util.h"
@@ -197,6 +201,82 @@ TEST(SparseAttnCpu, KeyMajorPositionsTranspose) {
   std::vector<int32_t> off, ids;
   cuda::build_sparse_candidates(p.idx.win_begin, p.idx.win_end, p.idx.comp_offsets, p.idx.comp_ids, p.n_raw, off, ids);
   check(off, ids, p.n_raw + p.n_comp, "csa");
+}
+
+// The builders thread large inputs (kernels/attention_host.cpp); their outputs must be bit-identical to the plain
+// sequential definitions for every thread count. A CSA-like input well above the threading threshold (~1M
+// candidates): windows of 128 (some empty, one reversed), compressed lists of random length (empty ones included)
+// with duplicate ids, unused compressed rows. References: the lists appended query by query, and a stable sort of
+// the (row, position) pairs. Also: a bad id near the start and another near the end report the first one.
+TEST(SparseAttnCpu, ThreadedBuildersMatchTheSequentialDefinitions) {
+  const int64_t T = 3000, W = 128, n_raw = T, n_comp = 1000, n_used = 900;
+  std::mt19937 rng(7);
+  std::vector<int64_t> win_begin(T), win_end(T), comp_offsets(T + 1, 0), comp_ids;
+  for (int64_t t = 0; t < T; ++t) {
+    const auto i = static_cast<size_t>(t);
+    win_begin[i] = std::max<int64_t>(0, t + 1 - W);
+    win_end[i] = t % 97 == 5 ? win_begin[i] : t + 1;  // some empty windows
+    if (t == 1234) std::swap(win_begin[i], win_end[i]);  // end < begin: empty as well
+    const int64_t visible = std::min(n_used, (t + 1) / 3);
+    const int64_t len = visible == 0 || t % 13 == 0 ? 0 : static_cast<int64_t>(rng() % 400);
+    for (int64_t k = 0; k < len; ++k) comp_ids.push_back(static_cast<int64_t>(rng() % static_cast<uint64_t>(visible)));
+    comp_offsets[i + 1] = static_cast<int64_t>(comp_ids.size());
+  }
+  // Reference candidates: window first, then the compressed ids in the given order.
+  std::vector<int32_t> want_off{0}, want_ids;
+  for (size_t t = 0; t < static_cast<size_t>(T); ++t) {
+    for (int64_t j = win_begin[t]; j < win_end[t]; ++j) want_ids.push_back(static_cast<int32_t>(j));
+    for (int64_t k = comp_offsets[t]; k < comp_offsets[t + 1]; ++k)
+      want_ids.push_back(static_cast<int32_t>(n_raw + comp_ids[static_cast<size_t>(k)]));
+    want_off.push_back(static_cast<int32_t>(want_ids.size()));
+  }
+  ASSERT_GT(want_ids.size(), size_t{500000});  // well above the threading threshold
+  // Reference transpose: (row, position) pairs stably sorted by row.
+  const int64_t R = n_raw + n_comp;
+  std::vector<std::pair<int32_t, int32_t>> pairs;
+  for (size_t c = 0; c < want_ids.size(); ++c) pairs.emplace_back(want_ids[c], static_cast<int32_t>(c));
+  std::stable_sort(pairs.begin(), pairs.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<int32_t> want_koff(static_cast<size_t>(R) + 1, 0), want_kp, want_kq;
+  for (const auto& [row, pos] : pairs) {
+    ++want_koff[static_cast<size_t>(row) + 1];
+    want_kp.push_back(pos);
+    const auto query = std::upper_bound(want_off.begin(), want_off.end(), pos) - want_off.begin() - 1;
+    want_kq.push_back(static_cast<int32_t>(query));
+  }
+  for (size_t r = 0; r < static_cast<size_t>(R); ++r) want_koff[r + 1] += want_koff[r];
+  ASSERT_EQ(want_koff[static_cast<size_t>(n_raw + n_used)], want_koff.back());  // unused rows at the end
+
+  std::vector<int32_t> off, ids, koff, kq, koff_p, kp;
+  // Outputs given with stale contents of other sizes: they are replaced, not appended to.
+  off.assign(5, -1), ids.assign(7, -1), koff.assign(3, -1), kq.assign(9, -1), kp.assign(want_ids.size(), -1);
+  const auto t0 = std::chrono::steady_clock::now();
+  cuda::build_sparse_candidates(win_begin, win_end, comp_offsets, comp_ids, n_raw, off, ids);
+  const auto t1 = std::chrono::steady_clock::now();
+  cuda::build_key_major(off, ids, R, koff, kq);
+  const auto t2 = std::chrono::steady_clock::now();
+  cuda::build_key_major_positions(off, ids, R, koff_p, kp);
+  const auto t3 = std::chrono::steady_clock::now();
+  const auto ms = [](auto a, auto b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
+  std::printf("%zu candidates (%u hardware threads): build_sparse_candidates %.2f ms, build_key_major %.2f ms, "
+              "build_key_major_positions %.2f ms\n",
+              ids.size(), std::thread::hardware_concurrency(), ms(t0, t1), ms(t1, t2), ms(t2, t3));
+  EXPECT_TRUE(off == want_off);
+  EXPECT_TRUE(ids == want_ids);
+  EXPECT_TRUE(koff == want_koff);
+  EXPECT_TRUE(koff_p == want_koff);
+  EXPECT_TRUE(kq == want_kq);
+  EXPECT_TRUE(kp == want_kp);
+
+  // Two bad ids: the one the sequential loop meets first is the one reported.
+  ids[10] = static_cast<int32_t>(R + 5);
+  ids[ids.size() - 10] = -1;
+  try {
+    cuda::build_key_major(off, ids, R, koff, kq);
+    FAIL() << "build_key_major accepted an id outside [0, R)";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("candidate id " + std::to_string(R + 5) + " outside"), std::string::npos) << what;
+  }
 }
 
 TEST(SparseAttnCpu, FloatReferenceMeetsTheStatedTolerance) {
