@@ -154,13 +154,15 @@ Tensor Linear::backward(const Tensor& dy_TO, const LinearCtx& ctx) {
   if (frozen.defined()) {
     dx = qpmatmul_dyW(precision_, dy_TO, frozen);
   } else {
+    // BF16: dy rounded once for both GEMMs (the rounding is idempotent, so the values are those of two roundings).
+    const Tensor dy_op = precision_ == MatmulPrecision::BF16 ? bf16_operand(dy_TO) : dy_TO;
     if (weight.trainable) {
       if (ctx.x_fp8_t.q.defined())
         pgemm_dW_fp8(dy_TO, ctx.x_fp8_t, weight.grad_buffer());
       else
-        pgemm_dW(precision_, dy_TO, ctx.x, weight.grad_buffer());
+        pgemm_dW(precision_, dy_op, ctx.x, weight.grad_buffer());
     }
-    dx = pmatmul_dyW(precision_, dy_TO, weight.value);
+    dx = pmatmul_dyW(precision_, dy_op, weight.value);
   }
   if (lora) {
     DSV4_CHECK(ctx.lora_z.defined() && ctx.lora_z.size(0) == dy_TO.size(0) && ctx.lora_z.size(1) == lora->rank(),

@@ -18,6 +18,12 @@ std::string_view matmul_precision_name(MatmulPrecision p) {
   return "?";
 }
 
+Tensor bf16_operand(const Tensor& t) {
+  if (t.dtype() == DType::BF16) return t;
+  Tensor b = t.to(DType::BF16);
+  return t.device().is_cpu() ? b.to(DType::F32) : b;
+}
+
 MatmulPrecision parse_matmul_precision(std::string_view s, std::string_view what) {
   if (s == "fp32") return MatmulPrecision::F32;
   if (s == "bf16") return MatmulPrecision::BF16;
@@ -29,11 +35,6 @@ namespace {
 
 constexpr ScaleFormat kFp8Scales = ScaleFormat::F32;  // the recipe's s = amax / 448
 
-// A GEMM operand rounded to BF16: BF16 tensors for cuBLAS, BF16-rounded F32 values on the CPU (the CPU GEMM is F32).
-Tensor bf16_operand(const Tensor& t) {
-  Tensor b = t.to(DType::BF16);
-  return t.device().is_cpu() ? b.to(DType::F32) : b;
-}
 
 // A non-owning [rows, cols] view of a row-major CPU buffer with leading dimension ld.
 Tensor rows_view(const float* p, int64_t rows, int64_t cols, int64_t ld) {

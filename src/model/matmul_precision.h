@@ -36,6 +36,9 @@ Tensor pmatmul_dyW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& w_OI);
 // form above, bit for bit.
 void pgemm_xwT(MatmulPrecision p, const Tensor& x_TI, const Tensor& w_OI, float beta, Tensor& y_TO);
 void pgemm_dyW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& w_OI, float beta, Tensor& dx_TI);
+// A GEMM operand rounded to BF16: BF16 tensors for cuBLAS, BF16-rounded F32 values on the CPU (the CPU GEMM is F32).
+// Idempotent, so an operand used by two GEMMs can be rounded once.
+Tensor bf16_operand(const Tensor& t);
 // dW [O, I] += dy [T, O]^T x [T, I] (dW contiguous F32).
 void pgemm_dW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& x_TI, Tensor& dW_OI);
 // FP8 Wgrad with the input already quantised: x_t = fp8_wgrad_operand(x) (128x1 tiles along the tokens, F32 scales),
