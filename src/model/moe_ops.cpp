@@ -74,6 +74,12 @@ void expert_dyW(const ExpertWeights& ew, int k, const Tensor& dY, float beta, Te
     store(qpmatmul_dyW(ew.precision, dY, q), beta, dX);
 }
 
+// A GEMM input of the expert in its precision: BF16 operands are rounded once for the GEMMs that share them (the
+// rounding is idempotent); F32 / FP8 inputs pass unchanged (FP8 quantises per GEMM, along different axes).
+Tensor gemm_input(const ExpertWeights& ew, const Tensor& t) {
+  return ew.precision == MatmulPrecision::BF16 ? bf16_operand(t) : t;
+}
+
 bool trainable(const ExpertWeights& ew, int k) { return !ew.frozen(k).defined() && ew.param(k).trainable; }
 
 // One expert on rows X [n, D] with routing weights w [n] (undefined: the shared expert). Writes the pre-clamp
@@ -82,8 +88,9 @@ bool trainable(const ExpertWeights& ew, int k) { return !ew.frozen(k).defined() 
 void expert_forward_ops(const ExpertWeights& ew, const Tensor& X, const Tensor& w, double limit, Tensor& G, Tensor& U,
                         Tensor& Y, const uint64_t* draws, int64_t row0) {
   const int64_t D = X.size(1), I = G.size(1);
-  expert_xwT(ew, 1, X, 0.0f, G);
-  expert_xwT(ew, 3, X, 0.0f, U);
+  const Tensor Xg = gemm_input(ew, X);
+  expert_xwT(ew, 1, Xg, 0.0f, G);
+  expert_xwT(ew, 3, Xg, 0.0f, U);
   const uint64_t mo = static_cast<uint64_t>(row0 * D);
   if (draws && ew.lora_w1) lora_up(*ew.lora_w1, lora_down(*ew.lora_w1, X, draws[0], mo), 0, G);
   if (draws && ew.lora_w3) lora_up(*ew.lora_w3, lora_down(*ew.lora_w3, X, draws[2], mo), 0, U);
@@ -105,10 +112,11 @@ Tensor expert_backward_ops(ExpertWeights& ew, const Tensor& X, const Tensor& G, 
   const int64_t n = X.size(0), D = X.size(1), I = G.size(1);
   const bool lora2 = draws && ew.lora_w2;
   Tensor dH = Tensor::empty({n, I}, DType::F32, X.device());
-  expert_dyW(ew, 2, dY, 0.0f, dH);
+  const Tensor dYg = gemm_input(ew, dY);
+  expert_dyW(ew, 2, dYg, 0.0f, dH);
   if (trainable(ew, 2) || lora2) {
     const Tensor H = swiglu(G, U, w, limit);
-    if (trainable(ew, 2)) pgemm_dW(ew.precision, dY, H, ew.w2.grad_buffer());
+    if (trainable(ew, 2)) pgemm_dW(ew.precision, dYg, H, ew.w2.grad_buffer());
     if (lora2) {
       LoraAdapter& ad = *ew.lora_w2;
       const uint64_t mo = static_cast<uint64_t>(row0 * I);
@@ -119,10 +127,14 @@ Tensor expert_backward_ops(ExpertWeights& ew, const Tensor& X, const Tensor& G, 
     }
   }
   SwigluGrad g = swiglu_backward(G, U, w, dH, limit);
-  if (trainable(ew, 1)) pgemm_dW(ew.precision, g.dg, X, ew.w1.grad_buffer());
-  if (trainable(ew, 3)) pgemm_dW(ew.precision, g.du, X, ew.w3.grad_buffer());
-  expert_dyW(ew, 1, g.dg, 0.0f, dX);
-  expert_dyW(ew, 3, g.du, 1.0f, dX);
+  const Tensor dGg = gemm_input(ew, g.dg), dUg = gemm_input(ew, g.du);
+  if (trainable(ew, 1) || trainable(ew, 3)) {
+    const Tensor Xg = gemm_input(ew, X);
+    if (trainable(ew, 1)) pgemm_dW(ew.precision, dGg, Xg, ew.w1.grad_buffer());
+    if (trainable(ew, 3)) pgemm_dW(ew.precision, dUg, Xg, ew.w3.grad_buffer());
+  }
+  expert_dyW(ew, 1, dGg, 0.0f, dX);
+  expert_dyW(ew, 3, dUg, 1.0f, dX);
   if (draws) {
     const uint64_t mo = static_cast<uint64_t>(row0 * D);
     auto input_side = [&](LoraAdapter& ad, uint64_t draw, bool to_g, bool to_u) {
