@@ -37,6 +37,19 @@ void build_key_major(const std::vector<int32_t>& cand_offsets, const std::vector
 void build_key_major_positions(const std::vector<int32_t>& cand_offsets, const std::vector<int32_t>& cand_ids,
                                int64_t n_rows, std::vector<int32_t>& key_offsets, std::vector<int32_t>& key_positions);
 
+// ---- the same builders on the device (kernels/attn_index.cu; CUDA builds only), bit for bit the host ones --------
+// For compressed ids already on the device (CSA's top-k). win_begin [T], cand_offsets [T + 1] (the host computes them:
+// window length + compressed count per query), comp_offsets [T + 1], comp_ids [comp_offsets[T]]: device int32.
+// cand_ids [cand_offsets[T]] is overwritten: the window ids, then n_raw + the compressed ids, per query.
+void build_sparse_candidates_device(const int32_t* win_begin, const int32_t* cand_offsets,
+                                    const int32_t* comp_offsets, const int32_t* comp_ids, int64_t T, int64_t n_raw,
+                                    int32_t* cand_ids, void* stream);
+// key_offsets [n_rows + 1] and key_positions [nnz] of build_key_major_positions() from device cand_ids [nnz] (a stable
+// radix sort of the row ids carrying the positions); workspace: key_major_positions_device_workspace() bytes.
+size_t key_major_positions_device_workspace(int64_t nnz, int64_t n_rows);
+void build_key_major_positions_device(const int32_t* cand_ids, int64_t nnz, int64_t n_rows, int32_t* key_offsets,
+                                      int32_t* key_positions, void* workspace, size_t workspace_bytes, void* stream);
+
 // ---- sparse attention -------------------------------------------------------------------------------------
 // q [T, H, C]; kv [n_raw, C]; ckv [n_comp, C] (may be null when n_comp == 0); sink [H].
 // o [T, H, C] and lse [T, H] are overwritten: lse = log(exp(sink) + sum_j exp(z_j)), z_j = scale q.k_j.

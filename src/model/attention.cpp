@@ -242,7 +242,8 @@ void Attention::check_wo_a_lora() const {
 }
 
 SparseAttnIndex Attention::build_index(const Tensor& x_TD, const Tensor& qr_TQ, const SeqLayout& layout,
-                                       const std::vector<int64_t>& pos, const CompressPlan& plan) const {
+                                       const std::vector<int64_t>& pos, const CompressPlan& plan,
+                                       Tensor* comp_ids_device) const {
   const int64_t T = layout.tokens();
   SparseAttnIndex idx;
   idx.win_begin.resize(static_cast<size_t>(T));
@@ -253,7 +254,8 @@ SparseAttnIndex Attention::build_index(const Tensor& x_TD, const Tensor& qr_TQ, 
     idx.win_end[static_cast<size_t>(t)] = t + 1;
   }
   if (ratio_ == 4 && use_ops_path(x_TD)) {
-    indexer.select_topk_ops(x_TD, qr_TQ, pos, plan, rope_, index_topk_, idx.comp_offsets, idx.comp_ids);
+    indexer.select_topk_ops(x_TD, qr_TQ, pos, plan, rope_, index_topk_, idx.comp_offsets, idx.comp_ids,
+                            comp_ids_device);
   } else if (ratio_ == 4) {
     const IndexScores s = indexer.scores(x_TD, qr_TQ, pos, plan, rope_);
     Indexer::select_topk(s, plan, index_topk_, idx.comp_offsets, idx.comp_ids);
@@ -279,7 +281,7 @@ int64_t Attention::compress_and_index(const Tensor& x_TD, const Tensor& qr_TQ, c
     c.plan = CompressPlan{};
     c.ckv = Tensor();
   }
-  c.index = build_index(x_TD, qr_TQ, layout, c.pos, c.plan);
+  c.index = build_index(x_TD, qr_TQ, layout, c.pos, c.plan, &c.comp_ids_device);
   const int64_t E = ratio_ > 0 ? c.plan.entries() : 0;
   c.index.validate(layout.tokens(), E);
   return E;
@@ -510,7 +512,7 @@ Tensor Attention::forward_ops(const Tensor& x_TD, const SeqLayout& layout, Atten
                                            ? SparseAttnKeyMajor::positions
                                            : SparseAttnKeyMajor::queries;
   // CSA's lists come from the indexer's top-k of this step; the others from the layout alone.
-  c.dindex = ratio_ == 4 ? SparseAttnDeviceIndex::build(c.index, T, E, dev, key_major)
+  c.dindex = ratio_ == 4 ? SparseAttnDeviceIndex::build(c.index, T, E, dev, key_major, c.comp_ids_device)
                          : layout_index_cache().get(c.index, c.pos, window_, ratio_, T, E, dev, key_major);
 
   // Core attention with sink, then the inverse RoPE at the query position.

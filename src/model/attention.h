@@ -63,6 +63,7 @@ struct AttentionCtx {
   std::vector<Tensor> wo_a_lora_z;        // [G] adapter activations [T, r] of each adapted group (wo_a adapters)
   std::vector<uint64_t> wo_a_lora_draws;  // [G] dropout draw used by each group
   SparseAttnIndex index;
+  Tensor comp_ids_device;  // CSA on CUDA: index.comp_ids as the indexer left them on the device (I32)
   CompressPlan plan;
   CompressorCtx compressor;
   // Tensor-op path (set by a forward on it; backward follows the same path).
@@ -92,8 +93,10 @@ class Attention {
   void visit(const ParamVisitor& f);
 
   // The candidate lists the core attention uses (exposed for tests and the CUDA path).
+  // comp_ids_device: CSA on CUDA tensors also gets the top-k ids as they are on the device (undefined otherwise).
   SparseAttnIndex build_index(const Tensor& x_TD, const Tensor& qr_TQ, const SeqLayout& layout,
-                              const std::vector<int64_t>& pos, const CompressPlan& plan) const;
+                              const std::vector<int64_t>& pos, const CompressPlan& plan,
+                              Tensor* comp_ids_device = nullptr) const;
 
   AttnKind kind() const { return kind_; }
   int64_t ratio() const { return ratio_; }

@@ -184,7 +184,7 @@ void Indexer::check_ops_path(const std::string& module, Device device) const {
 
 void Indexer::select_topk_ops(const Tensor& x_TD, const Tensor& qr_TQ, const std::vector<int64_t>& pos,
                               const CompressPlan& plan, const RopeTable& rope, int64_t topk,
-                              std::vector<int64_t>& offsets, std::vector<int64_t>& ids) const {
+                              std::vector<int64_t>& offsets, std::vector<int64_t>& ids, Tensor* ids_device) const {
   const int64_t T = x_TD.size(0), nI = n_heads_, cI = head_dim_;
   const Device dev = x_TD.device();
   const std::string module = "Indexer " + wq_b.weight.name.substr(0, wq_b.weight.name.rfind("wq_b.weight"));
@@ -194,6 +194,7 @@ void Indexer::select_topk_ops(const Tensor& x_TD, const Tensor& qr_TQ, const std
              qr_TQ.str(), plan.first_entry.size());
   check_ops_path(module, dev);
   const std::vector<int64_t> score_offsets = indexer_score_offsets(plan);
+  if (ids_device) *ids_device = Tensor();
   if (score_offsets.back() == 0) {  // no query sees an entry
     offsets.assign(static_cast<size_t>(T + 1), 0);
     ids.clear();
@@ -229,6 +230,7 @@ void Indexer::select_topk_ops(const Tensor& x_TD, const Tensor& qr_TQ, const std
     }();
     const int32_t* p = ids_h.data<int32_t>();
     ids.assign(p, p + offsets.back());
+    if (ids_device) *ids_device = ids_d;
 #else
     fail_without_cuda("Indexer.select_topk_ops");
 #endif

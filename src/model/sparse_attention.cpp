@@ -94,7 +94,8 @@ bool sparse_attn_tensor_cores_taken(bool tensor_cores, int64_t H, int64_t C) {
 }
 
 SparseAttnDeviceIndex SparseAttnDeviceIndex::build(const SparseAttnIndex& idx, int64_t n_raw, int64_t n_comp,
-                                                   Device device, SparseAttnKeyMajor key_major) {
+                                                   Device device, SparseAttnKeyMajor key_major,
+                                                   const Tensor& comp_ids_device) {
   SparseAttnDeviceIndex d;
   if (device.is_cpu()) return d;
 #if defined(DSV4_WITH_CUDA)
@@ -102,6 +103,44 @@ SparseAttnDeviceIndex SparseAttnDeviceIndex::build(const SparseAttnIndex& idx, i
   const auto upload = [&](const std::vector<int32_t>& v) {
     return Tensor::from_vector<int32_t>(Shape{static_cast<int64_t>(v.size())}, v).to(device);
   };
+  if (comp_ids_device.defined() && key_major != SparseAttnKeyMajor::queries) {
+    DSV4_CHECK(comp_ids_device.device() == device && comp_ids_device.dtype() == DType::I32 &&
+                   comp_ids_device.is_contiguous() && comp_ids_device.numel() >= idx.comp_offsets.back(),
+               "SparseAttnDeviceIndex: comp_ids_device {} does not hold the {} compressed ids on {}",
+               comp_ids_device.str(), idx.comp_offsets.back(), device.str());
+    const int64_t T = idx.queries();
+    std::vector<int32_t> win_begin(static_cast<size_t>(T)), cand_offsets(static_cast<size_t>(T + 1)),
+        comp_offsets(static_cast<size_t>(T + 1));
+    int64_t nnz = 0;
+    for (int64_t t = 0; t <= T; ++t) {
+      const auto i = static_cast<size_t>(t);
+      DSV4_CHECK(nnz <= 0x7FFFFFFF, "SparseAttnDeviceIndex: more than 2^31 - 1 candidates");
+      cand_offsets[i] = static_cast<int32_t>(nnz);
+      comp_offsets[i] = static_cast<int32_t>(idx.comp_offsets[i]);
+      if (t < T) {
+        win_begin[i] = static_cast<int32_t>(idx.win_begin[i]);
+        nnz += std::max<int64_t>(idx.win_end[i] - idx.win_begin[i], 0) + idx.comp_offsets[i + 1] - idx.comp_offsets[i];
+      }
+    }
+    void* stream = attention_kernel_stream(comp_ids_device);
+    const Tensor win_begin_d = upload(win_begin), comp_offsets_d = upload(comp_offsets);
+    d.cand_offsets = upload(cand_offsets);
+    d.cand_ids = Tensor::empty({std::max<int64_t>(nnz, 1)}, DType::I32, device);
+    d.n_candidates = nnz;
+    cuda::build_sparse_candidates_device(win_begin_d.data<int32_t>(), d.cand_offsets.data<int32_t>(),
+                                         comp_offsets_d.data<int32_t>(), comp_ids_device.data<int32_t>(), T, n_raw,
+                                         d.cand_ids.data<int32_t>(), stream);
+    if (key_major == SparseAttnKeyMajor::positions) {
+      const int64_t rows = n_raw + n_comp;
+      const size_t ws_bytes = cuda::key_major_positions_device_workspace(nnz, rows);
+      Tensor ws = Tensor::empty({std::max<int64_t>(static_cast<int64_t>(ws_bytes), 1)}, DType::U8, device);
+      d.key_offsets = Tensor::empty({rows + 1}, DType::I32, device);
+      d.key_positions = Tensor::empty({std::max<int64_t>(nnz, 1)}, DType::I32, device);
+      cuda::build_key_major_positions_device(d.cand_ids.data<int32_t>(), nnz, rows, d.key_offsets.data<int32_t>(),
+                                             d.key_positions.data<int32_t>(), ws.raw_data(), ws_bytes, stream);
+    }
+    return d;
+  }
   std::vector<int32_t> offsets, ids;
   cuda::build_sparse_candidates(idx.win_begin, idx.win_end, idx.comp_offsets, idx.comp_ids, n_raw, offsets, ids);
   d.cand_offsets = upload(offsets);

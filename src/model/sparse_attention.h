@@ -156,8 +156,11 @@ struct SparseAttnDeviceIndex {
   Tensor key_positions;             // I32 [nnz] (CUDA, SparseAttnKeyMajor::positions)
   int64_t n_candidates = 0;         // nnz
   // Undefined tensors for `device` = CPU; key_major: the transpose the backward needs (none for a forward only).
+  // comp_ids_device (optional): idx.comp_ids already on `device` (I32, CSR order of idx.comp_offsets; CSA's top-k):
+  // the lists are then built there (cuda::build_sparse_candidates_device and, for positions, the device key-major
+  // sort), bit for bit the host build, without the host pass and the upload of nnz-sized arrays.
   static SparseAttnDeviceIndex build(const SparseAttnIndex& idx, int64_t n_raw, int64_t n_comp, Device device,
-                                     SparseAttnKeyMajor key_major);
+                                     SparseAttnKeyMajor key_major, const Tensor& comp_ids_device = Tensor());
 };
 
 // Whether tensor_cores = true selects the BF16 tensor-core kernels for H heads of dim C on CUDA tensors

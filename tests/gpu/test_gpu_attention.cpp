@@ -538,6 +538,48 @@ TEST_F(GpuSparseAttn, TensorCoreBackwardIsBitwiseDeterministicAcrossRunsAndChunk
   }
 }
 
+// The device build of the candidate lists (CSA: the top-k ids already on the GPU) against the host build: same
+// offsets, ids and key-major positions, bit for bit, incl. empty windows / lists, duplicate ids and unused rows.
+TEST_F(GpuSparseAttn, DeviceBuiltListsEqualTheHostBuild) {
+  for (const int64_t T : {int64_t{0}, int64_t{1}, int64_t{777}, int64_t{4096}}) {
+    SCOPED_TRACE("T = " + std::to_string(T));
+    const int64_t W = 128, n_raw = T, n_comp = std::max<int64_t>(T / 4, 1);
+    std::mt19937 rng(static_cast<uint32_t>(11 + T));
+    SparseAttnIndex idx;
+    idx.win_begin.resize(static_cast<size_t>(T));
+    idx.win_end.resize(static_cast<size_t>(T));
+    idx.comp_offsets.assign(static_cast<size_t>(T + 1), 0);
+    for (int64_t t = 0; t < T; ++t) {
+      const auto i = static_cast<size_t>(t);
+      const int64_t doc0 = t - t % 301;  // documents of 301 tokens
+      idx.win_begin[i] = std::max(t + 1 - W, doc0);
+      idx.win_end[i] = t % 89 == 7 ? idx.win_begin[i] : t + 1;  // some empty windows
+      const int64_t visible = std::min(n_comp, (t + 1) / 4);
+      const int64_t len = visible == 0 || t % 17 == 0 ? 0 : std::min<int64_t>(512, 1 + rng() % 600);
+      for (int64_t k = 0; k < len; ++k) idx.comp_ids.push_back(static_cast<int64_t>(rng() % visible));
+      idx.comp_offsets[i + 1] = static_cast<int64_t>(idx.comp_ids.size());
+    }
+    std::vector<int32_t> ids32(idx.comp_ids.begin(), idx.comp_ids.end());
+    ids32.push_back(0);  // the device tensor may be longer than the list (never empty)
+    const Tensor ids_d = Tensor::from_vector<int32_t>({static_cast<int64_t>(ids32.size())}, ids32).to(kGpu);
+    for (SparseAttnKeyMajor km : {SparseAttnKeyMajor::none, SparseAttnKeyMajor::positions}) {
+      const SparseAttnDeviceIndex host = SparseAttnDeviceIndex::build(idx, n_raw, n_comp, kGpu, km);
+      const SparseAttnDeviceIndex dev = SparseAttnDeviceIndex::build(idx, n_raw, n_comp, kGpu, km, ids_d);
+      ASSERT_EQ(dev.n_candidates, host.n_candidates);
+      const int64_t nnz = host.n_candidates;
+      expect_same_bits(dev.cand_offsets, host.cand_offsets, "cand_offsets");
+      if (nnz > 0) expect_same_bits(dev.cand_ids.slice(0, 0, nnz), host.cand_ids.slice(0, 0, nnz), "cand_ids");
+      if (km == SparseAttnKeyMajor::positions) {
+        expect_same_bits(dev.key_offsets, host.key_offsets, "key_offsets");
+        if (nnz > 0)
+          expect_same_bits(dev.key_positions.slice(0, 0, nnz), host.key_positions.slice(0, 0, nnz), "key_positions");
+      } else {
+        EXPECT_FALSE(dev.key_offsets.defined());
+      }
+    }
+  }
+}
+
 TEST_F(GpuSparseAttn, EmptyListGivesZeroOutputAndSinkLse) {
   const AttnProblem p = make_problem({"empty", 16, 64, {6}, 0, 0, 0});
   const AttnResult r = run_gpu(p);
