@@ -83,6 +83,7 @@ class Schema {
     integer("train", "threads", &c.train.threads, 0);
     str("train", "precision", &c.train.precision, {"fp32", "bf16", "fp8"});
     str("train", "device", &c.train.device, {"cpu", "cuda"});
+    str("train", "attention_precision", &c.train.attention_precision, {"fp32", "bf16"});
     // checkpoint
     integer("checkpoint", "interval", &c.checkpoint.interval, 0);
     integer("checkpoint", "keep", &c.checkpoint.keep, 1);
@@ -229,6 +230,9 @@ void cross_checks(const TrainConfig& c, const std::string& source) {
   DSV4_CHECK(c.optim.warmup_steps <= c.train.steps, "{}: 'optim.warmup_steps' = {} exceeds 'train.steps' = {}", source,
              c.optim.warmup_steps, c.train.steps);
   DSV4_CHECK(!c.train.out_dir.empty(), "{}: 'train.out_dir' must not be empty", source);
+  DSV4_CHECK(c.train.attention_precision == "fp32" || c.train.device == "cuda",
+             "{}: 'train.attention_precision' = {} needs 'train.device' = cuda (the CPU runs the FP32 attention)",
+             source, c.train.attention_precision);
 }
 
 }  // namespace

@@ -66,6 +66,7 @@ struct TrainSection {
   int64_t threads = 0;                // CPU threads for the BLAS backend (0: library default)
   std::string precision = "fp32";     // weight GEMMs: fp32 | bf16 | fp8 (model/matmul_precision.h)
   std::string device = "cpu";         // cpu | cuda: where parameters, gradients, optimizer state and activations live
+  std::string attention_precision = "fp32";  // sparse attention core on CUDA: fp32 (exact) | bf16 (tensor cores)
 };
 
 struct CheckpointSection {

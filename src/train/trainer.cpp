@@ -88,6 +88,7 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
   ModelOptions opts;
   opts.attention.simulate_release_quant = cfg_.model.simulate_release_quant;
   opts.recompute = cfg_.train.recompute;
+  opts.attention.tensor_cores = cfg_.train.attention_precision == "bf16";
   opts.parallel = par_.get();
   DSV4_CHECK(!(cfg_.train.recompute && cfg_.lora.enabled && cfg_.lora.dropout > 0),
              "train.recompute with lora.dropout > 0 is not supported (the recomputed forward would draw other dropout "

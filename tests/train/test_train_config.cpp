@@ -88,6 +88,12 @@ TEST(TrainConfig, CrossFieldChecks) {
             std::string::npos);
   EXPECT_NE(error_of([] { parse_train_config(kMinimal, "r.yaml", {"optim.min_lr=1"}); }).find("exceeds 'optim.lr'"),
             std::string::npos);
+  EXPECT_NE(error_of([] { parse_train_config(kMinimal, "r.yaml", {"train.attention_precision=bf16"}); })
+                .find("'train.attention_precision' = bf16 needs 'train.device' = cuda"),
+            std::string::npos);
+  EXPECT_EQ(parse_train_config(kMinimal, "r.yaml", {"train.attention_precision=bf16", "train.device=cuda"})
+                .train.attention_precision,
+            "bf16");
 }
 
 TEST(TrainConfig, CommandLineOverrides) {
