@@ -55,6 +55,26 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// A warp's slice of a tile's K = V rows as BF16: rows[r][4 lane .. 4 lane + 3] = dims d0 + 4 lane .. of candidate
+// ids[r] (raw row id < n_raw, else compressed row id - n_raw; zeros for the padding id -1).
+__device__ __forceinline__ void load_rows_bf16(__nv_bfloat16 (*rows)[kDimsPerWarp + kPad], const int* ids,
+                                               const float* __restrict__ kv, const float* __restrict__ ckv,
+                                               int64_t n_raw, int d0, int lane) {
+#pragma unroll 4
+  for (int r = 0; r < kKeys; ++r) {
+    const int id = ids[r];
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (id >= 0) {
+      const float* row = id < n_raw ? kv + static_cast<int64_t>(id) * kC : ckv + (static_cast<int64_t>(id) - n_raw) * kC;
+      v = *reinterpret_cast<const float4*>(row + d0 + 4 * lane);
+    }
+    uint2 packed;
+    packed.x = pack_bf16(v.x, v.y);
+    packed.y = pack_bf16(v.z, v.w);
+    *reinterpret_cast<uint2*>(&rows[r][4 * lane]) = packed;
+  }
+}
+
 __device__ __forceinline__ uint32_t pack_raw(__nv_bfloat16 lo, __nv_bfloat16 hi) {
   return static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&lo)) |
          (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
@@ -110,19 +130,7 @@ __global__ void __launch_bounds__(kWarpsTc * 32)
     if (threadIdx.x < kKeys) ids_s[threadIdx.x] = static_cast<int>(threadIdx.x) < cnt ? cand_ids[j0 + threadIdx.x] : -1;
     __syncthreads();
     // This warp's 128-dim slice of the tile's rows, as BF16 (zeros for padding rows).
-#pragma unroll 4
-    for (int r = 0; r < kKeys; ++r) {
-      const int id = ids_s[r];
-      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (id >= 0) {
-        const float* row = id < n_raw ? kv + static_cast<int64_t>(id) * kC : ckv + (static_cast<int64_t>(id) - n_raw) * kC;
-        v = *reinterpret_cast<const float4*>(row + d0 + 4 * lane);
-      }
-      uint2 packed;
-      packed.x = pack_bf16(v.x, v.y);
-      packed.y = pack_bf16(v.z, v.w);
-      *reinterpret_cast<uint2*>(&rows_s[warp][r][4 * lane]) = packed;
-    }
+    load_rows_bf16(rows_s[warp], ids_s, kv, ckv, n_raw, d0, lane);
     __syncwarp();
     // Partial scores over this warp's dims: n-tile nt = keys 8 nt .. 8 nt + 7.
     float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
@@ -308,19 +316,7 @@ __global__ void __launch_bounds__(kWarpsTc * 32)
     __syncthreads();  // the previous tile's shared memory is no longer read (and qT / doT / D / lse are written)
     if (tid < kKeys) sm.ids[tid] = tid < cnt ? cand_ids[j0 + tid] : -1;
     __syncthreads();
-#pragma unroll 4
-    for (int r = 0; r < kKeys; ++r) {
-      const int id = sm.ids[r];
-      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (id >= 0) {
-        const float* row = id < n_raw ? kv + static_cast<int64_t>(id) * kC : ckv + (static_cast<int64_t>(id) - n_raw) * kC;
-        v = *reinterpret_cast<const float4*>(row + d0 + 4 * lane);
-      }
-      uint2 packed;
-      packed.x = pack_bf16(v.x, v.y);
-      packed.y = pack_bf16(v.z, v.w);
-      *reinterpret_cast<uint2*>(&sm.rows[warp][r][4 * lane]) = packed;
-    }
+    load_rows_bf16(sm.rows[warp], sm.ids, kv, ckv, n_raw, d0, lane);
     __syncwarp();
     // Partial S and dP over this warp's dims (n-tile nt = keys 8 nt .. 8 nt + 7): the forward's S bit for bit.
     float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
