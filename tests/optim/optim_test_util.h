@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "model/model.h"
 #include "runtime/tensor.h"
 
 namespace dsv4::testing {
@@ -18,6 +19,28 @@ inline std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
   std::vector<float> v(n);
   for (auto& x : v) x = d(rng);
   return v;
+}
+
+// The tiny model with a 64-token vocabulary (small embedding / head) for optimizer tests.
+inline ModelConfig tiny_optim_cfg() {
+  ModelConfig cfg = model_preset("tiny");
+  cfg.vocab_size = 64;
+  return cfg;
+}
+
+// Deterministic pseudo-gradients for step k (every trainable F32 param; layers.1.attn.attn_sink skipped on odd steps).
+inline void set_pseudo_grads(Model& model, int k) {
+  uint32_t seed = 1000u * static_cast<uint32_t>(k);
+  model.visit([&](Param& p) {
+    ++seed;
+    if (!p.trainable || p.value.dtype() != DType::F32) return;
+    if (k % 2 == 1 && p.name == "layers.1.attn.attn_sink") {
+      p.grad = Tensor();
+      return;
+    }
+    const std::vector<float> g = randn(static_cast<size_t>(p.value.numel()), seed, 0.1f);
+    p.grad_buffer().copy_from(Tensor::from_floats(p.value.shape(), g));
+  });
 }
 
 // max |a - b| / max |b|.

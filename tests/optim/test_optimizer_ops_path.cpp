@@ -21,27 +21,6 @@
 namespace dsv4 {
 namespace {
 
-ModelConfig tiny_cfg() {
-  ModelConfig cfg = model_preset("tiny");
-  cfg.vocab_size = 64;
-  return cfg;
-}
-
-// Deterministic pseudo-gradients for step k (every grouped param; one param skipped on odd steps).
-void set_grads(Model& model, int k) {
-  uint32_t seed = 1000u * static_cast<uint32_t>(k);
-  model.visit([&](Param& p) {
-    ++seed;
-    if (!p.trainable || p.value.dtype() != DType::F32) return;
-    if (k % 2 == 1 && p.name == "layers.1.attn.attn_sink") {
-      p.grad = Tensor();
-      return;
-    }
-    const std::vector<float> g = testing::randn(static_cast<size_t>(p.value.numel()), seed, 0.1f);
-    p.grad_buffer().copy_from(Tensor::from_floats(p.value.shape(), g));
-  });
-}
-
 bool bit_equal(const Tensor& a, const Tensor& b) {
   return a.dtype() == b.dtype() && a.shape() == b.shape() &&
          std::memcmp(a.contiguous().raw_data(), b.contiguous().raw_data(), static_cast<size_t>(a.nbytes())) == 0;
@@ -56,7 +35,7 @@ OptimizerConfig optimizer_config(const ModelConfig& cfg, OptimizerMode mode, NsP
 }
 
 TEST(OptimizerOpsPath, StepsAreBitIdenticalToTheReference) {
-  const ModelConfig cfg = tiny_cfg();
+  const ModelConfig cfg = testing::tiny_optim_cfg();
   const std::pair<OptimizerMode, NsPrecision> cases[] = {{OptimizerMode::MuonAdamW, NsPrecision::F32},
                                                          {OptimizerMode::MuonAdamW, NsPrecision::BF16},
                                                          {OptimizerMode::AdamW, NsPrecision::F32}};
@@ -68,8 +47,8 @@ TEST(OptimizerOpsPath, StepsAreBitIdenticalToTheReference) {
     Optimizer oref(ref, optimizer_config(cfg, mode, ns));
     Optimizer oops(ops, optimizer_config(cfg, mode, ns));
     for (int k = 0; k < 5; ++k) {
-      set_grads(ref, k);
-      set_grads(ops, k);
+      testing::set_pseudo_grads(ref, k);
+      testing::set_pseudo_grads(ops, k);
       const double lr = 0.02 / (1 + k);
       const OptimizerStepStats a = oref.step(lr);
       OptimizerStepStats b;
@@ -158,14 +137,14 @@ TEST(OptimizerOpsPath, BatchesOnlyMatricesOfOneShape) {
 TEST(OptimizerOpsPath, Bf16NewtonSchulzChangesTheUpdate) {
   // The ops path takes muon.ns_precision: a BF16 step differs from an FP32 one (and equals the CPU BF16 reference,
   // StepsAreBitIdenticalToTheReference).
-  const ModelConfig cfg = tiny_cfg();
+  const ModelConfig cfg = testing::tiny_optim_cfg();
   Model f32(cfg), bf16(cfg);
   f32.init_random(1);
   bf16.init_random(1);
   Optimizer of32(f32, optimizer_config(cfg, OptimizerMode::MuonAdamW, NsPrecision::F32));
   Optimizer obf16(bf16, optimizer_config(cfg, OptimizerMode::MuonAdamW, NsPrecision::BF16));
-  set_grads(f32, 0);
-  set_grads(bf16, 0);
+  testing::set_pseudo_grads(f32, 0);
+  testing::set_pseudo_grads(bf16, 0);
   {
     ForceOpsPath force;
     of32.step(0.01);
@@ -180,10 +159,10 @@ TEST(OptimizerOpsPath, Bf16NewtonSchulzChangesTheUpdate) {
 }
 
 TEST(OptimizerOpsPath, GradNormAndClipping) {
-  const ModelConfig cfg = tiny_cfg();
+  const ModelConfig cfg = testing::tiny_optim_cfg();
   Model a(cfg), b(cfg);
-  set_grads(a, 0);
-  set_grads(b, 0);
+  testing::set_pseudo_grads(a, 0);
+  testing::set_pseudo_grads(b, 0);
   const std::vector<Param*> pa = params_of(a), pb = params_of(b);
   const GradNorm ra = grad_sq_norm(pa);
   GradNorm rb;
@@ -206,8 +185,8 @@ TEST(OptimizerOpsPath, GradNormAndClipping) {
   }
   EXPECT_TRUE(ca.clipped && cb.clipped);
   EXPECT_NEAR(cb.scale, ca.scale, 2e-7 * ca.scale);
-  set_grads(a, 1);
-  set_grads(b, 1);
+  testing::set_pseudo_grads(a, 1);
+  testing::set_pseudo_grads(b, 1);
   scale_grads(pa, 0.37);
   {
     ForceOpsPath force;
@@ -245,8 +224,8 @@ TEST(OptimizerOpsPath, GradNormAndClipping) {
   // The documented difference (optim/clip.h): the tensor-op path squares in FP32, so an element beyond ~1.8e19
   // overflows and counts as not finite; the reference squares in double and stays finite.
   Model c(cfg), d(cfg);
-  set_grads(c, 0);
-  set_grads(d, 0);
+  testing::set_pseudo_grads(c, 0);
+  testing::set_pseudo_grads(d, 0);
   for (Model* m : {&c, &d}) m->embed.weight.grad.data<float>()[0] = 1e20f;
   const GradNorm big_ref = grad_sq_norm(params_of(c));
   GradNorm big_ops;

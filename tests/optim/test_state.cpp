@@ -13,27 +13,6 @@
 namespace dsv4 {
 namespace {
 
-ModelConfig tiny_cfg() {
-  ModelConfig cfg = model_preset("tiny");
-  cfg.vocab_size = 64;
-  return cfg;
-}
-
-// Deterministic pseudo-gradients for step k (every grouped param; one param skipped on odd steps).
-void set_grads(Model& model, int k) {
-  uint32_t seed = 1000u * static_cast<uint32_t>(k);
-  model.visit([&](Param& p) {
-    ++seed;
-    if (!p.trainable || p.value.dtype() != DType::F32) return;
-    if (k % 2 == 1 && p.name == "layers.1.attn.attn_sink") {
-      p.grad = Tensor();
-      return;
-    }
-    const std::vector<float> g = testing::randn(static_cast<size_t>(p.value.numel()), seed, 0.1f);
-    p.grad_buffer().copy_from(Tensor::from_floats(p.value.shape(), g));
-  });
-}
-
 std::map<std::string, Tensor> param_values(Model& m) {
   std::map<std::string, Tensor> out;
   m.visit([&](Param& p) { out[p.name] = p.value.clone(); });
@@ -46,13 +25,13 @@ bool bit_equal(const Tensor& a, const Tensor& b) {
 }
 
 TEST(OptimizerState, RoundTripIsBitExact) {
-  const ModelConfig cfg = tiny_cfg();
+  const ModelConfig cfg = testing::tiny_optim_cfg();
   const auto opt_cfg = OptimizerConfig::for_model(cfg);
   Model a(cfg);
   a.init_random(1, 0.05);
   Optimizer oa(a, opt_cfg);
   for (int k = 0; k < 2; ++k) {
-    set_grads(a, k);
+    testing::set_pseudo_grads(a, k);
     oa.step(1e-3 * (k + 1));
   }
   // Checkpoint: parameters and optimizer state, through a safetensors file.
@@ -65,7 +44,7 @@ TEST(OptimizerState, RoundTripIsBitExact) {
   }
   // The uninterrupted run continues.
   for (int k = 2; k < 4; ++k) {
-    set_grads(a, k);
+    testing::set_pseudo_grads(a, k);
     oa.step(1e-3 * (k + 1));
   }
   // A fresh model/optimizer resumes from the checkpoint.
@@ -81,7 +60,7 @@ TEST(OptimizerState, RoundTripIsBitExact) {
   EXPECT_EQ(ob.param_step("layers.1.attn.wq_a.weight"), 2);
   for (const auto& [k, t] : ob.state_dict()) EXPECT_TRUE(bit_equal(t, state.at(k))) << k;
   for (int k = 2; k < 4; ++k) {
-    set_grads(b, k);
+    testing::set_pseudo_grads(b, k);
     ob.step(1e-3 * (k + 1));
   }
   const auto va = param_values(a), vb = param_values(b);
@@ -104,7 +83,7 @@ TEST(OptimizerState, RoundTripIsBitExact) {
 }
 
 TEST(OptimizerState, MismatchesAreReportedTogether) {
-  const ModelConfig cfg = tiny_cfg();
+  const ModelConfig cfg = testing::tiny_optim_cfg();
   Model m(cfg);
   Optimizer muon(m, OptimizerConfig::for_model(cfg));
   std::map<std::string, Tensor> st = muon.state_dict();
