@@ -55,6 +55,21 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// mma.sync A fragments (m16 x k16 per k-step, BF16) of a warp's 128 dims of 16 head rows times `scale`:
+// rows g / g + 8 = heads (row0 is head g's first dim of the slice, head g + 8 is 8 rows of kC further), k = dims
+// 16 ks + 2 tq (+1) (+8).
+__device__ __forceinline__ void load_a_fragments(uint32_t (*a)[4], const float* row0, float scale, int tq) {
+  const float* r1 = row0 + 8 * kC;
+#pragma unroll
+  for (int ks = 0; ks < kDimsPerWarp / 16; ++ks) {
+    const int c = ks * 16 + 2 * tq;
+    a[ks][0] = pack_bf16(row0[c] * scale, row0[c + 1] * scale);
+    a[ks][1] = pack_bf16(r1[c] * scale, r1[c + 1] * scale);
+    a[ks][2] = pack_bf16(row0[c + 8] * scale, row0[c + 9] * scale);
+    a[ks][3] = pack_bf16(r1[c + 8] * scale, r1[c + 9] * scale);
+  }
+}
+
 // A warp's slice of a tile's K = V rows as BF16: rows[r][4 lane .. 4 lane + 3] = dims d0 + 4 lane .. of candidate
 // ids[r] (raw row id < n_raw, else compressed row id - n_raw; zeros for the padding id -1).
 __device__ __forceinline__ void load_rows_bf16(__nv_bfloat16 (*rows)[kDimsPerWarp + kPad], const int* ids,
@@ -105,18 +120,7 @@ __global__ void __launch_bounds__(kWarpsTc * 32)
 
   // q fragments: rows g / g + 8 = heads h0 + g / h0 + g + 8, k = dims d0 + 16 ks + 2 tq (+1) (+8).
   uint32_t qa[kDimsPerWarp / 16][4];
-  {
-    const float* q0 = q + (t * H + h0 + g) * kC + d0;
-    const float* q1 = q0 + 8 * kC;
-#pragma unroll
-    for (int ks = 0; ks < kDimsPerWarp / 16; ++ks) {
-      const int c = ks * 16 + 2 * tq;
-      qa[ks][0] = pack_bf16(q0[c] * scale, q0[c + 1] * scale);
-      qa[ks][1] = pack_bf16(q1[c] * scale, q1[c + 1] * scale);
-      qa[ks][2] = pack_bf16(q0[c + 8] * scale, q0[c + 9] * scale);
-      qa[ks][3] = pack_bf16(q1[c + 8] * scale, q1[c + 9] * scale);
-    }
-  }
+  load_a_fragments(qa, q + (t * H + h0 + g) * kC + d0, scale, tq);
   float m[2] = {sink[h0 + g], sink[h0 + g + 8]};  // running max per row (starts at the sink logit)
   float l[2] = {1.0f, 1.0f};                      // running sum (the sink's exp(0))
   float acc[kDimsPerWarp / 8][4];
@@ -289,24 +293,8 @@ __global__ void __launch_bounds__(kWarpsTc * 32)
   }
   // q * scale and dO as A fragments (rows g / g + 8 = heads, k = dims d0 + 16 ks + 2 tq (+1) (+8)), as the forward.
   uint32_t qa[kDimsPerWarp / 16][4], da[kDimsPerWarp / 16][4];
-  {
-    const float* q0 = q + base + static_cast<int64_t>(g) * kC + d0;
-    const float* q1 = q0 + 8 * kC;
-    const float* o0 = dout + base + static_cast<int64_t>(g) * kC + d0;
-    const float* o1 = o0 + 8 * kC;
-#pragma unroll
-    for (int ks = 0; ks < kDimsPerWarp / 16; ++ks) {
-      const int c = ks * 16 + 2 * tq;
-      qa[ks][0] = pack_bf16(q0[c] * scale, q0[c + 1] * scale);
-      qa[ks][1] = pack_bf16(q1[c] * scale, q1[c + 1] * scale);
-      qa[ks][2] = pack_bf16(q0[c + 8] * scale, q0[c + 9] * scale);
-      qa[ks][3] = pack_bf16(q1[c + 8] * scale, q1[c + 9] * scale);
-      da[ks][0] = pack_bf16(o0[c], o0[c + 1]);
-      da[ks][1] = pack_bf16(o1[c], o1[c + 1]);
-      da[ks][2] = pack_bf16(o0[c + 8], o0[c + 9]);
-      da[ks][3] = pack_bf16(o1[c + 8], o1[c + 9]);
-    }
-  }
+  load_a_fragments(qa, q + base + static_cast<int64_t>(g) * kC + d0, scale, tq);
+  load_a_fragments(da, dout + base + static_cast<int64_t>(g) * kC + d0, 1.0f, tq);
   float acc[kDimsPerWarp / 8][4];  // dQ / scale: rows g / g + 8 = heads, dims d0 + 8 n + 2 tq (+1)
 #pragma unroll
   for (int n = 0; n < kDimsPerWarp / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
