@@ -208,6 +208,14 @@ Breakdown profile_step(Model& model, const Tensor& ids, const SeqLayout& layout,
 
 }  // namespace
 
+Tensor random_token_ids(int64_t tokens, int64_t vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int64_t> tok(0, vocab - 1);
+  std::vector<int64_t> ids(static_cast<size_t>(tokens));
+  for (auto& t : ids) t = tok(rng);
+  return Tensor::from_vector<int64_t>({tokens}, ids);
+}
+
 int run_step_bench(const StepBenchOptions& opt) {
   const bool cuda = opt.device == "cuda";
   if (cuda && bench_no_device("step")) return 0;
@@ -237,11 +245,7 @@ int run_step_bench(const StepBenchOptions& opt) {
 
   // Random token ids, one document per row; the labels are the ids (Model::forward_backward shifts them).
   const SeqLayout layout(opt.batch, opt.seq);
-  std::mt19937 rng(2);
-  std::uniform_int_distribution<int64_t> tok(0, cfg.vocab_size - 1);
-  std::vector<int64_t> ids_v(static_cast<size_t>(layout.tokens()));
-  for (auto& t : ids_v) t = tok(rng);
-  const Tensor ids = Tensor::from_vector<int64_t>({layout.tokens()}, ids_v);
+  const Tensor ids = random_token_ids(layout.tokens(), cfg.vocab_size, 2);
   const LossWeights weights;
 
   Allocator& alloc = allocator_for(dev);

@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <string>
 
+#include "runtime/tensor.h"
+
 namespace dsv4::bench {
 
 struct StepBenchOptions {
@@ -52,5 +54,9 @@ class StepBenchCli {
 };
 
 int run_step_bench(const StepBenchOptions& opt);
+
+// `tokens` uniformly random token ids in [0, vocab) from std::mt19937(seed): the inputs (and labels) of the model
+// benchmarks.
+Tensor random_token_ids(int64_t tokens, int64_t vocab, uint32_t seed);
 
 }  // namespace dsv4::bench

@@ -62,11 +62,7 @@ int run_model_bench(const std::string& preset, int64_t batch, int64_t seq, int s
   Model model(cfg);
   model.init_random(1);
   const SeqLayout layout(batch, seq);
-  std::mt19937 rng(2);
-  std::uniform_int_distribution<int64_t> tok(0, cfg.vocab_size - 1);
-  std::vector<int64_t> ids_v(static_cast<size_t>(layout.tokens()));
-  for (auto& t : ids_v) t = tok(rng);
-  const Tensor ids = Tensor::from_vector<int64_t>({layout.tokens()}, ids_v);
+  const Tensor ids = bench::random_token_ids(layout.tokens(), cfg.vocab_size, 2);
   const LossWeights weights;
 
   std::vector<double> fwd, step;
