@@ -103,17 +103,26 @@ Tensor Linear::forward(const Tensor& x_TI, LinearCtx* ctx) const {
              weight.name, x_TI.str(), out_features(), in_features());
   DSV4_CHECK(frozen.defined() || weight.value.defined(),
              "Linear {}: the weight has no storage (built under DeferredWeightStorage and never loaded)", weight.name);
-  Tensor y = frozen.defined() ? qpmatmul_xwT(precision_, x_TI, frozen) : pmatmul_xwT(precision_, x_TI, weight.value);
-  if (ctx) {
-    ctx->rows = x_TI.size(0);
-    // fp8: the Wgrad operand is all the backward needs of x (1 byte per element instead of 4).
-    if (!frozen.defined() && !lora && precision_ == MatmulPrecision::FP8 && weight.trainable) {
-      ctx->x = Tensor();
-      ctx->x_fp8_t = fp8_wgrad_operand(x_TI);
-    } else {
-      ctx->x = x_TI;
+  Tensor y;
+  if (frozen.defined()) {
+    y = qpmatmul_xwT(precision_, x_TI, frozen);
+    if (ctx) ctx->x = x_TI;
+  } else {
+    // bf16: x and W are rounded once here; the backward reuses both (its Wgrad and Dgrad read the same operands).
+    const Tensor x_op = precision_operand(precision_, x_TI), w_op = precision_operand(precision_, weight.value);
+    y = pmatmul_xwT(precision_, x_op, w_op);
+    if (ctx) {
+      ctx->w_op = precision_ == MatmulPrecision::BF16 ? w_op : Tensor();
+      // fp8: the Wgrad operand is all the backward needs of x (1 byte per element instead of 4).
+      if (!lora && precision_ == MatmulPrecision::FP8 && weight.trainable) {
+        ctx->x = Tensor();
+        ctx->x_fp8_t = fp8_wgrad_operand(x_TI);
+      } else {
+        ctx->x = lora ? x_TI : x_op;  // the adapter's backward needs x itself
+      }
     }
   }
+  if (ctx) ctx->rows = x_TI.size(0);
   if (lora) {
     DSV4_CHECK(lora->in_features() == in_ && lora->out_features() == out_,
                "Linear {}: adapter {} is [{}, {}] x [{}, {}], the weight [{}, {}]", weight.name, lora->unit,
@@ -155,14 +164,14 @@ Tensor Linear::backward(const Tensor& dy_TO, const LinearCtx& ctx) {
     dx = qpmatmul_dyW(precision_, dy_TO, frozen);
   } else {
     // BF16: dy rounded once for both GEMMs (the rounding is idempotent, so the values are those of two roundings).
-    const Tensor dy_op = precision_ == MatmulPrecision::BF16 ? bf16_operand(dy_TO) : dy_TO;
+    const Tensor dy_op = precision_operand(precision_, dy_TO);
     if (weight.trainable) {
       if (ctx.x_fp8_t.q.defined())
         pgemm_dW_fp8(dy_TO, ctx.x_fp8_t, weight.grad_buffer());
       else
         pgemm_dW(precision_, dy_op, ctx.x, weight.grad_buffer());
     }
-    dx = pmatmul_dyW(precision_, dy_op, weight.value);
+    dx = pmatmul_dyW(precision_, dy_op, ctx.w_op.defined() ? ctx.w_op : weight.value);
   }
   if (lora) {
     DSV4_CHECK(ctx.lora_z.defined() && ctx.lora_z.size(0) == dy_TO.size(0) && ctx.lora_z.size(1) == lora->rank(),

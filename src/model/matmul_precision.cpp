@@ -24,6 +24,10 @@ Tensor bf16_operand(const Tensor& t) {
   return t.device().is_cpu() ? b.to(DType::F32) : b;
 }
 
+Tensor precision_operand(MatmulPrecision p, const Tensor& t) {
+  return p == MatmulPrecision::BF16 ? bf16_operand(t) : t;
+}
+
 MatmulPrecision parse_matmul_precision(std::string_view s, std::string_view what) {
   if (s == "fp32") return MatmulPrecision::F32;
   if (s == "bf16") return MatmulPrecision::BF16;

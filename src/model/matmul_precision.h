@@ -39,6 +39,11 @@ void pgemm_dyW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& w_OI, float
 // A GEMM operand rounded to BF16: BF16 tensors for cuBLAS, BF16-rounded F32 values on the CPU (the CPU GEMM is F32).
 // Idempotent, so an operand used by two GEMMs can be rounded once.
 Tensor bf16_operand(const Tensor& t);
+// The operand the GEMMs of precision p read: bf16_operand(t) for bf16, t itself otherwise (fp32 reads F32; fp8
+// quantises per GEMM along that GEMM's own axes). Any pgemm_* / pmatmul_* of precision p given precision_operand(p, t)
+// in place of t computes the same bits, so an operand shared by several GEMMs (or kept from a forward for its
+// backward) is converted once.
+Tensor precision_operand(MatmulPrecision p, const Tensor& t);
 // dW [O, I] += dy [T, O]^T x [T, I] (dW contiguous F32).
 void pgemm_dW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& x_TI, Tensor& dW_OI);
 // FP8 Wgrad with the input already quantised: x_t = fp8_wgrad_operand(x) (128x1 tiles along the tokens, F32 scales),

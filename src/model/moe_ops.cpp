@@ -52,11 +52,12 @@ void check_expert_on(const ExpertWeights& ew, int64_t D, int64_t I, Device dev, 
 void store(const Tensor& r, float beta, Tensor& y) { ops::copy(beta == 0.0f ? r : ops::add(y, r), y); }
 
 // Y [n, out] = X [n, in] W_k^T + beta Y with the frozen weight (model/matmul_precision.h's qp GEMMs: on the CPU the
-// reference's row calls, beta inside) or the F32 weight, in the expert's precision.
-void expert_xwT(const ExpertWeights& ew, int k, const Tensor& X, float beta, Tensor& Y) {
+// reference's row calls, beta inside) or the F32 weight, given as its operand w_op (precision_operand), in the
+// expert's precision.
+void expert_xwT(const ExpertWeights& ew, int k, const Tensor& w_op, const Tensor& X, float beta, Tensor& Y) {
   const QuantizedWeight& q = ew.frozen(k);
   if (!q.defined())
-    pgemm_xwT(ew.precision, X, ew.param(k).value, beta, Y);
+    pgemm_xwT(ew.precision, X, w_op, beta, Y);
   else if (X.device().is_cpu())
     qpgemm_xwT_rows(ew.precision, q, X.size(0), X.data<float>(), X.stride(0), beta, Y.data<float>(), Y.stride(0));
   else
@@ -64,89 +65,152 @@ void expert_xwT(const ExpertWeights& ew, int k, const Tensor& X, float beta, Ten
 }
 
 // dX [n, in] = dY [n, out] W_k + beta dX.
-void expert_dyW(const ExpertWeights& ew, int k, const Tensor& dY, float beta, Tensor& dX) {
+void expert_dyW(const ExpertWeights& ew, int k, const Tensor& w_op, const Tensor& dY, float beta, Tensor& dX) {
   const QuantizedWeight& q = ew.frozen(k);
   if (!q.defined())
-    pgemm_dyW(ew.precision, dY, ew.param(k).value, beta, dX);
+    pgemm_dyW(ew.precision, dY, w_op, beta, dX);
   else if (dY.device().is_cpu())
     qpgemm_dyW_rows(ew.precision, q, dY.size(0), dY.data<float>(), dY.stride(0), beta, dX.data<float>(), dX.stride(0));
   else
     store(qpmatmul_dyW(ew.precision, dY, q), beta, dX);
 }
 
-// A GEMM input of the expert in its precision: BF16 operands are rounded once for the GEMMs that share them (the
-// rounding is idempotent); F32 / FP8 inputs pass unchanged (FP8 quantises per GEMM, along different axes).
-Tensor gemm_input(const ExpertWeights& ew, const Tensor& t) {
-  return ew.precision == MatmulPrecision::BF16 ? bf16_operand(t) : t;
-}
-
 bool trainable(const ExpertWeights& ew, int k) { return !ew.frozen(k).defined() && ew.param(k).trainable; }
 
-// One expert on rows X [n, D] with routing weights w [n] (undefined: the shared expert). Writes the pre-clamp
-// G, U [n, I] and Y [n, D] (row ranges of larger tensors are fine). draws: the expert's 4 adapter draws (null: no
-// adapters); row0: the global row of X[0] for the dropout masks (moe.cpp's expert_forward).
-void expert_forward_ops(const ExpertWeights& ew, const Tensor& X, const Tensor& w, double limit, Tensor& G, Tensor& U,
-                        Tensor& Y, const uint64_t* draws, int64_t row0) {
-  const int64_t D = X.size(1), I = G.size(1);
-  const Tensor Xg = gemm_input(ew, X);
-  expert_xwT(ew, 1, Xg, 0.0f, G);
-  expert_xwT(ew, 3, Xg, 0.0f, U);
-  const uint64_t mo = static_cast<uint64_t>(row0 * D);
-  if (draws && ew.lora_w1) lora_up(*ew.lora_w1, lora_down(*ew.lora_w1, X, draws[0], mo), 0, G);
-  if (draws && ew.lora_w3) lora_up(*ew.lora_w3, lora_down(*ew.lora_w3, X, draws[2], mo), 0, U);
-  if (draws && ew.lora_w13) {
-    const Tensor z = lora_down(*ew.lora_w13, X, draws[3], mo);
-    lora_up(*ew.lora_w13, z, 0, G);
-    lora_up(*ew.lora_w13, z, I, U);
-  }
-  const Tensor H = swiglu(G, U, w, limit);
-  expert_xwT(ew, 2, H, 0.0f, Y);
-  if (draws && ew.lora_w2)
-    lora_up(*ew.lora_w2, lora_down(*ew.lora_w2, H, draws[1], static_cast<uint64_t>(row0 * I)), 0, Y);
+// One call runs several experts on the row ranges of shared tensors (the routed experts on the expert-sorted rows, or
+// the shared expert on all rows): the row-wise ops (operand rounding, SwiGLU and its backward) run once over all rows,
+// the GEMMs and adapters per expert on its range. Every row gets exactly what a call per expert gives it.
+struct ExpertRows {
+  int64_t begin = 0, end = 0;      // rows [begin, end) of the call's tensors
+  const uint64_t* draws = nullptr;  // the expert's 4 adapter draws (null: no adapters)
+  int64_t row0 = 0;                 // global row of its first row for the dropout masks (moe.cpp's expert_forward)
+  Tensor slice(const Tensor& t) const { return t.slice(0, begin, end); }
+  int64_t rows() const { return end - begin; }
+};
+
+// The precision shared by the experts of one call (Model::set_matmul_precision sets one per MoE).
+MatmulPrecision call_precision(const std::vector<const ExpertWeights*>& ews, const std::string& prefix) {
+  DSV4_CHECK(!ews.empty(), "MoE {}: an expert call without experts", prefix);
+  for (const ExpertWeights* ew : ews)
+    DSV4_CHECK(ew->precision == ews[0]->precision, "MoE {}: experts of one call in {} and {} (one precision per MoE)",
+               prefix, matmul_precision_name(ews[0]->precision), matmul_precision_name(ew->precision));
+  return ews[0]->precision;
 }
 
-// Backward of expert_forward_ops given dY [n, D]: dX [n, D] written, d(loss)/dw [n] returned (with w), weight and
-// adapter gradients accumulated (trainable weights only), in moe.cpp's expert_backward order.
-Tensor expert_backward_ops(ExpertWeights& ew, const Tensor& X, const Tensor& G, const Tensor& U, const Tensor& w,
-                           const Tensor& dY, double limit, Tensor& dX, const uint64_t* draws, int64_t row0) {
+// The experts' F32 weights as GEMM operands, 3 per expert (w1, w2, w3; undefined when frozen): made once in forward
+// and kept in the context for the backward's Dgrad GEMMs.
+std::vector<Tensor> weight_operands(const std::vector<const ExpertWeights*>& ews) {
+  std::vector<Tensor> w;
+  for (const ExpertWeights* ew : ews)
+    for (int k = 1; k <= 3; ++k) w.push_back(ew->frozen(k).defined() ? Tensor() : precision_operand(ew->precision, ew->param(k).value));
+  return w;
+}
+
+// Experts ews[i] on rows[i] of X [n, D] with routing weights w [n] (undefined: the shared expert). Xop is X as the
+// GEMM operand (precision_operand). Writes the pre-clamp G, U [n, I] and Y [n, D] on every expert's rows.
+void experts_forward_ops(const std::vector<const ExpertWeights*>& ews, const std::vector<ExpertRows>& rows,
+                         const std::vector<Tensor>& w_ops, const Tensor& X, const Tensor& Xop, const Tensor& w,
+                         double limit, Tensor& G, Tensor& U, Tensor& Y) {
+  const int64_t D = X.size(1), I = G.size(1);
+  for (size_t i = 0; i < ews.size(); ++i) {
+    const ExpertWeights& ew = *ews[i];
+    const ExpertRows& r = rows[i];
+    if (r.rows() == 0) continue;
+    Tensor Ge = r.slice(G), Ue = r.slice(U);
+    expert_xwT(ew, 1, w_ops[3 * i], r.slice(Xop), 0.0f, Ge);
+    expert_xwT(ew, 3, w_ops[3 * i + 2], r.slice(Xop), 0.0f, Ue);
+    if (!r.draws) continue;
+    const Tensor Xe = r.slice(X);
+    const uint64_t mo = static_cast<uint64_t>(r.row0 * D);
+    if (ew.lora_w1) lora_up(*ew.lora_w1, lora_down(*ew.lora_w1, Xe, r.draws[0], mo), 0, Ge);
+    if (ew.lora_w3) lora_up(*ew.lora_w3, lora_down(*ew.lora_w3, Xe, r.draws[2], mo), 0, Ue);
+    if (ew.lora_w13) {
+      const Tensor z = lora_down(*ew.lora_w13, Xe, r.draws[3], mo);
+      lora_up(*ew.lora_w13, z, 0, Ge);
+      lora_up(*ew.lora_w13, z, I, Ue);
+    }
+  }
+  const MatmulPrecision p = ews[0]->precision;
+  const Tensor H = swiglu(G, U, w, limit);
+  const Tensor Hop = precision_operand(p, H);
+  for (size_t i = 0; i < ews.size(); ++i) {
+    const ExpertWeights& ew = *ews[i];
+    const ExpertRows& r = rows[i];
+    if (r.rows() == 0) continue;
+    Tensor Ye = r.slice(Y);
+    expert_xwT(ew, 2, w_ops[3 * i + 1], r.slice(Hop), 0.0f, Ye);
+    if (r.draws && ew.lora_w2)
+      lora_up(*ew.lora_w2, lora_down(*ew.lora_w2, r.slice(H), r.draws[1], static_cast<uint64_t>(r.row0 * I)), 0, Ye);
+  }
+}
+
+// Backward of experts_forward_ops given dY [n, D]: dX [n, D] written on every expert's rows, d(loss)/dw [n] returned
+// (with w), weight and adapter gradients accumulated (trainable weights only), per expert in moe.cpp's expert_backward
+// order. Xop: X as the GEMM operand, or X itself (converted here).
+Tensor experts_backward_ops(const std::vector<ExpertWeights*>& ews, const std::vector<ExpertRows>& rows,
+                            const std::vector<Tensor>& w_ops, const Tensor& X, const Tensor& Xop, const Tensor& G,
+                            const Tensor& U, const Tensor& w, const Tensor& dY, double limit, Tensor& dX) {
   const int64_t n = X.size(0), D = X.size(1), I = G.size(1);
-  const bool lora2 = draws && ew.lora_w2;
+  const MatmulPrecision p = ews[0]->precision;
+  bool any_w2 = false, any_w13 = false;
+  for (size_t i = 0; i < ews.size(); ++i) {
+    const bool draws = rows[i].draws != nullptr;
+    any_w2 = any_w2 || trainable(*ews[i], 2) || (draws && ews[i]->lora_w2);
+    any_w13 = any_w13 || trainable(*ews[i], 1) || trainable(*ews[i], 3);
+  }
   Tensor dH = Tensor::empty({n, I}, DType::F32, X.device());
-  const Tensor dYg = gemm_input(ew, dY);
-  expert_dyW(ew, 2, dYg, 0.0f, dH);
-  if (trainable(ew, 2) || lora2) {
+  const Tensor dYop = precision_operand(p, dY);
+  for (size_t i = 0; i < ews.size(); ++i) {
+    const ExpertRows& r = rows[i];
+    if (r.rows() == 0) continue;
+    Tensor dHe = r.slice(dH);
+    expert_dyW(*ews[i], 2, w_ops[3 * i + 1], r.slice(dYop), 0.0f, dHe);
+  }
+  if (any_w2) {
     const Tensor H = swiglu(G, U, w, limit);
-    if (trainable(ew, 2)) pgemm_dW(ew.precision, dYg, H, ew.w2.grad_buffer());
-    if (lora2) {
-      LoraAdapter& ad = *ew.lora_w2;
-      const uint64_t mo = static_cast<uint64_t>(row0 * I);
-      const Tensor z = lora_down(ad, H, draws[1], mo);
-      Tensor dz = Tensor::zeros({n, ad.rank()}, DType::F32, X.device());
-      lora_up_backward(ad, dY, z, 0, dz);
-      lora_down_backward(ad, dz, H, draws[1], mo, &dH);
+    const Tensor Hop = precision_operand(p, H);
+    for (size_t i = 0; i < ews.size(); ++i) {
+      ExpertWeights& ew = *ews[i];
+      const ExpertRows& r = rows[i];
+      if (r.rows() == 0) continue;
+      if (trainable(ew, 2)) pgemm_dW(p, r.slice(dYop), r.slice(Hop), ew.w2.grad_buffer());
+      if (r.draws && ew.lora_w2) {
+        LoraAdapter& ad = *ew.lora_w2;
+        const uint64_t mo = static_cast<uint64_t>(r.row0 * I);
+        const Tensor He = r.slice(H);
+        const Tensor z = lora_down(ad, He, r.draws[1], mo);
+        Tensor dz = Tensor::zeros({r.rows(), ad.rank()}, DType::F32, X.device());
+        lora_up_backward(ad, r.slice(dY), z, 0, dz);
+        Tensor dHe = r.slice(dH);
+        lora_down_backward(ad, dz, He, r.draws[1], mo, &dHe);
+      }
     }
   }
   SwigluGrad g = swiglu_backward(G, U, w, dH, limit);
-  const Tensor dGg = gemm_input(ew, g.dg), dUg = gemm_input(ew, g.du);
-  if (trainable(ew, 1) || trainable(ew, 3)) {
-    const Tensor Xg = gemm_input(ew, X);
-    if (trainable(ew, 1)) pgemm_dW(ew.precision, dGg, Xg, ew.w1.grad_buffer());
-    if (trainable(ew, 3)) pgemm_dW(ew.precision, dUg, Xg, ew.w3.grad_buffer());
-  }
-  expert_dyW(ew, 1, dGg, 0.0f, dX);
-  expert_dyW(ew, 3, dUg, 1.0f, dX);
-  if (draws) {
-    const uint64_t mo = static_cast<uint64_t>(row0 * D);
+  const Tensor dGop = precision_operand(p, g.dg), dUop = precision_operand(p, g.du);
+  const Tensor Xg = any_w13 ? precision_operand(p, Xop) : Tensor();
+  for (size_t i = 0; i < ews.size(); ++i) {
+    ExpertWeights& ew = *ews[i];
+    const ExpertRows& r = rows[i];
+    if (r.rows() == 0) continue;
+    if (trainable(ew, 1)) pgemm_dW(p, r.slice(dGop), r.slice(Xg), ew.w1.grad_buffer());
+    if (trainable(ew, 3)) pgemm_dW(p, r.slice(dUop), r.slice(Xg), ew.w3.grad_buffer());
+    Tensor dXe = r.slice(dX);
+    expert_dyW(ew, 1, w_ops[3 * i], r.slice(dGop), 0.0f, dXe);
+    expert_dyW(ew, 3, w_ops[3 * i + 2], r.slice(dUop), 1.0f, dXe);
+    if (!r.draws) continue;
+    const Tensor Xe = r.slice(X), dGe = r.slice(g.dg), dUe = r.slice(g.du);
+    const uint64_t mo = static_cast<uint64_t>(r.row0 * D);
     auto input_side = [&](LoraAdapter& ad, uint64_t draw, bool to_g, bool to_u) {
-      const Tensor z = lora_down(ad, X, draw, mo);
-      Tensor dz = Tensor::zeros({n, ad.rank()}, DType::F32, X.device());
-      if (to_g) lora_up_backward(ad, g.dg, z, 0, dz);
-      if (to_u) lora_up_backward(ad, g.du, z, to_g ? I : 0, dz);
-      lora_down_backward(ad, dz, X, draw, mo, &dX);
+      const Tensor z = lora_down(ad, Xe, draw, mo);
+      Tensor dz = Tensor::zeros({r.rows(), ad.rank()}, DType::F32, X.device());
+      if (to_g) lora_up_backward(ad, dGe, z, 0, dz);
+      if (to_u) lora_up_backward(ad, dUe, z, to_g ? I : 0, dz);
+      lora_down_backward(ad, dz, Xe, draw, mo, &dXe);
     };
-    if (ew.lora_w1) input_side(*ew.lora_w1, draws[0], true, false);
-    if (ew.lora_w3) input_side(*ew.lora_w3, draws[2], false, true);
-    if (ew.lora_w13) input_side(*ew.lora_w13, draws[3], true, true);
+    if (ew.lora_w1) input_side(*ew.lora_w1, r.draws[0], true, false);
+    if (ew.lora_w3) input_side(*ew.lora_w3, r.draws[2], false, true);
+    if (ew.lora_w13) input_side(*ew.lora_w13, r.draws[3], true, true);
   }
   return g.dw;
 }
@@ -254,15 +318,19 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
   const int64_t NR = xr.size(0);
 
   // ---- local experts on their row ranges ----
+  std::vector<const ExpertWeights*> routed;
+  std::vector<ExpertRows> routed_rows;
+  for (int64_t e = 0; e < EL; ++e) {
+    routed.push_back(&experts[static_cast<size_t>(e)]);
+    routed_rows.push_back({recv_offsets[static_cast<size_t>(e)], recv_offsets[static_cast<size_t>(e + 1)], expert_draws(e), 0});
+  }
+  const MatmulPrecision prec = call_precision(routed, prefix_);
+  std::vector<Tensor> routed_w_ops = weight_operands(routed);
+  const Tensor xr_op = precision_operand(prec, xr);
   Tensor g_all = Tensor::empty({NR, I}, DType::F32, dev), u_all = Tensor::empty({NR, I}, DType::F32, dev);
   Tensor y_sorted = Tensor::empty({NR, D}, DType::F32, dev);
-  for (int64_t e = 0; e < EL; ++e) {
-    const int64_t o = recv_offsets[static_cast<size_t>(e)], n = recv_offsets[static_cast<size_t>(e + 1)] - o;
-    if (n == 0) continue;
-    Tensor G = g_all.slice(0, o, o + n), U = u_all.slice(0, o, o + n), Y = y_sorted.slice(0, o, o + n);
-    expert_forward_ops(experts[static_cast<size_t>(e)], xr.slice(0, o, o + n), wr.slice(0, o, o + n).view({n}),
-                       limit_, G, U, Y, expert_draws(e), 0);
-  }
+  if (NR > 0)
+    experts_forward_ops(routed, routed_rows, routed_w_ops, xr, xr_op, wr.view({NR}), limit_, g_all, u_all, y_sorted);
   // ---- combine on the source rank in the send (= ascending expert) order ----
   Tensor back = y_sorted;
   if (ep) {
@@ -273,13 +341,17 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
   Tensor yl = N > 0 ? moe_unpermute(back, slots.sorted_slot, Tensor(), TL, K) : Tensor::zeros({TL, D}, DType::F32, dev);
 
   // ---- shared expert ----
-  Tensor sg, su;
+  Tensor sg, su, xl_op;
+  std::vector<Tensor> shared_w_ops;
   if (has_shared_) {
     sg = Tensor::empty({TL, I}, DType::F32, dev);
     su = Tensor::empty({TL, I}, DType::F32, dev);
+    const std::vector<const ExpertWeights*> sh = {&shared};
+    shared_w_ops = weight_operands(sh);
+    xl_op = precision_operand(call_precision(sh, prefix_), xl);
     if (TL > 0) {
       Tensor sy = Tensor::empty({TL, D}, DType::F32, dev);
-      expert_forward_ops(shared, xl, Tensor(), limit_, sg, su, sy, expert_draws(EL), t0);
+      experts_forward_ops(sh, {{0, TL, expert_draws(EL), t0}}, shared_w_ops, xl, xl_op, Tensor(), limit_, sg, su, sy);
       yl = ops::add(yl, sy);
     }
   }
@@ -300,8 +372,12 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
     ctx->t0 = t0;
     ctx->send_rows = std::move(send_rows);
     ctx->recv_rows = recv_rows;
-    ctx->recv_x = xr;
+    ctx->recv_x = has_lora() ? xr : xr_op;  // without adapters the backward reads x only as its GEMM operand
+    ctx->recv_x_op = xr_op;
     ctx->recv_w = wr;
+    ctx->expert_w_ops = std::move(routed_w_ops);
+    ctx->shared_x_op = xl_op;
+    ctx->shared_w_ops = std::move(shared_w_ops);
     ctx->recv_offsets = std::move(recv_offsets);
     ctx->recv_sorted_N = recv_sorted_dev;
     ctx->g = g_all;
@@ -321,7 +397,9 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
 Tensor MoE::backward_ops(const Tensor& dy_TD, const MoECtx& ctx, double balance_alpha) {
   const int64_t D = dim_, E = n_experts_, K = top_k_, EL = n_local_experts();
   DSV4_CHECK(ctx.x.defined() && static_cast<int64_t>(ctx.offsets.size()) == E + 1 &&
-                 static_cast<int64_t>(ctx.recv_offsets.size()) == EL + 1,
+                 static_cast<int64_t>(ctx.recv_offsets.size()) == EL + 1 &&
+                 static_cast<int64_t>(ctx.expert_w_ops.size()) == 3 * EL &&
+                 ctx.shared_w_ops.size() == (has_shared_ ? 3u : 0u),
              "MoE {}: backward without a forward context", prefix_);
   const Device dev = ctx.x.device();
   int64_t T = 0;
@@ -344,18 +422,20 @@ Tensor MoE::backward_ops(const Tensor& dy_TD, const MoECtx& ctx, double balance_
   if (ep) dy_sorted = ops::index_select(exchange_rows(epg, dy_sorted, ctx.send_rows, ctx.recv_rows), ctx.recv_sorted_N);
 
   // ---- local experts: dx and d(loss)/dw per received slot ----
+  std::vector<ExpertWeights*> routed;
+  std::vector<ExpertRows> routed_rows;
+  for (int64_t e = 0; e < EL; ++e) {
+    routed.push_back(&experts[static_cast<size_t>(e)]);
+    routed_rows.push_back({ctx.recv_offsets[static_cast<size_t>(e)], ctx.recv_offsets[static_cast<size_t>(e + 1)],
+                           expert_draws(e), 0});
+  }
   Tensor dx_sorted = Tensor::empty({NR, D}, DType::F32, dev);
   Tensor dw_sorted = Tensor::zeros({NR, 1}, DType::F32, dev);
-  for (int64_t e = 0; e < EL; ++e) {
-    const int64_t o = ctx.recv_offsets[static_cast<size_t>(e)], n = ctx.recv_offsets[static_cast<size_t>(e + 1)] - o;
-    if (n == 0) continue;
-    Tensor dX = dx_sorted.slice(0, o, o + n);
-    const Tensor dwe = expert_backward_ops(experts[static_cast<size_t>(e)], ctx.recv_x.slice(0, o, o + n),
-                                           ctx.g.slice(0, o, o + n), ctx.u.slice(0, o, o + n),
-                                           ctx.recv_w.slice(0, o, o + n).view({n}), dy_sorted.slice(0, o, o + n),
-                                           limit_, dX, expert_draws(e), 0);
-    Tensor dst = dw_sorted.slice(0, o, o + n).view({n});
-    ops::copy(dwe, dst);
+  if (NR > 0) {
+    const Tensor dw_all = experts_backward_ops(routed, routed_rows, ctx.expert_w_ops, ctx.recv_x, ctx.recv_x_op, ctx.g,
+                                               ctx.u, ctx.recv_w.view({NR}), dy_sorted, limit_, dx_sorted);
+    Tensor dst = dw_sorted.view({NR});
+    ops::copy(dw_all, dst);
   }
   Tensor back_x = dx_sorted, back_w = dw_sorted;
   if (ep) {  // back to the received order, then to the source ranks
@@ -375,7 +455,8 @@ Tensor MoE::backward_ops(const Tensor& dy_TD, const MoECtx& ctx, double balance_
   // ---- shared expert ----
   if (has_shared_ && TL > 0) {
     Tensor dxs = Tensor::empty({TL, D}, DType::F32, dev);
-    expert_backward_ops(shared, ctx.x, ctx.shared_g, ctx.shared_u, Tensor(), dyl, limit_, dxs, expert_draws(EL), t0);
+    experts_backward_ops({&shared}, {{0, TL, expert_draws(EL), t0}}, ctx.shared_w_ops, ctx.x, ctx.shared_x_op,
+                         ctx.shared_g, ctx.shared_u, Tensor(), dyl, limit_, dxs);
     dxl = ops::add(dxl, dxs);
   }
 
