@@ -7,6 +7,7 @@
 
 #include "model/exec_path.h"
 #include "runtime/error.h"
+#include "runtime/host_phases.h"
 #include "runtime/ops.h"
 
 namespace dsv4 {
@@ -37,6 +38,7 @@ Tensor ops_sq_sum(const Tensor& g) {
 }  // namespace
 
 GradNorm grad_sq_norm(const std::vector<Param*>& params) {
+  const HostPhase phase("optimizer: gradient norm", HostPhase::Sync::Device);
   GradNorm r;
   // Per-parameter sums in parameter order; those of the tensor-op path are gathered on their device and brought to
   // the host in one copy per device before they are added in.
@@ -90,6 +92,7 @@ GradNorm grad_sq_norm(const std::vector<Param*>& params) {
 }
 
 void scale_grads(const std::vector<Param*>& params, double factor) {
+  const HostPhase phase("optimizer: gradient scaling", HostPhase::Sync::Device);
   const float f = static_cast<float>(factor);
   Tensor factor_on;  // f as F32 [1] on the device of the tensor-op path's gradients
   for (Param* p : params) {

@@ -6,6 +6,7 @@
 
 #include "model/exec_path.h"
 #include "runtime/error.h"
+#include "runtime/host_phases.h"
 #include "runtime/model_ops.h"
 
 namespace dsv4 {
@@ -148,6 +149,7 @@ OptimizerStepStats Optimizer::step(double lr) {
                     p.value.size(1), s.row_blocks, lr, cfg_.muon);
       ++st.muon;
     } else {
+      const HostPhase phase("optimizer: adamw", HostPhase::Sync::Device);
       if (ops_path)
         adamw_step(p.value, p.grad, s.exp_avg, s.exp_avg_sq,
                    adamw_scalars(cfg_.adamw.beta1, cfg_.adamw.beta2, cfg_.adamw.eps, cfg_.adamw.weight_decay, s.step,
@@ -159,7 +161,10 @@ OptimizerStepStats Optimizer::step(double lr) {
     }
   }
   if (!ops_muon.empty()) st.ns_calls = muon_ops_step(ops_muon, lr);
-  broadcast_from_owners();
+  {
+    const HostPhase phase("optimizer: broadcast from the owners", HostPhase::Sync::Device);
+    broadcast_from_owners();
+  }
   ++steps_;
   return st;
 }
@@ -196,13 +201,23 @@ int64_t Optimizer::muon_ops_step(const std::vector<Slot*>& slots, double lr) {
       return u_all.slice(0, first, first + s.row_blocks).view(s.p->value.shape());
     };
     int64_t first = 0;
-    for (size_t i = 0; i < b.slots.size(); ++i) {
-      Slot& s = *b.slots[i];
-      Tensor u = u_of(i, first);
-      muon_momentum_step(s.p->grad, s.momentum, u, static_cast<float>(mc.momentum), mc.nesterov);
-      first += s.row_blocks;
+    {
+      const HostPhase phase("optimizer: muon momentum", HostPhase::Sync::Device);
+      for (size_t i = 0; i < b.slots.size(); ++i) {
+        Slot& s = *b.slots[i];
+        Tensor u = u_of(i, first);
+        muon_momentum_step(s.p->grad, s.momentum, u, static_cast<float>(mc.momentum), mc.nesterov);
+        first += s.row_blocks;
+      }
     }
-    newton_schulz_batched(u_all, mc.ns_schedule, mc.ns_eps, mc.precision);
+    {
+      const std::string name = host_phases_enabled() ? fmt::format("optimizer: newton-schulz [{} x {} x {}]",
+                                                                    b.matrices, b.block_rows, b.cols)
+                                                      : std::string();
+      const HostPhase phase(name.c_str(), HostPhase::Sync::Device);
+      newton_schulz_batched(u_all, mc.ns_schedule, mc.ns_eps, mc.precision);
+    }
+    const HostPhase phase("optimizer: muon apply", HostPhase::Sync::Device);
     const MuonApplyScalars sc = muon_apply_scalars(lr, mc.weight_decay, mc.update_scale, b.block_rows, b.cols);
     first = 0;
     for (size_t i = 0; i < b.slots.size(); ++i) {

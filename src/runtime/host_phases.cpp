@@ -8,6 +8,10 @@ namespace {
 
 std::atomic<bool> g_enabled{false};
 std::mutex g_mu;
+std::function<void()>& sync_hook() {
+  static auto* f = new std::function<void()>;
+  return *f;
+}
 std::map<std::string, HostPhaseTotal>& totals() {
   static auto* t = new std::map<std::string, HostPhaseTotal>;
   return *t;
@@ -26,6 +30,20 @@ void host_phases_reset() {
 std::map<std::string, HostPhaseTotal> host_phases_snapshot() {
   std::lock_guard<std::mutex> lock(g_mu);
   return totals();
+}
+
+void host_phases_set_sync(std::function<void()> sync) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  sync_hook() = std::move(sync);
+}
+
+void host_phases_sync() {
+  std::function<void()> f;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    f = sync_hook();
+  }
+  if (f) f();
 }
 
 void host_phase_add(const char* name, double seconds) {

@@ -58,6 +58,13 @@ void ns_wide(float* X, int64_t r, int64_t c, const std::vector<NsStage>& schedul
 
 }  // namespace
 
+double newton_schulz_flops(int64_t rows, int64_t cols, const std::vector<NsStage>& schedule) {
+  const double r = static_cast<double>(std::min(rows, cols)), c = static_cast<double>(std::max(rows, cols));
+  int64_t iters = 0;
+  for (const NsStage& st : schedule) iters += st.steps;
+  return static_cast<double>(iters) * (4 * r * r * c + 2 * r * r * r);
+}
+
 void newton_schulz(const float* x, float* out, int64_t rows, int64_t cols, const std::vector<NsStage>& schedule,
                    double eps, NsPrecision precision) {
   DSV4_CHECK(rows >= 1 && cols >= 1, "newton_schulz: bad shape [{}, {}]", rows, cols);

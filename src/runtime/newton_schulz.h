@@ -19,6 +19,10 @@ std::vector<NsStage> hybrid_ns_schedule();
 
 enum class NsPrecision : uint8_t { F32, BF16 };
 
+// FLOPs of the GEMMs of newton_schulz on one [rows, cols] matrix: per iteration X X^T (2 r^2 c), b A + c A A (2 r^3)
+// and a X + B X (2 r^2 c), with r = min(rows, cols), c = max.
+double newton_schulz_flops(int64_t rows, int64_t cols, const std::vector<NsStage>& schedule);
+
 // Orthogonalises x [rows, cols] (row-major, contiguous) into out (same shape; out may equal x).
 void newton_schulz(const float* x, float* out, int64_t rows, int64_t cols, const std::vector<NsStage>& schedule,
                    double eps, NsPrecision precision = NsPrecision::F32);

@@ -282,6 +282,20 @@ int run_step_bench(const StepBenchOptions& opt) {
     host_phases_enable(false);
     host_phases = host_phases_snapshot();
   }
+  // The optimizer's parts: one more clip + optimizer step (after everything else is measured) with every part
+  // synchronised on the device.
+  std::map<std::string, HostPhaseTotal> opt_phases;
+  if (opt.profile) {
+    host_phases_reset();
+    host_phases_set_sync([&clk] { clk.sync(); });
+    host_phases_enable(true);
+    const ClipResult c = clip_grad_norm(params, opt.clip);
+    if (c.finite) optimizer.step(opt.lr);
+    clk.sync();
+    host_phases_enable(false);
+    host_phases_set_sync({});
+    opt_phases = host_phases_snapshot();
+  }
 
   const double fb = median(t_fb), op = median(t_opt), st = median(t_step);
   const double tokens = static_cast<double>(layout.tokens());
@@ -331,6 +345,24 @@ int run_step_bench(const StepBenchOptions& opt) {
     if (!host_phases.empty()) std::printf("  host phases within the profiled step (GPU possibly idle meanwhile):\n");
     for (const auto& [name, t] : host_phases)
       std::printf("    %9.3f ms in %5lld calls  %s\n", t.seconds * 1e3, static_cast<long long>(t.calls), name.c_str());
+  }
+  if (!opt_phases.empty()) {
+    double ns_flops = 0;  // the Newton-Schulz GEMMs of every Muon matrix (block) of this rank
+    for (const Param* p : params)
+      if (p->trainable && p->value.defined() && group_of(*p, ocfg.groups) == OptGroup::Muon) {
+        const int64_t blocks = muon_row_blocks(p->name, ocfg.groups);
+        ns_flops += static_cast<double>(blocks) *
+                    newton_schulz_flops(p->value.size(0) / blocks, p->value.size(1), ocfg.muon.ns_schedule);
+      }
+    double ns_seconds = 0;
+    std::printf("  optimizer parts (one more clip + optimizer step, the device synchronised around each part):\n");
+    for (const auto& [name, t] : opt_phases) {
+      std::printf("    %9.3f ms in %5lld calls  %s\n", t.seconds * 1e3, static_cast<long long>(t.calls), name.c_str());
+      if (name.rfind("optimizer: newton-schulz", 0) == 0) ns_seconds += t.seconds;
+    }
+    std::printf("    newton-schulz GEMMs %.4g TFLOP (from the shapes: 4 r^2 c + 2 r^3 per iteration, r <= c) in %.3f ms: "
+                "%.4g TFLOP/s\n",
+                ns_flops / 1e12, ns_seconds * 1e3, ns_seconds > 0 ? ns_flops / ns_seconds / 1e12 : 0.0);
   }
   return 0;
 }

@@ -150,6 +150,14 @@ TEST(NewtonSchulz, Bf16EmulationIsCloseToTorchBf16) {
   for (double s : sv) EXPECT_NEAR(s, 1.0, 0.05);
 }
 
+// The benchmark's FLOP count: X X^T (2 r^2 c), b A + c A A (2 r^3), a X + B X (2 r^2 c) per iteration, r = min.
+TEST(NewtonSchulz, FlopCountOfTheGemms) {
+  const std::vector<NsStage> two = {{1, 1, 0, 0}, {1, 1, 0, 0}};
+  EXPECT_EQ(newton_schulz_flops(2, 3, two), 2 * (4.0 * 2 * 2 * 3 + 2.0 * 8));
+  EXPECT_EQ(newton_schulz_flops(3, 2, two), newton_schulz_flops(2, 3, two));
+  EXPECT_EQ(newton_schulz_flops(1024, 2048, hybrid_ns_schedule()), 10 * (4.0 * 1024 * 1024 * 2048 + 2.0 * 1024 * 1024 * 1024));
+}
+
 TEST(MuonUpdate, HandComputedRankOneSteps) {
   // W [1, 3]: every NS input is rank one, so O = s_final * U / |U| with s_final from the scalar iteration.
   MuonConfig cfg;
