@@ -1,9 +1,11 @@
 // CUDA twins of the optimizer ops of runtime/model_ops.h (CPU reference src/runtime/cpu_model_ops.cpp): AdamW,
 // Muon's momentum and apply (the element rules of runtime/update_math.h; this file is built with --fmad=false, so
 // they compute the CPU's bits) and a batched Newton-Schulz on cuBLAS (GEMMs through runtime/ops.h's gemm,
-// strided-batched over the matrices, FP32 accumulation; same schedule, operation order and, for NsPrecision::BF16,
+// strided-batched over the matrices, tall ones without transposed copies, FP32 accumulation; same schedule, operation order and, for NsPrecision::BF16,
 // the same BF16 rounding points as runtime/newton_schulz.cpp).
 #include "kernels/cuda_check.cuh"  // first: makes fmt usable under nvcc
+
+#include <algorithm>
 
 #include "kernels/ops_common.cuh"
 #include "runtime/model_ops.h"
@@ -81,63 +83,81 @@ __global__ void ns_normalize_bf16_kernel(const float* u, uint16_t* x, int64_t n,
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) xb[i] = f32_to_bf16(round_bf16(ub[i]) / nrm);
 }
 
-// Newton-Schulz in BF16 on wide matrices X [B, r, c] (r <= c, F32 in and out). X, A, B and Y are BF16 tensors; each
-// GEMM accumulates in FP32 and rounds its result once to BF16. cuBLAS forms alpha op(a) op(b) + beta C in FP32, so
-// b A + c A A is one GEMM on C = a copy of A (BF16 already: the copy is exact) and a X + B X one on C = a copy of X.
-void ns_wide_bf16(Tensor& X, const std::vector<NsStage>& schedule, double eps) {
-  const int64_t B = X.size(0), r = X.size(1), c = X.size(2);
+// The three GEMMs of one Newton-Schulz iteration on X [B, r, c]. Wide (r <= c): A = X X^T [B, r, r], B = b A + c A A,
+// Y = a X + B X. Tall (r > c): the CPU reference's iteration on Z = X^T, written without transposing anything:
+// A = Z Z^T = X^T X [B, c, c], B as above, Y^T = a Z + B Z, i.e. Y = a X + X B^T (B^T read through the transpose flag,
+// so no symmetry of the computed B is assumed). The same sums as the reference, in cuBLAS's summation order.
+// The terms b A and a X enter as the GEMMs' C operands: F32 scales them first (scale_kernel, then beta = 1: the CPU's
+// rounding points); BF16 copies them (exact) and scales by beta inside the GEMM (its FP32 epilogue, one rounding to
+// BF16 at the end, as the CPU emulation rounds the GEMM's result once).
+void ns_iteration_gemms(const Tensor& x, Tensor& A, Tensor& Bm, Tensor& y, const NsStage& s, bool tall) {
+  const float a = static_cast<float>(s.a), b = static_cast<float>(s.b), cc = static_cast<float>(s.c);
+  const bool f32 = x.dtype() == DType::F32;
+  cudaStream_t st = stream_of(x);
+  const auto scaled_copy = [&](const Tensor& src, float alpha, Tensor& dst) {
+    if (!f32) {
+      dst.copy_from(src);
+      return;
+    }
+    scale_kernel<<<blocks_for(src.numel()), kThreads, 0, st>>>(src.data<float>(), alpha, dst.data<float>(), src.numel());
+    CUDA_CHECK_LAUNCH();
+  };
+  if (tall)
+    dsv4::ops::gemm(x, true, x, false, 1.0f, 0.0f, A);  // A = X^T X
+  else
+    dsv4::ops::gemm(x, false, x, true, 1.0f, 0.0f, A);  // A = X X^T
+  scaled_copy(A, b, Bm);
+  dsv4::ops::gemm(A, false, A, false, cc, f32 ? 1.0f : b, Bm);  // B = b A + c A A
+  scaled_copy(x, a, y);
+  if (tall)
+    dsv4::ops::gemm(x, false, Bm, true, 1.0f, f32 ? 1.0f : a, y);  // Y = a X + X B^T
+  else
+    dsv4::ops::gemm(Bm, false, x, false, 1.0f, f32 ? 1.0f : a, y);  // Y = a X + B X
+}
+
+// Newton-Schulz in BF16 on X [B, r, c] (F32 in and out; either orientation). X, A, B and Y are BF16 tensors; each
+// GEMM accumulates in FP32 and rounds its result once to BF16 (the CPU emulation's rounding points; the copies of
+// BF16 values are exact).
+void ns_bf16(Tensor& X, const std::vector<NsStage>& schedule, double eps) {
+  const int64_t B = X.size(0), r = X.size(1), c = X.size(2), k = std::min(r, c);
   cudaStream_t st = stream_of(X);
   Tensor x16 = Tensor::empty(X.shape(), DType::BF16, X.device());
   Tensor y16 = Tensor::empty(X.shape(), DType::BF16, X.device());
-  Tensor A = Tensor::empty({B, r, r}, DType::BF16, X.device());
-  Tensor Bm = Tensor::empty({B, r, r}, DType::BF16, X.device());
+  Tensor A = Tensor::empty({B, k, k}, DType::BF16, X.device());
+  Tensor Bm = Tensor::empty({B, k, k}, DType::BF16, X.device());
   ns_normalize_bf16_kernel<<<static_cast<unsigned>(B), kThreads, 0, st>>>(X.data<float>(), x16.data_u16(), r * c,
                                                                            eps);
   CUDA_CHECK_LAUNCH();
   Tensor* x = &x16;
   Tensor* y = &y16;
-  for (const NsStage& s : schedule) {
-    const float a = static_cast<float>(s.a), b = static_cast<float>(s.b), cc = static_cast<float>(s.c);
-    for (int64_t k = 0; k < s.steps; ++k) {
-      dsv4::ops::gemm(*x, false, *x, true, 1.0f, 0.0f, A);  // A = X X^T
-      Bm.copy_from(A);
-      dsv4::ops::gemm(A, false, A, false, cc, b, Bm);  // B = b A + c A A
-      y->copy_from(*x);
-      dsv4::ops::gemm(Bm, false, *x, false, 1.0f, a, *y);  // Y = a X + B X
+  for (const NsStage& s : schedule)
+    for (int64_t i = 0; i < s.steps; ++i) {
+      ns_iteration_gemms(*x, A, Bm, *y, s, r > c);
       std::swap(x, y);
     }
-  }
   X.copy_from(*x);  // BF16 -> F32, exact
 }
 
-// Newton-Schulz on wide matrices X [B, r, c] (r <= c), in place.
-void ns_wide(Tensor& X, const std::vector<NsStage>& schedule, double eps, NsPrecision precision) {
+// Newton-Schulz on X [B, r, c] (either orientation), in place.
+void ns_batched(Tensor& X, const std::vector<NsStage>& schedule, double eps, NsPrecision precision) {
   if (precision == NsPrecision::BF16) {
-    ns_wide_bf16(X, schedule, eps);
+    ns_bf16(X, schedule, eps);
     return;
   }
-  const int64_t B = X.size(0), r = X.size(1), c = X.size(2);
+  const int64_t B = X.size(0), r = X.size(1), c = X.size(2), k = std::min(r, c);
   cudaStream_t st = stream_of(X);
   ns_normalize_kernel<<<static_cast<unsigned>(B), kThreads, 0, st>>>(X.data<float>(), r * c, eps);
   CUDA_CHECK_LAUNCH();
-  Tensor A = Tensor::empty({B, r, r}, DType::F32, X.device());
-  Tensor Bm = Tensor::empty({B, r, r}, DType::F32, X.device());
+  Tensor A = Tensor::empty({B, k, k}, DType::F32, X.device());
+  Tensor Bm = Tensor::empty({B, k, k}, DType::F32, X.device());
   Tensor Y = Tensor::empty(X.shape(), DType::F32, X.device());
   Tensor* x = &X;
   Tensor* y = &Y;
-  for (const NsStage& s : schedule) {
-    const float a = static_cast<float>(s.a), b = static_cast<float>(s.b), cc = static_cast<float>(s.c);
-    for (int64_t k = 0; k < s.steps; ++k) {
-      dsv4::ops::gemm(*x, false, *x, true, 1.0f, 0.0f, A);  // A = X X^T
-      scale_kernel<<<blocks_for(A.numel()), kThreads, 0, st>>>(A.data<float>(), b, Bm.data<float>(), A.numel());
-      CUDA_CHECK_LAUNCH();
-      dsv4::ops::gemm(A, false, A, false, cc, 1.0f, Bm);  // B = b A + c A A
-      scale_kernel<<<blocks_for(x->numel()), kThreads, 0, st>>>(x->data<float>(), a, y->data<float>(), x->numel());
-      CUDA_CHECK_LAUNCH();
-      dsv4::ops::gemm(Bm, false, *x, false, 1.0f, 1.0f, *y);  // Y = a X + B X
+  for (const NsStage& s : schedule)
+    for (int64_t i = 0; i < s.steps; ++i) {
+      ns_iteration_gemms(*x, A, Bm, *y, s, r > c);
       std::swap(x, y);
     }
-  }
   if (x != &X) X.copy_from(*x);
 }
 
@@ -167,14 +187,7 @@ void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s) {
 void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps, NsPrecision precision) {
   detail::DeviceGuard guard(x.device().index);
   Tensor x3 = x.ndim() == 3 ? x : x.unsqueeze(0);
-  const int64_t r = x3.size(1), c = x3.size(2);
-  if (r <= c) {
-    ns_wide(x3, schedule, eps, precision);
-    return;
-  }
-  Tensor t = x3.transpose(1, 2).contiguous();  // [B, c, r]
-  ns_wide(t, schedule, eps, precision);
-  x3.copy_from(t.transpose(1, 2));
+  ns_batched(x3, schedule, eps, precision);
 }
 
 }  // namespace dsv4::cuda
