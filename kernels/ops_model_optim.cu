@@ -42,45 +42,84 @@ __global__ void apply_kernel(float* w, const float* o, MuonApplyScalars s, int64
   GRID_STRIDE(i, n) w[i] = muon_apply_element(w[i], o[i], s);
 }
 
-// X[b] *= float(1 / max(||X[b]||_F, eps)), the norm summed in double (one block per matrix).
-__global__ void ns_normalize_kernel(float* x, int64_t n, double eps) {
+// The Frobenius normalisation before the iterations, over X [B, n] (n = r * c): the squares summed in double
+// (of the BF16-rounded values for NsPrecision::BF16), in fixed chunks of kNsNormChunk elements per block so that the
+// whole GPU works on it (one block per matrix left most SMs idle and read at a few GB/s per SM) and the sums do not
+// depend on the device; then per matrix the chunk sums in chunk order and one scale.
+constexpr int64_t kNsNormChunk = 16384;
+
+__device__ double block_sum(double v) {
   __shared__ double smem[kThreads];
-  float* xb = x + static_cast<int64_t>(blockIdx.x) * n;
-  double ss = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += static_cast<double>(xb[i]) * xb[i];
-  smem[threadIdx.x] = ss;
+  smem[threadIdx.x] = v;
   __syncthreads();
   for (int s = kThreads / 2; s > 0; s >>= 1) {
     if (static_cast<int>(threadIdx.x) < s) smem[threadIdx.x] += smem[threadIdx.x + s];
     __syncthreads();
   }
-  const float inv = static_cast<float>(1.0 / fmax(sqrt(smem[0]), eps));
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) xb[i] *= inv;
+  return smem[0];
+}
+
+// partial[b * chunks + j] = sum of v^2 over chunk j of matrix b; grid (chunks, min(B, 65535)).
+__global__ void ns_sumsq_kernel(const float* x, int64_t n, int64_t chunks, int64_t B, bool bf16, double* partial) {
+  const int64_t j = blockIdx.x;
+  const int64_t hi = min(n, (j + 1) * kNsNormChunk);
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const float* xb = x + b * n;
+    double ss = 0;
+    for (int64_t i = j * kNsNormChunk + threadIdx.x; i < hi; i += blockDim.x) {
+      const double v = bf16 ? round_bf16(xb[i]) : xb[i];
+      ss += v * v;
+    }
+    const double total = block_sum(ss);
+    if (threadIdx.x == 0) partial[b * chunks + j] = total;
+    __syncthreads();  // block_sum's shared memory is reused by the next matrix
+  }
+}
+
+// Per matrix: F32 the factor float(1 / max(||X||, eps)); BF16 the divisor bf16(float(max(||bf16(X)||, eps))) (the CPU
+// emulation's rounding points: torch's BF16 norm and division).
+__global__ void ns_norm_kernel(const double* partial, int64_t chunks, int64_t B, double eps, bool bf16, float* out) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  double ss = 0;
+  for (int64_t j = 0; j < chunks; ++j) ss += partial[b * chunks + j];
+  const double nrm = fmax(sqrt(ss), eps);
+  out[b] = bf16 ? round_bf16(static_cast<float>(nrm)) : static_cast<float>(1.0 / nrm);
+}
+
+// X[b] *= inv[b] over X [B, n] (F32, in place).
+__global__ void ns_scale_kernel(float* x, const float* inv, int64_t n, int64_t total) {
+  GRID_STRIDE(i, total) x[i] *= inv[i / n];
+}
+
+// X16[b] = bf16(bf16(U[b]) / nrm[b]) over U [B, n].
+__global__ void ns_scale_bf16_kernel(const float* u, const float* nrm, uint16_t* x, int64_t n, int64_t total) {
+  GRID_STRIDE(i, total) x[i] = f32_to_bf16(round_bf16(u[i]) / nrm[i / n]);
+}
+
+// Normalises U [B, n] (F32) into out: in place for F32 (out == U), into the BF16 tensor out for bf16.
+void ns_normalize(const Tensor& U, double eps, Tensor& out) {
+  const int64_t B = U.size(0), n = U.numel() / std::max<int64_t>(B, 1), chunks = (n + kNsNormChunk - 1) / kNsNormChunk;
+  const bool bf16 = out.dtype() == DType::BF16;
+  cudaStream_t st = stream_of(U);
+  Tensor partial = Tensor::empty({B * chunks}, DType::I64, U.device());  // doubles
+  double* partial_d = static_cast<double*>(partial.raw_data());
+  Tensor scale = Tensor::empty({B}, DType::F32, U.device());
+  ns_sumsq_kernel<<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(std::min<int64_t>(B, 65535))), kThreads, 0,
+                    st>>>(U.data<float>(), n, chunks, B, bf16, partial_d);
+  CUDA_CHECK_LAUNCH();
+  ns_norm_kernel<<<blocks_for(B), kThreads, 0, st>>>(partial_d, chunks, B, eps, bf16, scale.data<float>());
+  CUDA_CHECK_LAUNCH();
+  if (bf16)
+    ns_scale_bf16_kernel<<<blocks_for(U.numel()), kThreads, 0, st>>>(U.data<float>(), scale.data<float>(),
+                                                                      out.data_u16(), n, U.numel());
+  else
+    ns_scale_kernel<<<blocks_for(U.numel()), kThreads, 0, st>>>(out.data<float>(), scale.data<float>(), n, U.numel());
+  CUDA_CHECK_LAUNCH();
 }
 
 __global__ void scale_kernel(const float* x, float a, float* y, int64_t n) {
   GRID_STRIDE(i, n) y[i] = a * x[i];
-}
-
-// BF16 X [b] = bf16(bf16(U[b]) / nrm), nrm = bf16(float(max(||bf16(U[b])||_F, eps))) with the norm summed in double
-// (one block per matrix): the CPU emulation's rounding points.
-__global__ void ns_normalize_bf16_kernel(const float* u, uint16_t* x, int64_t n, double eps) {
-  __shared__ double smem[kThreads];
-  const float* ub = u + static_cast<int64_t>(blockIdx.x) * n;
-  uint16_t* xb = x + static_cast<int64_t>(blockIdx.x) * n;
-  double ss = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const double v = round_bf16(ub[i]);
-    ss += v * v;
-  }
-  smem[threadIdx.x] = ss;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (static_cast<int>(threadIdx.x) < s) smem[threadIdx.x] += smem[threadIdx.x + s];
-    __syncthreads();
-  }
-  const float nrm = round_bf16(static_cast<float>(fmax(sqrt(smem[0]), eps)));
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) xb[i] = f32_to_bf16(round_bf16(ub[i]) / nrm);
 }
 
 // The three GEMMs of one Newton-Schulz iteration on X [B, r, c]. Wide (r <= c): A = X X^T [B, r, r], B = b A + c A A,
@@ -125,9 +164,7 @@ void ns_bf16(Tensor& X, const std::vector<NsStage>& schedule, double eps) {
   Tensor y16 = Tensor::empty(X.shape(), DType::BF16, X.device());
   Tensor A = Tensor::empty({B, k, k}, DType::BF16, X.device());
   Tensor Bm = Tensor::empty({B, k, k}, DType::BF16, X.device());
-  ns_normalize_bf16_kernel<<<static_cast<unsigned>(B), kThreads, 0, st>>>(X.data<float>(), x16.data_u16(), r * c,
-                                                                           eps);
-  CUDA_CHECK_LAUNCH();
+  ns_normalize(X, eps, x16);
   Tensor* x = &x16;
   Tensor* y = &y16;
   for (const NsStage& s : schedule)
@@ -146,8 +183,7 @@ void ns_batched(Tensor& X, const std::vector<NsStage>& schedule, double eps, NsP
   }
   const int64_t B = X.size(0), r = X.size(1), c = X.size(2), k = std::min(r, c);
   cudaStream_t st = stream_of(X);
-  ns_normalize_kernel<<<static_cast<unsigned>(B), kThreads, 0, st>>>(X.data<float>(), r * c, eps);
-  CUDA_CHECK_LAUNCH();
+  ns_normalize(X, eps, X);
   Tensor A = Tensor::empty({B, k, k}, DType::F32, X.device());
   Tensor Bm = Tensor::empty({B, k, k}, DType::F32, X.device());
   Tensor Y = Tensor::empty(X.shape(), DType::F32, X.device());
