@@ -1,6 +1,6 @@
 // dsv4-bench step: see bench_step.h.
 //
-// Timed steps: each step is zero_grad + Model::forward_backward (token ids and labels on the host; one document per
+// Timed steps: each step is zero_grad + --grad-accum x Model::forward_backward (token ids and labels on the host; one document per
 // row), then clip_grad_norm (max --clip) + Optimizer::step(--lr), with a device synchronisation before the step,
 // between the two parts and after; the host clock measures each part. --warmup steps first, then the medians of
 // --steps steps (forward+backward, optimizer, whole step; tokens/s and FLOP rates from the whole step's median).
@@ -36,6 +36,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -66,6 +67,11 @@ StepBenchCli::StepBenchCli(CLI::App& app) {
   step_->add_option("--preset", o.preset, "model preset (tiny, small, proxy-2b, ...)")->capture_default_str();
   step_->add_option("--batch", o.batch, "sequences per step")->capture_default_str()->check(CLI::PositiveNumber);
   step_->add_option("--seq", o.seq, "tokens per sequence")->capture_default_str()->check(CLI::PositiveNumber);
+  step_->add_option("--grad-accum", o.grad_accum,
+                    "micro-batches of batch x seq tokens per optimizer step (train.grad_accum); tokens/s and MFU count "
+                    "all of them")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   step_->add_option("--precision", o.precision, "weight GEMM precision (train.precision)")
       ->capture_default_str()
       ->check(CLI::IsMember({"fp32", "bf16", "fp8"}));
@@ -257,7 +263,8 @@ int run_step_bench(const StepBenchOptions& opt) {
   for (int i = 0; i < opt.warmup + opt.steps; ++i) {
     model.zero_grad();
     const double t0 = clk.now();
-    const LossResult r = model.forward_backward(ids, ids, layout, weights);
+    LossResult r;
+    for (int64_t m = 0; m < opt.grad_accum; ++m) r = model.forward_backward(ids, ids, layout, weights);
     const double t1 = clk.now();
     const ClipResult c = clip_grad_norm(params, opt.clip);
     if (c.finite) optimizer.step(opt.lr);
@@ -298,13 +305,13 @@ int run_step_bench(const StepBenchOptions& opt) {
   }
 
   const double fb = median(t_fb), op = median(t_opt), st = median(t_step);
-  const double tokens = static_cast<double>(layout.tokens());
+  const double tokens = static_cast<double>(layout.tokens() * opt.grad_accum);  // per optimizer step
   const FlopsPerToken fl = model_flops_per_token(cfg, opt.seq);
   const double tflops = fl.training() * tokens / st / 1e12;
-  std::printf("dsv4-bench step preset=%s batch=%lld seq=%lld precision=%s ns_precision=%s device=%s%s%s steps=%d "
+  std::printf("dsv4-bench step preset=%s batch=%lld seq=%lld grad_accum=%lld precision=%s ns_precision=%s device=%s%s%s steps=%d "
               "warmup=%d (medians)\n",
               opt.preset.c_str(), static_cast<long long>(opt.batch), static_cast<long long>(opt.seq),
-              opt.precision.c_str(), opt.ns_precision.c_str(), dev.str().c_str(), opt.ops_path ? " (ops path)" : "",
+              static_cast<long long>(opt.grad_accum), opt.precision.c_str(), opt.ns_precision.c_str(), dev.str().c_str(), opt.ops_path ? " (ops path)" : "",
               opt.recompute ? " recompute" : "", opt.steps, opt.warmup);
   std::printf("  params %.3fM; FLOPs/token = 3 x forward = 3 x %.4g (active params/token %.4gM, mean visible keys "
               "%.1f, attention part of forward %.1f%%, fp8-eligible GEMMs %.1f%%)\n",
@@ -325,10 +332,14 @@ int run_step_bench(const StepBenchOptions& opt) {
               "optimizer state)\n",
               dev.str().c_str(), mem.peak_bytes / 1073741824.0, resident / 1073741824.0);
   if (opt.profile) {
-    const double other = fb - (b.mhc + b.attn + b.moe + b.head);
+    // The profiled step is one micro-batch: its module times count grad_accum times in a step.
+    const double n = static_cast<double>(opt.grad_accum);
+    const double other = fb - n * (b.mhc + b.attn + b.moe + b.head);
     const double total = st;
-    std::printf("  breakdown (profiled step, synchronised per module; other = forward+backward - the modules):\n");
+    std::printf("  breakdown (profiled step, synchronised per module%s; other = forward+backward - the modules):\n",
+                opt.grad_accum > 1 ? ", module times x grad_accum" : "");
     const auto row = [&](const char* name, double s, const char* note) {
+      if (std::string_view(name) != "optimizer" && std::string_view(name) != "other") s *= n;
       std::printf("    %-10s %9.3f ms %6.1f%%  %s\n", name, s * 1e3, 100 * s / total, note);
     };
     row("mHC", b.mhc, "hc pre/post fwd+bwd of every block, HyperHead collapses");
@@ -341,7 +352,7 @@ int run_step_bench(const StepBenchOptions& opt) {
     row("head+loss", b.head, "output heads (main + MTP) fwd, cross-entropy, head bwd");
     row("optimizer", op, "grad-norm clip + Muon/AdamW step (timed steps' median)");
     row("other", other, "norms, embeddings, MTP projections, glue, gaps");
-    std::printf("    (RMSNorms as profiled: %.3f ms)\n", b.norms * 1e3);
+    std::printf("    (RMSNorms as profiled: %.3f ms)\n", n * b.norms * 1e3);
     if (!host_phases.empty()) std::printf("  host phases within the profiled step (GPU possibly idle meanwhile):\n");
     for (const auto& [name, t] : host_phases)
       std::printf("    %9.3f ms in %5lld calls  %s\n", t.seconds * 1e3, static_cast<long long>(t.calls), name.c_str());

@@ -1,11 +1,11 @@
 // dsv4-bench step (src/train/bench_step.cpp): the full training step (issues 9/10), numbers only.
 //   dsv4-bench step [--preset proxy-2b] [--batch 1] [--seq 4096] [--precision bf16|fp8|fp32] [--steps 10]
 //                   [--warmup 2] [--device cuda|cpu] [--ops-path] [--recompute] [--ns-precision bf16|fp32]
-//                   [--threads T]
+//                   [--threads T] [--grad-accum N]
 // Builds Model(model_preset(preset)), init_random, Model::to(device), set_matmul_precision, an Optimizer (Muon + AdamW,
 // state on the device; Muon's Newton-Schulz in --ns-precision, BF16 by default as Muon implementations run it) and
-// times, per step: zero_grad, forward_backward on random token ids (one document per row),
-// then gradient-norm clipping (max 1.0) and the optimizer step, with a device synchronisation at each boundary. Prints
+// times, per step: zero_grad, forward_backward on random token ids (one document per row; --grad-accum N: N micro-batches
+// of batch x seq tokens, as train.grad_accum), then gradient-norm clipping (max 1.0) and the optimizer step, with a device synchronisation at each boundary. Prints
 // the medians: tokens/s, achieved TFLOP/s and MFU against the dense BF16 peak of an H100/H200 SXM (989 TFLOP/s; fp8
 // runs also against the FP8 peak, 1979), with the FLOP formula of shared/design/BENCHMARKS.md (model/flops.h:
 // 3 x forward FLOPs per token, its inputs printed), the peak allocator memory of the device, and a breakdown of the
@@ -27,6 +27,7 @@ struct StepBenchOptions {
   std::string preset = "proxy-2b";
   int64_t batch = 1;
   int64_t seq = 4096;
+  int64_t grad_accum = 1;  // micro-batches per optimizer step (train.grad_accum)
   std::string precision = "bf16";
   int steps = 10;
   int warmup = 2;
