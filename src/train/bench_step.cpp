@@ -1,7 +1,7 @@
 // dsv4-bench step: see bench_step.h.
 //
-// Timed steps: each step is zero_grad + --grad-accum x Model::forward_backward (token ids and labels on the host; one document per
-// row), then clip_grad_norm (max --clip) + Optimizer::step(--lr), with a device synchronisation before the step,
+// Timed steps: each step is zero_grad + --grad-accum x Model::forward_backward (token ids and labels on the host; one
+// document per row), then clip_grad_norm (max --clip) + Optimizer::step(--lr), with a device synchronisation before the step,
 // between the two parts and after; the host clock measures each part. --warmup steps first, then the medians of
 // --steps steps (forward+backward, optimizer, whole step; tokens/s and FLOP rates from the whole step's median).
 //
