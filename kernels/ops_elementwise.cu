@@ -180,8 +180,60 @@ __global__ void convert_kernel(const void* src, DType sdt, void* out, DType odt,
   }
 }
 
+// Contiguous F32 <-> BF16, the conversions of the training step (GEMM operands: weights, activations, gradients; the
+// BF16 Newton-Schulz result): 4 elements per thread with 16-byte / 8-byte accesses when both pointers allow it, else 1.
+// The generic kernel below moved these at about 0.6 TB/s (ncu on an H100: 2059 F32 -> BF16 conversions of a bf16
+// training step averaged 21 us for about 12 MB each). Same rounding function, so the same bits.
+__global__ void f32_to_bf16_kernel(const float* src, uint16_t* out, int64_t n, bool vec) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n4 = vec ? n / 4 : 0;
+  for (int64_t i = first; i < n4; i += stride) {
+    const float4 v = reinterpret_cast<const float4*>(src)[i];
+    uint2 r;
+    r.x = static_cast<uint32_t>(f32_to_bf16(v.x)) | (static_cast<uint32_t>(f32_to_bf16(v.y)) << 16);
+    r.y = static_cast<uint32_t>(f32_to_bf16(v.z)) | (static_cast<uint32_t>(f32_to_bf16(v.w)) << 16);
+    reinterpret_cast<uint2*>(out)[i] = r;
+  }
+  for (int64_t i = 4 * n4 + first; i < n; i += stride) out[i] = f32_to_bf16(src[i]);
+}
+
+__global__ void bf16_to_f32_kernel(const uint16_t* src, float* out, int64_t n, bool vec) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n4 = vec ? n / 4 : 0;
+  for (int64_t i = first; i < n4; i += stride) {
+    const uint2 v = reinterpret_cast<const uint2*>(src)[i];
+    reinterpret_cast<float4*>(out)[i] = make_float4(bf16_to_f32(static_cast<uint16_t>(v.x & 0xFFFFu)),
+                                                    bf16_to_f32(static_cast<uint16_t>(v.x >> 16)),
+                                                    bf16_to_f32(static_cast<uint16_t>(v.y & 0xFFFFu)),
+                                                    bf16_to_f32(static_cast<uint16_t>(v.y >> 16)));
+  }
+  for (int64_t i = 4 * n4 + first; i < n; i += stride) out[i] = bf16_to_f32(src[i]);
+}
+
+// The F32 <-> BF16 kernels above for contiguous tensors; false for anything else.
+bool launch_convert_bf16_contiguous(const Tensor& src, Tensor& out, cudaStream_t stream) {
+  const bool down = src.dtype() == DType::F32 && out.dtype() == DType::BF16;
+  const bool up = src.dtype() == DType::BF16 && out.dtype() == DType::F32;
+  if (!(down || up) || !src.is_contiguous() || !out.is_contiguous()) return false;
+  const int64_t n = out.numel();
+  const auto aligned = [](const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; };
+  const unsigned blocks = blocks_for((n + 3) / 4);
+  if (down) {
+    const bool vec = aligned(src.raw_data(), 16) && aligned(out.raw_data(), 8);
+    f32_to_bf16_kernel<<<blocks, kThreads, 0, stream>>>(src.data<float>(), out.data_u16(), n, vec);
+  } else {
+    const bool vec = aligned(src.raw_data(), 8) && aligned(out.raw_data(), 16);
+    bf16_to_f32_kernel<<<blocks, kThreads, 0, stream>>>(src.data_u16(), out.data<float>(), n, vec);
+  }
+  CUDA_CHECK_LAUNCH();
+  return true;
+}
+
 void launch_convert(const Tensor& src, Tensor& out, cudaStream_t stream) {
   if (out.numel() == 0) return;
+  if (launch_convert_bf16_contiguous(src, out, stream)) return;
   Shape shape = out.shape();
   Shape sst = src.strides(), ost = out.strides();
   int64_t pair_stride = 0;

@@ -165,6 +165,25 @@ TEST_F(GpuOps, ConvertEveryDtypePairMatchesCpuBitwise) {
   }
 }
 
+// The contiguous F32 <-> BF16 kernels: vector bodies (4 per thread), scalar tails, and unaligned starts (views that
+// begin 1 or 2 elements in) that take the scalar form.
+TEST_F(GpuOps, ConvertF32Bf16ContiguousMatchesCpuBitwise) {
+  for (int64_t n : {int64_t{1}, int64_t{3}, int64_t{4}, int64_t{5}, int64_t{4099}, (int64_t{1} << 20) + 3}) {
+    for (int64_t skip : {int64_t{0}, int64_t{1}, int64_t{2}, int64_t{4}}) {
+      for (auto [s, d] : {std::pair{DType::F32, DType::BF16}, std::pair{DType::BF16, DType::F32}}) {
+        const Tensor src = convert_source(s, d, {n + skip}).slice(0, skip, n + skip);
+        const Tensor src_g = src.contiguous().to(kGpu);
+        const Tensor view_g = convert_source(s, d, {n + skip}).to(kGpu).slice(0, skip, n + skip);
+        const std::string what = fmt::format("convert {} -> {} n={} skip={}", dtype_name(s), dtype_name(d), n, skip);
+        expect_same_bits(ops::convert(src_g, d), ops::convert(src, d), what + " (aligned)");
+        Tensor into = Tensor::empty({n + skip}, d, kGpu).slice(0, skip, n + skip);  // unaligned output too
+        ops::copy(view_g, into);
+        expect_same_bits(into, ops::convert(view_g.to(Device::cpu()), d), what + " (view in, view out)");
+      }
+    }
+  }
+}
+
 // ---- unary / binary / affine --------------------------------------------------------------------------------
 
 TEST_F(GpuOps, UnaryMatchesCpu) {
