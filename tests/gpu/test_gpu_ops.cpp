@@ -186,6 +186,24 @@ TEST_F(GpuOps, ConvertF32Bf16ContiguousMatchesCpuBitwise) {
 
 // ---- unary / binary / affine --------------------------------------------------------------------------------
 
+// The contiguous F32 forms of unary / binary / affine (4 per thread when every pointer is 16-byte aligned): lengths with
+// tails, and views 1 element in (unaligned: the scalar form), against the CPU bit for bit.
+TEST_F(GpuOps, ElementwiseContiguousFormsMatchCpuBitwise) {
+  for (int64_t n : {int64_t{1}, int64_t{6}, int64_t{4099}, (int64_t{1} << 20) + 1}) {
+    for (int64_t skip : {int64_t{0}, int64_t{1}}) {
+      const auto part = [&](const Tensor& t) { return t.slice(0, skip, skip + n); };
+      const Tensor a = rand_cpu({n + skip}, -2.0f, 2.0f), b = rand_cpu({n + skip}, 0.5f, 2.0f);
+      const Tensor ag = a.to(kGpu), bg = b.to(kGpu);
+      const std::string what = fmt::format("n={} skip={}", n, skip);
+      for (BinaryOp op : {BinaryOp::Add, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max})
+        expect_same_bits(ops::binary(op, part(ag), part(bg)), ops::binary(op, part(a), part(b)),
+                         fmt::format("binary {} {}", static_cast<int>(op), what));
+      expect_same_bits(ops::affine(part(ag), 1.5, -0.25), ops::affine(part(a), 1.5, -0.25), "affine " + what);
+      expect_same_bits(ops::unary(UnaryOp::Square, part(ag)), ops::unary(UnaryOp::Square, part(a)), "square " + what);
+    }
+  }
+}
+
 TEST_F(GpuOps, UnaryMatchesCpu) {
   struct OpCase {
     UnaryOp op;
