@@ -528,11 +528,16 @@ Tensor Attention::forward_ops(const Tensor& x_TD, const SeqLayout& layout, Atten
   // Grouped low-rank output: y[:, g] = o[:, g] @ wo_a_g^T (column slices), then the adapters, then wo_b.
   Tensor y = Tensor::empty({T, G * R}, DType::F32, dev);
   const Tensor wo_a_dev = wo_a_frozen.defined() && !dev.is_cpu() ? dequantize_on_device(wo_a_frozen) : Tensor();
+  if (!wo_a_frozen.defined()) {
+    c.o_rot_op = precision_operand(wo_a_precision_, c.o_rot);
+    c.wo_a_op = precision_operand(wo_a_precision_, wo_a.value);
+  }
   for (int64_t g = 0; g < G; ++g) {
     const Tensor o_g = c.o_rot.slice(1, g * K, (g + 1) * K);
     Tensor y_g = y.slice(1, g * R, (g + 1) * R);
     if (!wo_a_frozen.defined())
-      pgemm_xwT(wo_a_precision_, o_g, wo_a.value.slice(0, g * R, (g + 1) * R), 0.0f, y_g);
+      pgemm_xwT(wo_a_precision_, c.o_rot_op.slice(1, g * K, (g + 1) * K), c.wo_a_op.slice(0, g * R, (g + 1) * R),
+                0.0f, y_g);
     else if (dev.is_cpu())  // the reference's tile GEMMs on the group's rows
       qgemm_xwT(wo_a_frozen, T, o_g.data<float>(), HC, 0.0f, y_g.data<float>(), G * R, g * R, (g + 1) * R);
     else
@@ -571,6 +576,10 @@ Tensor Attention::backward_ops(const Tensor& dout_TD, const AttentionCtx& c) {
   const Tensor dy = wo_b.backward(dout_TD.contiguous(), c.wo_b);  // [T, G*R]
   Tensor d_o = Tensor::empty({T, HC}, DType::F32, dev);
   const Tensor wo_a_dev = wo_a_frozen.defined() && !dev.is_cpu() ? dequantize_on_device(wo_a_frozen) : Tensor();
+  if (!wo_a_frozen.defined())
+    DSV4_CHECK(c.o_rot_op.defined() && c.wo_a_op.defined(), "Attention {}: backward without the wo_a operands of its forward",
+               prefix_);
+  const Tensor dy_op = wo_a_frozen.defined() ? Tensor() : precision_operand(wo_a_precision_, dy);
   for (int64_t g = 0; g < G; ++g) {
     const Tensor dy_g = dy.slice(1, g * R, (g + 1) * R);
     Tensor d_o_g = d_o.slice(1, g * K, (g + 1) * K);
@@ -581,10 +590,11 @@ Tensor Attention::backward_ops(const Tensor& dout_TD, const AttentionCtx& c) {
         ops::gemm(dy_g, false, wo_a_dev.slice(0, g * R, (g + 1) * R), false, 1.0f, 0.0f, d_o_g);
       continue;
     }
-    pgemm_dyW(wo_a_precision_, dy_g, wo_a.value.slice(0, g * R, (g + 1) * R), 0.0f, d_o_g);
+    const Tensor dy_op_g = dy_op.slice(1, g * R, (g + 1) * R);
+    pgemm_dyW(wo_a_precision_, dy_op_g, c.wo_a_op.slice(0, g * R, (g + 1) * R), 0.0f, d_o_g);
     if (wo_a.trainable) {
       Tensor dw_g = wo_a.grad_buffer().slice(0, g * R, (g + 1) * R);
-      pgemm_dW(wo_a_precision_, dy_g, c.o_rot.slice(1, g * K, (g + 1) * K), dw_g);
+      pgemm_dW(wo_a_precision_, dy_op_g, c.o_rot_op.slice(1, g * K, (g + 1) * K), dw_g);
     }
   }
   if (!wo_a_lora.empty()) {

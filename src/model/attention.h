@@ -60,6 +60,9 @@ struct AttentionCtx {
   Tensor o;       // [T, H, C] core output (before the inverse RoPE)
   Tensor lse;     // [T, H]
   Tensor o_rot;   // [T, H*C] after the inverse RoPE (wo_a input)
+  // Tensor-op path with a trainable wo_a: o_rot and wo_a as the GEMM operands of wo_a_precision (precision_operand:
+  // BF16 in bf16 on a device, the tensors themselves otherwise), made once in forward for every group's GEMMs.
+  Tensor o_rot_op, wo_a_op;
   std::vector<Tensor> wo_a_lora_z;        // [G] adapter activations [T, r] of each adapted group (wo_a adapters)
   std::vector<uint64_t> wo_a_lora_draws;  // [G] dropout draw used by each group
   SparseAttnIndex index;
