@@ -6,6 +6,7 @@
 #include "kernels/cuda_check.cuh"  // first: makes fmt usable under nvcc
 
 #include <algorithm>
+#include <cstring>
 
 #include "kernels/ops_common.cuh"
 #include "runtime/model_ops.h"
@@ -118,6 +119,73 @@ void ns_normalize(const Tensor& U, double eps, Tensor& out) {
   CUDA_CHECK_LAUNCH();
 }
 
+// ---- many tensors per launch (gradient clipping) -------------------------------------------------------------------
+// Tensor t owns chunks [first_chunk[t], first_chunk[t + 1]) of kNsNormChunk elements; ptrs / sizes its data and numel.
+__device__ int64_t chunk_owner(const int64_t* first_chunk, int64_t T, int64_t c) {
+  int64_t lo = 0, hi = T;  // the last t with first_chunk[t] <= c (tensors without chunks are skipped)
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (first_chunk[mid] <= c) lo = mid; else hi = mid;
+  }
+  while (first_chunk[lo + 1] <= c) ++lo;
+  return lo;
+}
+
+// partial[c] = sum of x^2 over chunk c (double); grid = the chunks.
+__global__ void multi_sumsq_kernel(const int64_t* ptrs, const int64_t* sizes, const int64_t* first_chunk, int64_t T,
+                                   double* partial) {
+  const int64_t c = blockIdx.x, t = chunk_owner(first_chunk, T, c);
+  const float* x = reinterpret_cast<const float*>(ptrs[t]);
+  const int64_t b = (c - first_chunk[t]) * kNsNormChunk, e = min(sizes[t], b + kNsNormChunk);
+  double ss = 0;
+  for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) ss += static_cast<double>(x[i]) * x[i];
+  const double total = block_sum(ss);
+  if (threadIdx.x == 0) partial[c] = total;
+}
+
+// out[t] = the chunk sums of tensor t in chunk order.
+__global__ void multi_sumsq_finish_kernel(const double* partial, const int64_t* first_chunk, int64_t T, double* out) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= T) return;
+  double s = 0;
+  for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) s += partial[c];
+  out[t] = s;
+}
+
+__global__ void multi_scale_kernel(const int64_t* ptrs, const int64_t* sizes, const int64_t* first_chunk, int64_t T,
+                                   float factor) {
+  const int64_t c = blockIdx.x, t = chunk_owner(first_chunk, T, c);
+  float* x = reinterpret_cast<float*>(ptrs[t]);
+  const int64_t b = (c - first_chunk[t]) * kNsNormChunk, e = min(sizes[t], b + kNsNormChunk);
+  for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) x[i] = __fmul_rn(x[i], factor);
+}
+
+// The chunk table of a tensor list on the device: [ptrs (T) | sizes (T) | first_chunk (T + 1)], and the chunk count.
+struct ChunkTable {
+  Tensor table;
+  int64_t T = 0, chunks = 0;
+  const int64_t* ptrs() const { return table.data<int64_t>(); }
+  const int64_t* sizes() const { return ptrs() + T; }
+  const int64_t* first_chunk() const { return ptrs() + 2 * T; }
+};
+
+ChunkTable chunk_table(const std::vector<Tensor>& xs) {
+  ChunkTable ct;
+  ct.T = static_cast<int64_t>(xs.size());
+  std::vector<int64_t> h(static_cast<size_t>(3 * ct.T + 1));
+  for (int64_t t = 0; t < ct.T; ++t) {
+    const Tensor& x = xs[static_cast<size_t>(t)];
+    h[static_cast<size_t>(t)] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x.raw_data()));
+    h[static_cast<size_t>(ct.T + t)] = x.numel();
+    h[static_cast<size_t>(2 * ct.T + t)] = ct.chunks;
+    ct.chunks += (x.numel() + kNsNormChunk - 1) / kNsNormChunk;
+  }
+  h[static_cast<size_t>(3 * ct.T)] = ct.chunks;
+  DSV4_CHECK(ct.chunks < (int64_t{1} << 31), "sum_squares / scale_in_place: {} chunks in one call", ct.chunks);
+  ct.table = Tensor::from_vector<int64_t>({3 * ct.T + 1}, h).to(xs[0].device());
+  return ct;
+}
+
 __global__ void scale_kernel(const float* x, float a, float* y, int64_t n) {
   GRID_STRIDE(i, n) y[i] = a * x[i];
 }
@@ -217,6 +285,34 @@ void muon_momentum_step(const Tensor& g, Tensor& momentum, Tensor& u, float mu, 
 void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s) {
   detail::DeviceGuard guard(w.device().index);
   apply_kernel<<<blocks_for(w.numel()), kThreads, 0, stream_of(w)>>>(w.data<float>(), o.data<float>(), s, w.numel());
+  CUDA_CHECK_LAUNCH();
+}
+
+void sum_squares(const std::vector<Tensor>& xs, std::vector<double>& sums) {
+  detail::DeviceGuard guard(xs[0].device().index);
+  const ChunkTable ct = chunk_table(xs);
+  cudaStream_t st = stream_of(xs[0]);
+  Tensor partial = Tensor::empty({std::max<int64_t>(ct.chunks, 1)}, DType::I64, xs[0].device());  // doubles
+  Tensor out = Tensor::empty({ct.T}, DType::I64, xs[0].device());                                 // doubles
+  double* partial_d = static_cast<double*>(partial.raw_data());
+  if (ct.chunks > 0) {
+    multi_sumsq_kernel<<<static_cast<unsigned>(ct.chunks), kThreads, 0, st>>>(ct.ptrs(), ct.sizes(), ct.first_chunk(),
+                                                                             ct.T, partial_d);
+    CUDA_CHECK_LAUNCH();
+  }
+  multi_sumsq_finish_kernel<<<blocks_for(ct.T), kThreads, 0, st>>>(partial_d, ct.first_chunk(), ct.T,
+                                                                  static_cast<double*>(out.raw_data()));
+  CUDA_CHECK_LAUNCH();
+  const Tensor host = out.to(Device::cpu());
+  std::memcpy(sums.data(), host.raw_data(), sums.size() * sizeof(double));
+}
+
+void scale_in_place(const std::vector<Tensor>& xs, float factor) {
+  detail::DeviceGuard guard(xs[0].device().index);
+  const ChunkTable ct = chunk_table(xs);
+  if (ct.chunks == 0) return;
+  multi_scale_kernel<<<static_cast<unsigned>(ct.chunks), kThreads, 0, stream_of(xs[0])>>>(
+      ct.ptrs(), ct.sizes(), ct.first_chunk(), ct.T, factor);
   CUDA_CHECK_LAUNCH();
 }
 

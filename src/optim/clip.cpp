@@ -8,6 +8,7 @@
 #include "model/exec_path.h"
 #include "runtime/error.h"
 #include "runtime/host_phases.h"
+#include "runtime/model_ops.h"
 #include "runtime/ops.h"
 
 namespace dsv4 {
@@ -28,37 +29,33 @@ const Tensor& ops_grad(const Param* p) {
   return p->grad;
 }
 
-// Sum of squares of a gradient on its device, as F32 [1]: squares in FP32, summed over the last dim, then over the
-// rows (ops::reduce: double accumulation on the CPU, FP32 trees on CUDA).
-Tensor ops_sq_sum(const Tensor& g) {
-  const int64_t last = g.ndim() > 0 ? g.size(g.ndim() - 1) : 1;
-  const Tensor sq = ops::mul(g, g).view({g.numel() / std::max<int64_t>(last, 1), last});
-  return ops::sum(ops::sum(sq, 1), 0, /*keepdim=*/true);
+// The tensor-op path's gradients of one device and their positions in the caller's order.
+struct DeviceGrads {
+  Device device;
+  std::vector<size_t> index;
+  std::vector<Tensor> grads;
+};
+void add_device_grad(std::vector<DeviceGrads>& on_device, const Tensor& g, size_t index) {
+  auto it = std::find_if(on_device.begin(), on_device.end(), [&](const DeviceGrads& d) { return d.device == g.device(); });
+  if (it == on_device.end()) it = on_device.insert(on_device.end(), DeviceGrads{g.device(), {}, {}});
+  it->index.push_back(index);
+  it->grads.push_back(g);
 }
 }  // namespace
 
 GradNorm grad_sq_norm(const std::vector<Param*>& params) {
   const HostPhase phase("optimizer: gradient norm", HostPhase::Sync::Device);
   GradNorm r;
-  // Per-parameter sums in parameter order; those of the tensor-op path are gathered on their device and brought to
-  // the host in one copy per device before they are added in.
+  // Per-parameter sums in double, in parameter order; those of the tensor-op path come from one sum_squares call per
+  // device (runtime/model_ops.h).
   std::vector<double> sums;
   std::vector<const Param*> counted;
-  struct DeviceSums {
-    Device device;
-    std::vector<size_t> index;  // into sums
-    std::vector<Tensor> partial;
-  };
-  std::vector<DeviceSums> on_device;
+  std::vector<DeviceGrads> on_device;
   for (const Param* p : params) {
     if (!has_grad(p)) continue;
     counted.push_back(p);
     if (use_ops_path(p->grad)) {
-      const Tensor& g = ops_grad(p);
-      auto it = std::find_if(on_device.begin(), on_device.end(), [&](const DeviceSums& d) { return d.device == g.device(); });
-      if (it == on_device.end()) it = on_device.insert(on_device.end(), DeviceSums{g.device(), {}, {}});
-      it->index.push_back(sums.size());
-      it->partial.push_back(g.numel() > 0 ? ops_sq_sum(g) : Tensor::zeros({1}, DType::F32, g.device()));
+      add_device_grad(on_device, ops_grad(p), sums.size());
       sums.push_back(0);
       continue;
     }
@@ -68,18 +65,12 @@ GradNorm grad_sq_norm(const std::vector<Param*>& params) {
     for (int64_t i = 0; i < n; ++i) s += static_cast<double>(g[i]) * g[i];
     sums.push_back(s);
   }
-  for (DeviceSums& d : on_device) {
-    Tensor all = Tensor::empty({static_cast<int64_t>(d.partial.size())}, DType::F32, d.device);
-    for (size_t i = 0; i < d.partial.size(); ++i) {
-      Tensor slot = all.slice(0, static_cast<int64_t>(i), static_cast<int64_t>(i) + 1);
-      ops::copy(d.partial[i], slot);
-    }
-    const std::vector<float> host = all.to(Device::cpu()).to_floats();
-    for (size_t i = 0; i < host.size(); ++i) sums[d.index[i]] = host[i];
+  for (const DeviceGrads& d : on_device) {
+    const std::vector<double> device_sums = sum_squares(d.grads);
+    for (size_t i = 0; i < device_sums.size(); ++i) sums[d.index[i]] = device_sums[i];
   }
   for (size_t i = 0; i < counted.size(); ++i) {
-    // A sum of squares is not finite exactly when an element is not (the CPU sums in double; a device sum in FP32
-    // could also overflow for gradients beyond ~1e19, which then count as not finite too).
+    // A sum of squares (in double) is not finite exactly when an element is not.
     if (!std::isfinite(sums[i])) {
       if (r.bad_params++ == 0) r.bad_param = counted[i]->name;
       r.finite = false;
@@ -94,20 +85,18 @@ GradNorm grad_sq_norm(const std::vector<Param*>& params) {
 void scale_grads(const std::vector<Param*>& params, double factor) {
   const HostPhase phase("optimizer: gradient scaling", HostPhase::Sync::Device);
   const float f = static_cast<float>(factor);
-  Tensor factor_on;  // f as F32 [1] on the device of the tensor-op path's gradients
+  std::vector<DeviceGrads> on_device;
   for (Param* p : params) {
     if (!has_grad(p)) continue;
     if (use_ops_path(p->grad)) {
-      const Tensor& g = ops_grad(p);
-      if (!factor_on.defined() || factor_on.device() != g.device())
-        factor_on = Tensor::from_floats({1}, {f}).to(g.device());
-      ops::copy(ops::mul(g, factor_on), p->grad);  // g * f in FP32, as the loop below
+      add_device_grad(on_device, ops_grad(p), 0);
       continue;
     }
     float* g = const_cast<float*>(grad_data(p));
     const int64_t n = p->grad.numel();
     for (int64_t i = 0; i < n; ++i) g[i] *= f;
   }
+  for (const DeviceGrads& d : on_device) scale_in_place(d.grads, f);  // g * f in FP32, as the loop above
 }
 
 ClipResult clip_grad_norm(const std::vector<Param*>& params, double max_norm) {

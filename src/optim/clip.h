@@ -7,12 +7,11 @@
 // For data/expert parallelism, sum grad_sq_norm() across ranks first and call scale_grads() with the global factor.
 //
 // Gradients on the tensor-op path (model/exec_path.h: on a CUDA device, or under ForceOpsPath) are reduced on their
-// device: each parameter's sum of squares by runtime ops (squares in FP32, ops::reduce over the last dim then the
-// rows), all of a device's sums brought to the host in one copy, then added in double in parameter order as on the
-// CPU. Bound against the CPU path: each parameter's sum within ~1e-7 relative under ForceOpsPath (the squares are
-// rounded to FP32 and the sum to FP32; ops::reduce accumulates in double on the CPU), within ~1e-5 relative on CUDA
-// (FP32 tree sums); tests/optim/test_optimizer_ops_path.cpp and tests/gpu/test_gpu_optimizer.cpp check these.
-// scale_grads multiplies in FP32 by float(factor) on either path (the same bits).
+// device by one runtime/model_ops.h sum_squares call per device (each parameter's squares summed in double), the sums
+// brought to the host in one copy, then added in double in parameter order as on the CPU. Under ForceOpsPath the sums
+// are the CPU path's bit for bit; on CUDA they are summed in fixed chunks (double trees), within ~1e-12 relative.
+// scale_grads multiplies in FP32 by float(factor) on either path (the same bits), one scale_in_place call per device.
+// tests/optim/test_optimizer_ops_path.cpp and tests/gpu/test_gpu_optimizer.cpp check these.
 #pragma once
 
 #include <string>

@@ -190,4 +190,20 @@ void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, doub
   for (int64_t b = 0; b < B; ++b) newton_schulz(p + b * r * c, p + b * r * c, r, c, schedule, eps, precision);
 }
 
+void sum_squares(const std::vector<Tensor>& xs, std::vector<double>& sums) {
+  for (size_t t = 0; t < xs.size(); ++t) {
+    const float* x = xs[t].data<float>();
+    double s = 0;
+    for (int64_t i = 0; i < xs[t].numel(); ++i) s += static_cast<double>(x[i]) * x[i];
+    sums[t] = s;
+  }
+}
+
+void scale_in_place(const std::vector<Tensor>& xs, float factor) {
+  for (const Tensor& t : xs) {
+    float* x = t.data<float>();
+    for (int64_t i = 0; i < t.numel(); ++i) x[i] *= factor;
+  }
+}
+
 }  // namespace dsv4::cpu

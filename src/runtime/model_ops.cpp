@@ -261,6 +261,28 @@ void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s) {
   if (w.numel() > 0) DSV4_MODEL_DISPATCH(w.device(), muon_apply_step, w, o, s);
 }
 
+namespace {
+// Contiguous F32 tensors on one device; returns the device (CPU for an empty list).
+Device check_tensor_list(const std::vector<Tensor>& xs, const char* op) {
+  const Device dev = xs.empty() || !xs[0].defined() ? Device::cpu() : xs[0].device();
+  for (size_t i = 0; i < xs.size(); ++i)
+    check_arg(xs[i], op, fmt::format("xs[{}]", i).c_str(), DType::F32, -1, dev);
+  return dev;
+}
+}  // namespace
+
+std::vector<double> sum_squares(const std::vector<Tensor>& xs) {
+  const Device dev = check_tensor_list(xs, "sum_squares");
+  std::vector<double> sums(xs.size(), 0.0);
+  if (!xs.empty()) DSV4_MODEL_DISPATCH(dev, sum_squares, xs, sums);
+  return sums;
+}
+
+void scale_in_place(const std::vector<Tensor>& xs, float factor) {
+  const Device dev = check_tensor_list(xs, "scale_in_place");
+  if (!xs.empty()) DSV4_MODEL_DISPATCH(dev, scale_in_place, xs, factor);
+}
+
 void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps, NsPrecision precision) {
   const char* op = "newton_schulz_batched";
   check_arg(x, op, "x", DType::F32, -1, x.defined() ? x.device() : Device::cpu());

@@ -97,6 +97,14 @@ std::vector<double> ce_sums(const Tensor& logits, const Tensor& targets, const T
 Tensor ce_backward(const Tensor& logits, const Tensor& targets, const std::vector<double>& lse, double norm,
                    int64_t begin);
 
+// ---- gradient clipping over many tensors (optim/clip.h): one call per device, whatever the tensor count ----------
+// xs: contiguous F32 tensors on one device (any shapes, empty allowed). sum_squares returns per tensor the sum of x^2
+// in double: the CPU adds in element order; CUDA adds fixed chunks of 16384 elements (tree sums in double) and then the
+// chunk sums in chunk order, one launch for all tensors. scale_in_place: x = x * factor (FP32 products, the same bits
+// on both backends).
+std::vector<double> sum_squares(const std::vector<Tensor>& xs);
+void scale_in_place(const std::vector<Tensor>& xs, float factor);
+
 // ---- optimizer (optim/update_rules.h), in place, F32 contiguous of equal shapes -------------------------------------
 void adamw_step(Tensor& w, const Tensor& g, Tensor& exp_avg, Tensor& exp_avg_sq, const AdamWScalars& s);
 void muon_momentum_step(const Tensor& g, Tensor& momentum, Tensor& u, float mu, bool nesterov);
@@ -137,7 +145,9 @@ void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, doub
   void adamw_step(Tensor& w, const Tensor& g, Tensor& exp_avg, Tensor& exp_avg_sq, const AdamWScalars& s);          \
   void muon_momentum_step(const Tensor& g, Tensor& momentum, Tensor& u, float mu, bool nesterov);                   \
   void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s);                                      \
-  void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps, NsPrecision precision);
+  void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps, NsPrecision precision); \
+  void sum_squares(const std::vector<Tensor>& xs, std::vector<double>& sums);                                       \
+  void scale_in_place(const std::vector<Tensor>& xs, float factor);
 namespace cpu {
 DSV4_MODEL_BACKEND_OPS
 }

@@ -312,6 +312,27 @@ TEST_F(GpuModelOps, OptimizerElementRulesBitwise) {
   }
 }
 
+// Many tensors in one launch: sizes around the 16384-element chunks, empty tensors between, a NaN in one.
+TEST_F(GpuModelOps, SumSquaresAndScaleInPlace) {
+  const std::vector<int64_t> sizes = {1, 0, 16383, 16384, 16385, 0, 100000, 7, 3 * 16384 + 5, 0};
+  std::vector<Tensor> cpu, gpu;
+  for (int64_t n : sizes) {
+    cpu.push_back(rand_cpu({n}));
+    gpu.push_back(G(cpu.back()));
+  }
+  const std::vector<double> want = sum_squares(cpu), got = sum_squares(gpu);
+  ASSERT_EQ(got.size(), sizes.size());
+  for (size_t i = 0; i < sizes.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-12 * want[i]) << "tensor " << i;
+  scale_in_place(cpu, 0.37f);
+  scale_in_place(gpu, 0.37f);
+  for (size_t i = 0; i < sizes.size(); ++i) expect_same_bits(gpu[i], cpu[i], "scaled tensor " + std::to_string(i));
+  Tensor h = cpu[4].clone();
+  h.data<float>()[16384] = std::nanf("");
+  gpu[4] = G(h);
+  const std::vector<double> bad = sum_squares(gpu);
+  for (size_t i = 0; i < sizes.size(); ++i) EXPECT_EQ(std::isfinite(bad[i]), i != 4) << "tensor " << i;
+}
+
 TEST_F(GpuModelOps, NewtonSchulzBatched) {
   for (auto [B, r, c] : {std::array<int64_t, 3>{1, 1, 5}, {3, 17, 40}, {2, 96, 33}, {1, 256, 256}}) {
     const Tensor x = rand_cpu({B, r, c});
