@@ -108,11 +108,13 @@ Tensor Linear::forward(const Tensor& x_TI, LinearCtx* ctx) const {
     y = qpmatmul_xwT(precision_, x_TI, frozen);
     if (ctx) ctx->x = x_TI;
   } else {
-    // bf16: x and W are rounded once here; the backward reuses both (its Wgrad and Dgrad read the same operands).
-    const Tensor x_op = precision_operand(precision_, x_TI), w_op = precision_operand(precision_, weight.value);
+    // bf16: x and W are rounded once here, fp8: W quantised once; the backward reuses them (its Wgrad and Dgrad read
+    // the same operands).
+    const Tensor x_op = precision_operand(precision_, x_TI);
+    WeightOperand w_op = weight_operand(precision_, weight.value);
     y = pmatmul_xwT(precision_, x_op, w_op);
     if (ctx) {
-      ctx->w_op = precision_ == MatmulPrecision::BF16 ? w_op : Tensor();
+      ctx->w_op = precision_ == MatmulPrecision::F32 ? WeightOperand{} : std::move(w_op);
       // fp8: the Wgrad operand is all the backward needs of x (1 byte per element instead of 4).
       if (!lora && precision_ == MatmulPrecision::FP8 && weight.trainable) {
         ctx->x = Tensor();
@@ -171,7 +173,7 @@ Tensor Linear::backward(const Tensor& dy_TO, const LinearCtx& ctx) {
       else
         pgemm_dW(precision_, dy_op, ctx.x, weight.grad_buffer());
     }
-    dx = pmatmul_dyW(precision_, dy_op, ctx.w_op.defined() ? ctx.w_op : weight.value);
+    dx = ctx.w_op.defined() ? pmatmul_dyW(precision_, dy_op, ctx.w_op) : pmatmul_dyW(precision_, dy_op, weight.value);
   }
   if (lora) {
     DSV4_CHECK(ctx.lora_z.defined() && ctx.lora_z.size(0) == dy_TO.size(0) && ctx.lora_z.size(1) == lora->rank(),

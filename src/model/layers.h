@@ -68,8 +68,8 @@ struct LinearCtx {
   Fp8Tensor x_fp8_t;       // x quantised for its Wgrad instead (fp8_wgrad_operand: [in, T] codes + scales);
                            // in bf16 without an adapter x is kept as its GEMM operand (precision_operand: BF16 on a
                            // device), which is all the Wgrad reads
-  Tensor w_op;             // the F32 weight as the GEMMs' operand (precision_operand), converted once in forward
-                           // for the backward's Dgrad (bf16; undefined otherwise)
+  WeightOperand w_op;      // the F32 weight as the GEMMs' operand (matmul_precision.h's weight_operand: BF16 or FP8
+                           // blocks), made once in forward for the backward's Dgrad (bf16 / fp8; undefined otherwise)
   Tensor lora_z;           // [T, r] adapter activations A drop(x) (with an adapter)
   uint64_t lora_draw = 0;  // the adapter's dropout draw of this forward
 };

@@ -71,39 +71,82 @@ void fp8_gemm_into(const Fp8Tensor& a, const Fp8Tensor& b, float beta, Tensor& y
 }
 }  // namespace
 
-void pgemm_xwT(MatmulPrecision p, const Tensor& x_TI, const Tensor& w_OI, float beta, Tensor& y_TO) {
+WeightOperand weight_operand(MatmulPrecision p, const Tensor& w_OI) {
   switch (p) {
-    case MatmulPrecision::F32: ops::gemm(x_TI, false, w_OI, true, 1.0f, beta, y_TO); return;
-    case MatmulPrecision::BF16: ops::gemm(bf16_operand(x_TI), false, bf16_operand(w_OI), true, 1.0f, beta, y_TO); return;
+    case MatmulPrecision::F32: return {w_OI, {}};
+    case MatmulPrecision::BF16: return {bf16_operand(w_OI), {}};
+    case MatmulPrecision::FP8: return {Tensor(), fp8_quantize_blocks(w_OI, kFp8Scales)};
+  }
+  DSV4_FAIL("weight_operand: bad precision");
+}
+
+namespace {
+const Tensor& weight_tensor(const WeightOperand& w, MatmulPrecision p, const char* op) {
+  DSV4_CHECK(w.t.defined(), "{}: the weight operand has no {} tensor", op, matmul_precision_name(p));
+  return w.t;
+}
+const Fp8Tensor& weight_blocks(const WeightOperand& w, const char* op) {
+  DSV4_CHECK(w.blocks.q.defined() && w.blocks.layout == Fp8Layout::Blocks128x128,
+             "{}: the weight operand has no FP8 128x128 blocks", op);
+  return w.blocks;
+}
+}  // namespace
+
+void pgemm_xwT(MatmulPrecision p, const Tensor& x_TI, const WeightOperand& w, float beta, Tensor& y_TO) {
+  switch (p) {
+    case MatmulPrecision::F32: ops::gemm(x_TI, false, weight_tensor(w, p, "pgemm_xwT"), true, 1.0f, beta, y_TO); return;
+    case MatmulPrecision::BF16:
+      ops::gemm(bf16_operand(x_TI), false, weight_tensor(w, p, "pgemm_xwT"), true, 1.0f, beta, y_TO);
+      return;
     case MatmulPrecision::FP8:
-      fp8_gemm_into(fp8_quantize_rows(x_TI, kFp8Scales), fp8_quantize_blocks(w_OI, kFp8Scales), beta, y_TO);
+      fp8_gemm_into(fp8_quantize_rows(x_TI, kFp8Scales), weight_blocks(w, "pgemm_xwT"), beta, y_TO);
       return;
   }
   DSV4_FAIL("pgemm_xwT: bad precision");
 }
 
-void pgemm_dyW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& w_OI, float beta, Tensor& dx_TI) {
+void pgemm_dyW(MatmulPrecision p, const Tensor& dy_TO, const WeightOperand& w, float beta, Tensor& dx_TI) {
   switch (p) {
-    case MatmulPrecision::F32: ops::gemm(dy_TO, false, w_OI, false, 1.0f, beta, dx_TI); return;
-    case MatmulPrecision::BF16: ops::gemm(bf16_operand(dy_TO), false, bf16_operand(w_OI), false, 1.0f, beta, dx_TI); return;
+    case MatmulPrecision::F32: ops::gemm(dy_TO, false, weight_tensor(w, p, "pgemm_dyW"), false, 1.0f, beta, dx_TI); return;
+    case MatmulPrecision::BF16:
+      ops::gemm(bf16_operand(dy_TO), false, weight_tensor(w, p, "pgemm_dyW"), false, 1.0f, beta, dx_TI);
+      return;
     case MatmulPrecision::FP8:
-      fp8_gemm_into(fp8_quantize_rows(dy_TO, kFp8Scales), fp8_transpose_blocks(fp8_quantize_blocks(w_OI, kFp8Scales)),
-                    beta, dx_TI);
+      fp8_gemm_into(fp8_quantize_rows(dy_TO, kFp8Scales), fp8_transpose_blocks(weight_blocks(w, "pgemm_dyW")), beta,
+                    dx_TI);
       return;
   }
   DSV4_FAIL("pgemm_dyW: bad precision");
 }
 
-Tensor pmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const Tensor& w_OI) {
-  Tensor y = Tensor::empty({x_TI.size(0), w_OI.size(0)}, DType::F32, x_TI.device());
-  pgemm_xwT(p, x_TI, w_OI, 0.0f, y);
+Tensor pmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const WeightOperand& w) {
+  const int64_t out = w.t.defined() ? w.t.size(0) : w.blocks.rows();
+  Tensor y = Tensor::empty({x_TI.size(0), out}, DType::F32, x_TI.device());
+  pgemm_xwT(p, x_TI, w, 0.0f, y);
   return y;
 }
 
-Tensor pmatmul_dyW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& w_OI) {
-  Tensor dx = Tensor::empty({dy_TO.size(0), w_OI.size(1)}, DType::F32, dy_TO.device());
-  pgemm_dyW(p, dy_TO, w_OI, 0.0f, dx);
+Tensor pmatmul_dyW(MatmulPrecision p, const Tensor& dy_TO, const WeightOperand& w) {
+  const int64_t in = w.t.defined() ? w.t.size(1) : w.blocks.cols();
+  Tensor dx = Tensor::empty({dy_TO.size(0), in}, DType::F32, dy_TO.device());
+  pgemm_dyW(p, dy_TO, w, 0.0f, dx);
   return dx;
+}
+
+void pgemm_xwT(MatmulPrecision p, const Tensor& x_TI, const Tensor& w_OI, float beta, Tensor& y_TO) {
+  pgemm_xwT(p, x_TI, weight_operand(p, w_OI), beta, y_TO);
+}
+
+void pgemm_dyW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& w_OI, float beta, Tensor& dx_TI) {
+  pgemm_dyW(p, dy_TO, weight_operand(p, w_OI), beta, dx_TI);
+}
+
+Tensor pmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const Tensor& w_OI) {
+  return pmatmul_xwT(p, x_TI, weight_operand(p, w_OI));
+}
+
+Tensor pmatmul_dyW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& w_OI) {
+  return pmatmul_dyW(p, dy_TO, weight_operand(p, w_OI));
 }
 
 void pgemm_dW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& x_TI, Tensor& dW_OI) {

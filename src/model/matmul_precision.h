@@ -44,6 +44,20 @@ Tensor bf16_operand(const Tensor& t);
 // in place of t computes the same bits, so an operand shared by several GEMMs (or kept from a forward for its
 // backward) is converted once.
 Tensor precision_operand(MatmulPrecision p, const Tensor& t);
+// A weight prepared once for the GEMMs of precision p that read it (the forward's and the backward's Dgrad): fp32 the
+// tensor itself, bf16 bf16_operand(w) (used as is: make it with weight_operand), fp8 its 128x128-block quantisation
+// (the Dgrad transposes those blocks). The pgemm_* / pmatmul_* forms taking it compute the same bits as those taking
+// the weight tensor, which call them with weight_operand(p, w).
+struct WeightOperand {
+  Tensor t;          // fp32 / bf16
+  Fp8Tensor blocks;  // fp8
+  bool defined() const { return t.defined() || blocks.q.defined(); }
+};
+WeightOperand weight_operand(MatmulPrecision p, const Tensor& w_OI);
+void pgemm_xwT(MatmulPrecision p, const Tensor& x_TI, const WeightOperand& w, float beta, Tensor& y_TO);
+void pgemm_dyW(MatmulPrecision p, const Tensor& dy_TO, const WeightOperand& w, float beta, Tensor& dx_TI);
+Tensor pmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const WeightOperand& w);
+Tensor pmatmul_dyW(MatmulPrecision p, const Tensor& dy_TO, const WeightOperand& w);
 // dW [O, I] += dy [T, O]^T x [T, I] (dW contiguous F32).
 void pgemm_dW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& x_TI, Tensor& dW_OI);
 // FP8 Wgrad with the input already quantised: x_t = fp8_wgrad_operand(x) (128x1 tiles along the tokens, F32 scales),

@@ -238,11 +238,12 @@ struct MoECtx {
   // recv_x then holds the received x rows [N_recv, D] in local-expert-sorted order (not the [x | w] payload),
   // recv_w their routing weights [N_recv, 1], recv_sorted_N (ep only) recv_sorted on the device.
   Tensor recv_w, recv_sorted_N;
-  // The experts' GEMM operands (matmul_precision.h's precision_operand: BF16 in bf16 on a device), made once in forward:
-  // recv_x_op the received rows (recv_x itself is this operand when the MoE has no adapters), shared_x_op x for the
-  // shared expert, expert_w_ops 3 per local routed expert and shared_w_ops 3 (w1, w2, w3; undefined when frozen).
+  // The experts' GEMM operands (matmul_precision.h), made once in forward: recv_x_op the received rows and shared_x_op
+  // x for the shared expert (precision_operand: BF16 in bf16 on a device; recv_x itself is this operand when the MoE
+  // has no adapters), expert_w_ops 3 per local routed expert and shared_w_ops 3 (w1, w2, w3: weight_operand, BF16 or
+  // FP8 blocks; undefined when frozen).
   Tensor recv_x_op, shared_x_op;
-  std::vector<Tensor> expert_w_ops, shared_w_ops;
+  std::vector<WeightOperand> expert_w_ops, shared_w_ops;
   // LoRA dropout draws of this forward: [0] the gate adapter, then 4 per LOCAL routed expert (w1, w2, w3, w13), then 4
   // for the shared expert (empty without adapters).
   std::vector<uint64_t> lora_draws;

@@ -52,9 +52,9 @@ void check_expert_on(const ExpertWeights& ew, int64_t D, int64_t I, Device dev, 
 void store(const Tensor& r, float beta, Tensor& y) { ops::copy(beta == 0.0f ? r : ops::add(y, r), y); }
 
 // Y [n, out] = X [n, in] W_k^T + beta Y with the frozen weight (model/matmul_precision.h's qp GEMMs: on the CPU the
-// reference's row calls, beta inside) or the F32 weight, given as its operand w_op (precision_operand), in the
-// expert's precision.
-void expert_xwT(const ExpertWeights& ew, int k, const Tensor& w_op, const Tensor& X, float beta, Tensor& Y) {
+// reference's row calls, beta inside) or the F32 weight, given as its operand w_op (weight_operand), in the expert's
+// precision.
+void expert_xwT(const ExpertWeights& ew, int k, const WeightOperand& w_op, const Tensor& X, float beta, Tensor& Y) {
   const QuantizedWeight& q = ew.frozen(k);
   if (!q.defined())
     pgemm_xwT(ew.precision, X, w_op, beta, Y);
@@ -65,7 +65,7 @@ void expert_xwT(const ExpertWeights& ew, int k, const Tensor& w_op, const Tensor
 }
 
 // dX [n, in] = dY [n, out] W_k + beta dX.
-void expert_dyW(const ExpertWeights& ew, int k, const Tensor& w_op, const Tensor& dY, float beta, Tensor& dX) {
+void expert_dyW(const ExpertWeights& ew, int k, const WeightOperand& w_op, const Tensor& dY, float beta, Tensor& dX) {
   const QuantizedWeight& q = ew.frozen(k);
   if (!q.defined())
     pgemm_dyW(ew.precision, dY, w_op, beta, dX);
@@ -97,19 +97,20 @@ MatmulPrecision call_precision(const std::vector<const ExpertWeights*>& ews, con
   return ews[0]->precision;
 }
 
-// The experts' F32 weights as GEMM operands, 3 per expert (w1, w2, w3; undefined when frozen): made once in forward
-// and kept in the context for the backward's Dgrad GEMMs.
-std::vector<Tensor> weight_operands(const std::vector<const ExpertWeights*>& ews) {
-  std::vector<Tensor> w;
+// The experts' F32 weights as GEMM operands (weight_operand: BF16, FP8 blocks or the F32 tensor), 3 per expert (w1,
+// w2, w3; undefined when frozen): made once in forward and kept in the context for the backward's Dgrad GEMMs.
+std::vector<WeightOperand> weight_operands(const std::vector<const ExpertWeights*>& ews) {
+  std::vector<WeightOperand> w;
   for (const ExpertWeights* ew : ews)
-    for (int k = 1; k <= 3; ++k) w.push_back(ew->frozen(k).defined() ? Tensor() : precision_operand(ew->precision, ew->param(k).value));
+    for (int k = 1; k <= 3; ++k)
+      w.push_back(ew->frozen(k).defined() ? WeightOperand{} : weight_operand(ew->precision, ew->param(k).value));
   return w;
 }
 
 // Experts ews[i] on rows[i] of X [n, D] with routing weights w [n] (undefined: the shared expert). Xop is X as the
 // GEMM operand (precision_operand). Writes the pre-clamp G, U [n, I] and Y [n, D] on every expert's rows.
 void experts_forward_ops(const std::vector<const ExpertWeights*>& ews, const std::vector<ExpertRows>& rows,
-                         const std::vector<Tensor>& w_ops, const Tensor& X, const Tensor& Xop, const Tensor& w,
+                         const std::vector<WeightOperand>& w_ops, const Tensor& X, const Tensor& Xop, const Tensor& w,
                          double limit, Tensor& G, Tensor& U, Tensor& Y) {
   const int64_t D = X.size(1), I = G.size(1);
   for (size_t i = 0; i < ews.size(); ++i) {
@@ -148,7 +149,7 @@ void experts_forward_ops(const std::vector<const ExpertWeights*>& ews, const std
 // (with w), weight and adapter gradients accumulated (trainable weights only), per expert in moe.cpp's expert_backward
 // order. Xop: X as the GEMM operand, or X itself (converted here).
 Tensor experts_backward_ops(const std::vector<ExpertWeights*>& ews, const std::vector<ExpertRows>& rows,
-                            const std::vector<Tensor>& w_ops, const Tensor& X, const Tensor& Xop, const Tensor& G,
+                            const std::vector<WeightOperand>& w_ops, const Tensor& X, const Tensor& Xop, const Tensor& G,
                             const Tensor& U, const Tensor& w, const Tensor& dY, double limit, Tensor& dX) {
   const int64_t n = X.size(0), D = X.size(1), I = G.size(1);
   const MatmulPrecision p = ews[0]->precision;
@@ -325,7 +326,7 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
     routed_rows.push_back({recv_offsets[static_cast<size_t>(e)], recv_offsets[static_cast<size_t>(e + 1)], expert_draws(e), 0});
   }
   const MatmulPrecision prec = call_precision(routed, prefix_);
-  std::vector<Tensor> routed_w_ops = weight_operands(routed);
+  std::vector<WeightOperand> routed_w_ops = weight_operands(routed);
   const Tensor xr_op = precision_operand(prec, xr);
   Tensor g_all = Tensor::empty({NR, I}, DType::F32, dev), u_all = Tensor::empty({NR, I}, DType::F32, dev);
   Tensor y_sorted = Tensor::empty({NR, D}, DType::F32, dev);
@@ -342,7 +343,7 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
 
   // ---- shared expert ----
   Tensor sg, su, xl_op;
-  std::vector<Tensor> shared_w_ops;
+  std::vector<WeightOperand> shared_w_ops;
   if (has_shared_) {
     sg = Tensor::empty({TL, I}, DType::F32, dev);
     su = Tensor::empty({TL, I}, DType::F32, dev);
