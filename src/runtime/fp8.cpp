@@ -1,22 +1,12 @@
 // Frontends of the block-scaled FP8 ops (runtime/fp8.h): validation, allocation and device dispatch.
 #include "runtime/fp8.h"
+#include "runtime/backend_dispatch.h"
 
 #include "runtime/error.h"
 
 namespace dsv4 {
 namespace {
 
-#if defined(DSV4_WITH_CUDA)
-#define DSV4_FP8_DISPATCH(device, name, ...) \
-  ((device).is_cuda() ? ::dsv4::cuda::name(__VA_ARGS__) : ::dsv4::cpu::name(__VA_ARGS__))
-#else
-// (the failing branch still names the CPU call so that both branches have its type; it never runs)
-#define DSV4_FP8_DISPATCH(device, name, ...)                                                           \
-  ((device).is_cuda()                                                                                  \
-       ? (DSV4_FAIL("op " #name " on {}: dsv4 was built without CUDA", (device).str()),                \
-          ::dsv4::cpu::name(__VA_ARGS__))                                                              \
-       : ::dsv4::cpu::name(__VA_ARGS__))
-#endif
 
 DType scale_dtype(ScaleFormat f) { return f == ScaleFormat::F32 ? DType::F32 : DType::F8_E8M0; }
 
@@ -55,28 +45,28 @@ Fp8Tensor alloc(int64_t rows, int64_t cols, Fp8Layout layout, ScaleFormat fmt, D
 Fp8Tensor fp8_quantize_rows(const Tensor& x_in, ScaleFormat fmt) {
   const Tensor x = quantiser_input(x_in, "fp8_quantize_rows");
   Fp8Tensor t = alloc(x.size(0), x.size(1), Fp8Layout::Rows1x128, fmt, x.device());
-  if (x.numel() > 0) DSV4_FP8_DISPATCH(x.device(), fp8_quantize_rows, x, t.q, t.scale);
+  if (x.numel() > 0) DSV4_BACKEND_DISPATCH(x.device(), fp8_quantize_rows, x, t.q, t.scale);
   return t;
 }
 
 Fp8Tensor fp8_quantize_rows_t(const Tensor& x_in, ScaleFormat fmt) {
   const Tensor x = quantiser_input(x_in, "fp8_quantize_rows_t");
   Fp8Tensor t = alloc(x.size(1), x.size(0), Fp8Layout::Rows1x128, fmt, x.device());
-  if (x.numel() > 0) DSV4_FP8_DISPATCH(x.device(), fp8_quantize_rows_t, x, t.q, t.scale);
+  if (x.numel() > 0) DSV4_BACKEND_DISPATCH(x.device(), fp8_quantize_rows_t, x, t.q, t.scale);
   return t;
 }
 
 Fp8Tensor fp8_quantize_blocks(const Tensor& w_in, ScaleFormat fmt) {
   const Tensor w = quantiser_input(w_in, "fp8_quantize_blocks");
   Fp8Tensor t = alloc(w.size(0), w.size(1), Fp8Layout::Blocks128x128, fmt, w.device());
-  if (w.numel() > 0) DSV4_FP8_DISPATCH(w.device(), fp8_quantize_blocks, w, t.q, t.scale);
+  if (w.numel() > 0) DSV4_BACKEND_DISPATCH(w.device(), fp8_quantize_blocks, w, t.q, t.scale);
   return t;
 }
 
 Tensor fp8_dequantize(const Fp8Tensor& t) {
   check_fp8(t, "fp8_dequantize", "input");
   Tensor out = Tensor::empty(t.q.shape(), DType::F32, t.q.device());
-  if (out.numel() > 0) DSV4_FP8_DISPATCH(t.q.device(), fp8_dequantize, t.q, t.scale, t.layout, out);
+  if (out.numel() > 0) DSV4_BACKEND_DISPATCH(t.q.device(), fp8_dequantize, t.q, t.scale, t.layout, out);
   return out;
 }
 
@@ -94,7 +84,7 @@ Fp8Tensor fp4_to_fp8_blocks(const Tensor& packed, const Tensor& scale, const std
              packed.device().str(), scale.device().str());
   Fp8Tensor t = alloc(R, C, Fp8Layout::Blocks128x128, ScaleFormat::E8M0, packed.device());
   if (packed.numel() == 0) return t;
-  const int64_t bad = DSV4_FP8_DISPATCH(packed.device(), fp4_to_fp8_blocks, packed, scale, t.q, t.scale);
+  const int64_t bad = DSV4_BACKEND_DISPATCH(packed.device(), fp4_to_fp8_blocks, packed, scale, t.q, t.scale);
   DSV4_CHECK(bad < 0, "fp4_to_fp8({}): scale [{}, {}] is NaN (E8M0 0xFF)", name, bad / want[1], bad % want[1]);
   return t;
 }
@@ -103,7 +93,7 @@ Fp8Tensor fp8_transpose_blocks(const Fp8Tensor& t) {
   check_fp8(t, "fp8_transpose_blocks", "input");
   DSV4_CHECK(t.layout == Fp8Layout::Blocks128x128, "fp8_transpose_blocks: expected 128x128 block scales");
   Fp8Tensor r = alloc(t.cols(), t.rows(), Fp8Layout::Blocks128x128, t.scale_format(), t.q.device());
-  if (t.q.numel() > 0) DSV4_FP8_DISPATCH(t.q.device(), fp8_transpose_blocks, t.q, t.scale, r.q, r.scale);
+  if (t.q.numel() > 0) DSV4_BACKEND_DISPATCH(t.q.device(), fp8_transpose_blocks, t.q, t.scale, r.q, r.scale);
   return r;
 }
 
@@ -119,7 +109,7 @@ void fp8_gemm(const Fp8Tensor& a, const Fp8Tensor& b, Tensor& c, Fp8GemmImpl imp
              "fp8_gemm: c must be a contiguous F32 [{}, {}] tensor on {}, got {}", a.rows(), b.rows(),
              a.q.device().str(), c.defined() ? c.str() : "none");
   if (c.numel() == 0) return;
-  DSV4_FP8_DISPATCH(c.device(), fp8_gemm, a.q, a.scale, b.q, b.scale, b.layout, impl, c);
+  DSV4_BACKEND_DISPATCH(c.device(), fp8_gemm, a.q, a.scale, b.q, b.scale, b.layout, impl, c);
 }
 
 Tensor fp8_matmul(const Fp8Tensor& a, const Fp8Tensor& b, Fp8GemmImpl impl) {

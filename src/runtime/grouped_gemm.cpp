@@ -1,6 +1,7 @@
 // Frontends of the grouped expert GEMMs (runtime/grouped_gemm.h): validation, allocation, device dispatch, the
 // degenerate cases (empty sums, experts without rows) and the FP8 forward as a loop of runtime/fp8.h's fp8_gemm.
 #include "runtime/grouped_gemm.h"
+#include "runtime/backend_dispatch.h"
 
 #include <algorithm>
 
@@ -10,14 +11,6 @@
 namespace dsv4 {
 namespace {
 
-#if defined(DSV4_WITH_CUDA)
-#define DSV4_GROUPED_DISPATCH(device, name, ...) \
-  ((device).is_cuda() ? ::dsv4::cuda::name(__VA_ARGS__) : ::dsv4::cpu::name(__VA_ARGS__))
-#else
-#define DSV4_GROUPED_DISPATCH(device, name, ...)                                                     \
-  ((device).is_cuda() ? DSV4_FAIL("op " #name " on {}: dsv4 was built without CUDA", (device).str()) \
-                      : ::dsv4::cpu::name(__VA_ARGS__))
-#endif
 
 std::string describe(const Tensor& t) { return t.defined() ? t.str() : std::string("none"); }
 
@@ -72,7 +65,7 @@ void grouped_gemm_forward(const Tensor& x_TK, const Tensor& W_ENK, const std::ve
   check_group_offsets(offsets, E, T, op);
   if (y_TN.numel() == 0) return;
   if (K == 0) return ops::fill(y_TN, 0.0);
-  DSV4_GROUPED_DISPATCH(x_TK.device(), grouped_gemm_forward, cpu_f32(x_TK), cpu_f32(W_ENK), offsets, impl, y_TN);
+  DSV4_BACKEND_DISPATCH(x_TK.device(), grouped_gemm_forward, cpu_f32(x_TK), cpu_f32(W_ENK), offsets, impl, y_TN);
 }
 
 void grouped_gemm_dgrad(const Tensor& dy_TN, const Tensor& W_ENK, const std::vector<int64_t>& offsets, Tensor& dx_TK,
@@ -87,7 +80,7 @@ void grouped_gemm_dgrad(const Tensor& dy_TN, const Tensor& W_ENK, const std::vec
   check_group_offsets(offsets, E, T, op);
   if (dx_TK.numel() == 0) return;
   if (N == 0) return ops::fill(dx_TK, 0.0);
-  DSV4_GROUPED_DISPATCH(dy_TN.device(), grouped_gemm_dgrad, cpu_f32(dy_TN), cpu_f32(W_ENK), offsets, impl, dx_TK);
+  DSV4_BACKEND_DISPATCH(dy_TN.device(), grouped_gemm_dgrad, cpu_f32(dy_TN), cpu_f32(W_ENK), offsets, impl, dx_TK);
 }
 
 void grouped_gemm_wgrad(const Tensor& dy_TN, const Tensor& x_TK, const std::vector<int64_t>& offsets, Tensor& dW_ENK,
@@ -114,7 +107,7 @@ void grouped_gemm_wgrad(const Tensor& dy_TN, const Tensor& x_TK, const std::vect
     }
   }
   if (!any) return;
-  DSV4_GROUPED_DISPATCH(dy_TN.device(), grouped_gemm_wgrad, cpu_f32(dy_TN), cpu_f32(x_TK), offsets, accumulate, impl,
+  DSV4_BACKEND_DISPATCH(dy_TN.device(), grouped_gemm_wgrad, cpu_f32(dy_TN), cpu_f32(x_TK), offsets, accumulate, impl,
                         dW_ENK);
 }
 

@@ -1,5 +1,6 @@
 // Frontends of runtime/model_ops.h: validation, allocation and device dispatch.
 #include "runtime/model_ops.h"
+#include "runtime/backend_dispatch.h"
 
 #include <cstring>
 
@@ -8,14 +9,6 @@
 namespace dsv4 {
 namespace {
 
-#if defined(DSV4_WITH_CUDA)
-#define DSV4_MODEL_DISPATCH(device, name, ...) \
-  ((device).is_cuda() ? ::dsv4::cuda::name(__VA_ARGS__) : ::dsv4::cpu::name(__VA_ARGS__))
-#else
-#define DSV4_MODEL_DISPATCH(device, name, ...)                                                       \
-  ((device).is_cuda() ? DSV4_FAIL("op " #name " on {}: dsv4 was built without CUDA", (device).str()) \
-                      : ::dsv4::cpu::name(__VA_ARGS__))
-#endif
 
 std::string describe(const Tensor& t) { return t.defined() ? t.str() : std::string("none"); }
 
@@ -40,7 +33,7 @@ RmsNormOut rmsnorm_forward(const Tensor& x, const Tensor& w, double eps) {
     check_shape(w, Shape{x.size(1)}, op, "w");
   }
   RmsNormOut o{Tensor::empty(x.shape(), DType::F32, x.device()), Tensor::empty({x.size(0)}, DType::F32, x.device())};
-  if (x.size(0) > 0) DSV4_MODEL_DISPATCH(x.device(), rmsnorm_forward, x, w, eps, o.y, o.rstd);
+  if (x.size(0) > 0) DSV4_BACKEND_DISPATCH(x.device(), rmsnorm_forward, x, w, eps, o.y, o.rstd);
   return o;
 }
 
@@ -58,7 +51,7 @@ RmsNormGrad rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
     check_shape(w, Shape{x.size(1)}, op, "w");
     g.dw = Tensor::zeros({x.size(1)}, DType::F32, x.device());
   }
-  if (x.size(0) > 0) DSV4_MODEL_DISPATCH(x.device(), rmsnorm_backward, dy, x, w, rstd, g.dx, g.dw);
+  if (x.size(0) > 0) DSV4_BACKEND_DISPATCH(x.device(), rmsnorm_backward, dy, x, w, rstd, g.dx, g.dw);
   return g;
 }
 
@@ -73,7 +66,7 @@ void rope_apply(Tensor& x, const Tensor& pos, const Tensor& inv_freq, bool inver
   DSV4_CHECK((P == 0 && R == 0) || (P > 0 && R % P == 0), "{}: {} rows do not split over {} positions", op, R, P);
   DSV4_CHECK(2 * inv_freq.numel() <= x.size(1), "{}: rot_dim {} exceeds the row width {}", op, 2 * inv_freq.numel(),
              x.size(1));
-  if (R > 0 && inv_freq.numel() > 0) DSV4_MODEL_DISPATCH(x.device(), rope_apply, x, pos, inv_freq, inverse);
+  if (R > 0 && inv_freq.numel() > 0) DSV4_BACKEND_DISPATCH(x.device(), rope_apply, x, pos, inv_freq, inverse);
 }
 
 Tensor swiglu(const Tensor& g, const Tensor& u, const Tensor& w, double limit) {
@@ -86,7 +79,7 @@ Tensor swiglu(const Tensor& g, const Tensor& u, const Tensor& w, double limit) {
     check_shape(w, Shape{g.size(0)}, op, "w");
   }
   Tensor h = Tensor::empty(g.shape(), DType::F32, g.device());
-  if (g.numel() > 0) DSV4_MODEL_DISPATCH(g.device(), swiglu, g, u, w, limit, h);
+  if (g.numel() > 0) DSV4_BACKEND_DISPATCH(g.device(), swiglu, g, u, w, limit, h);
   return h;
 }
 
@@ -95,7 +88,7 @@ Tensor hashed_dropout(const Tensor& x, uint64_t stream, double p, float keep_sca
              "hashed_dropout: x must be an F32 2-D tensor with unit stride in the last dim, got {}", describe(x));
   DSV4_CHECK(p >= 0.0 && p < 1.0, "hashed_dropout: p = {} outside [0, 1)", p);
   Tensor out = Tensor::empty(x.shape(), DType::F32, x.device());
-  if (x.numel() > 0) DSV4_MODEL_DISPATCH(x.device(), hashed_dropout, x, stream, p, keep_scale, mask_offset, out);
+  if (x.numel() > 0) DSV4_BACKEND_DISPATCH(x.device(), hashed_dropout, x, stream, p, keep_scale, mask_offset, out);
   return out;
 }
 
@@ -112,14 +105,14 @@ SwigluGrad swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& w, co
     check_shape(w, Shape{g.size(0)}, op, "w");
     r.dw = Tensor::zeros({g.size(0)}, DType::F32, g.device());
   }
-  if (g.numel() > 0) DSV4_MODEL_DISPATCH(g.device(), swiglu_backward, g, u, w, dh, limit, r.dg, r.du, r.dw);
+  if (g.numel() > 0) DSV4_BACKEND_DISPATCH(g.device(), swiglu_backward, g, u, w, dh, limit, r.dg, r.du, r.dw);
   return r;
 }
 
 Tensor sqrt_softplus(const Tensor& s) {
   check_arg(s, "sqrt_softplus", "s", DType::F32, -1, s.defined() ? s.device() : Device::cpu());
   Tensor aff = Tensor::empty(s.shape(), DType::F32, s.device());
-  if (s.numel() > 0) DSV4_MODEL_DISPATCH(s.device(), sqrt_softplus, s, aff);
+  if (s.numel() > 0) DSV4_BACKEND_DISPATCH(s.device(), sqrt_softplus, s, aff);
   return aff;
 }
 
@@ -131,7 +124,7 @@ Tensor sqrt_softplus_backward(const Tensor& s, const Tensor& aff, const Tensor& 
   check_shape(aff, s.shape(), op, "aff");
   check_shape(daff, s.shape(), op, "daff");
   Tensor ds = Tensor::empty(s.shape(), DType::F32, s.device());
-  if (s.numel() > 0) DSV4_MODEL_DISPATCH(s.device(), sqrt_softplus_backward, s, aff, daff, ds);
+  if (s.numel() > 0) DSV4_BACKEND_DISPATCH(s.device(), sqrt_softplus_backward, s, aff, daff, ds);
   return ds;
 }
 
@@ -150,7 +143,7 @@ MoeRoute moe_route(const Tensor& aff, const Tensor& bias, const Tensor& fixed_id
     check_shape(bias, Shape{E}, op, "bias");
   }
   MoeRoute r{Tensor::empty({T, K}, DType::I64, aff.device()), Tensor::empty({T, K}, DType::F32, aff.device())};
-  if (T > 0 && K > 0) DSV4_MODEL_DISPATCH(aff.device(), moe_route, aff, bias, fixed_idx, route_scale, r.idx, r.w);
+  if (T > 0 && K > 0) DSV4_BACKEND_DISPATCH(aff.device(), moe_route, aff, bias, fixed_idx, route_scale, r.idx, r.w);
   return r;
 }
 
@@ -162,7 +155,7 @@ Tensor moe_route_backward(const Tensor& aff, const Tensor& idx, const Tensor& dw
   DSV4_CHECK(idx.size(0) == aff.size(0), "{}: idx {} does not match aff {}", op, idx.str(), aff.str());
   check_shape(dw, idx.shape(), op, "dw");
   Tensor daff = Tensor::zeros(aff.shape(), DType::F32, aff.device());
-  if (idx.numel() > 0) DSV4_MODEL_DISPATCH(aff.device(), moe_route_backward, aff, idx, dw, route_scale, daff);
+  if (idx.numel() > 0) DSV4_BACKEND_DISPATCH(aff.device(), moe_route_backward, aff, idx, dw, route_scale, daff);
   return daff;
 }
 
@@ -170,7 +163,7 @@ MoeSlots moe_sort_slots(const Tensor& idx, int64_t E) {
   check_arg(idx, "moe_sort_slots", "idx", DType::I64, 2, idx.defined() ? idx.device() : Device::cpu());
   DSV4_CHECK(E >= 1, "moe_sort_slots: E = {} must be >= 1", E);
   MoeSlots s{Tensor::zeros({E + 1}, DType::I64, idx.device()), Tensor::empty({idx.numel()}, DType::I64, idx.device())};
-  if (idx.numel() > 0) DSV4_MODEL_DISPATCH(idx.device(), moe_sort_slots, idx, E, s.offsets, s.sorted_slot);
+  if (idx.numel() > 0) DSV4_BACKEND_DISPATCH(idx.device(), moe_sort_slots, idx, E, s.offsets, s.sorted_slot);
   return s;
 }
 
@@ -181,7 +174,7 @@ Tensor moe_permute(const Tensor& x, const Tensor& sorted_slot, int64_t K) {
   DSV4_CHECK(K >= 1 && sorted_slot.numel() == x.size(0) * K, "{}: {} slots for {} rows and K = {}", op,
              sorted_slot.numel(), x.size(0), K);
   Tensor out = Tensor::empty({sorted_slot.numel(), x.size(1)}, DType::F32, x.device());
-  if (out.numel() > 0) DSV4_MODEL_DISPATCH(x.device(), moe_permute, x, sorted_slot, K, out);
+  if (out.numel() > 0) DSV4_BACKEND_DISPATCH(x.device(), moe_permute, x, sorted_slot, K, out);
   return out;
 }
 
@@ -196,14 +189,14 @@ Tensor moe_unpermute(const Tensor& y_sorted, const Tensor& sorted_slot, const Te
     check_shape(w, Shape{T, K}, op, "w");
   }
   Tensor y = Tensor::zeros({T, y_sorted.size(1)}, DType::F32, y_sorted.device());
-  if (y.numel() > 0) DSV4_MODEL_DISPATCH(y_sorted.device(), moe_unpermute, y_sorted, sorted_slot, w, K, y);
+  if (y.numel() > 0) DSV4_BACKEND_DISPATCH(y_sorted.device(), moe_unpermute, y_sorted, sorted_slot, w, K, y);
   return y;
 }
 
 Tensor ce_row_max(const Tensor& logits) {
   check_arg(logits, "ce_row_max", "logits", DType::F32, 2, logits.defined() ? logits.device() : Device::cpu());
   Tensor m = Tensor::empty({logits.size(0)}, DType::F32, logits.device());
-  if (logits.size(0) > 0) DSV4_MODEL_DISPATCH(logits.device(), ce_row_max, logits, m);
+  if (logits.size(0) > 0) DSV4_BACKEND_DISPATCH(logits.device(), ce_row_max, logits, m);
   return m;
 }
 
@@ -215,7 +208,7 @@ std::vector<double> ce_sums(const Tensor& logits, const Tensor& targets, const T
   check_shape(targets, Shape{logits.size(0)}, op, "targets");
   check_shape(row_max, Shape{logits.size(0)}, op, "row_max");
   std::vector<double> sums(static_cast<size_t>(2 * logits.size(0)), 0.0);
-  if (logits.size(0) > 0) DSV4_MODEL_DISPATCH(logits.device(), ce_sums, logits, targets, row_max, begin, sums);
+  if (logits.size(0) > 0) DSV4_BACKEND_DISPATCH(logits.device(), ce_sums, logits, targets, row_max, begin, sums);
   return sums;
 }
 
@@ -228,7 +221,7 @@ Tensor ce_backward(const Tensor& logits, const Tensor& targets, const std::vecto
   DSV4_CHECK(static_cast<int64_t>(lse.size()) >= logits.size(0), "{}: {} lse values for {} rows", op, lse.size(),
              logits.size(0));
   Tensor d = Tensor::zeros(logits.shape(), DType::F32, logits.device());
-  if (d.numel() > 0 && norm > 0) DSV4_MODEL_DISPATCH(logits.device(), ce_backward, logits, targets, lse, norm, begin, d);
+  if (d.numel() > 0 && norm > 0) DSV4_BACKEND_DISPATCH(logits.device(), ce_backward, logits, targets, lse, norm, begin, d);
   return d;
 }
 
@@ -240,7 +233,7 @@ void adamw_step(Tensor& w, const Tensor& g, Tensor& exp_avg, Tensor& exp_avg_sq,
     check_arg(*t, op, name, DType::F32, -1, w.device());
     check_shape(*t, w.shape(), op, name);
   }
-  if (w.numel() > 0) DSV4_MODEL_DISPATCH(w.device(), adamw_step, w, g, exp_avg, exp_avg_sq, s);
+  if (w.numel() > 0) DSV4_BACKEND_DISPATCH(w.device(), adamw_step, w, g, exp_avg, exp_avg_sq, s);
 }
 
 void muon_momentum_step(const Tensor& g, Tensor& momentum, Tensor& u, float mu, bool nesterov) {
@@ -250,7 +243,7 @@ void muon_momentum_step(const Tensor& g, Tensor& momentum, Tensor& u, float mu, 
   check_arg(u, op, "u", DType::F32, -1, g.device());
   check_shape(momentum, g.shape(), op, "momentum");
   check_shape(u, g.shape(), op, "u");
-  if (g.numel() > 0) DSV4_MODEL_DISPATCH(g.device(), muon_momentum_step, g, momentum, u, mu, nesterov);
+  if (g.numel() > 0) DSV4_BACKEND_DISPATCH(g.device(), muon_momentum_step, g, momentum, u, mu, nesterov);
 }
 
 void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s) {
@@ -258,7 +251,7 @@ void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s) {
   check_arg(w, op, "w", DType::F32, -1, w.defined() ? w.device() : Device::cpu());
   check_arg(o, op, "o", DType::F32, -1, w.device());
   check_shape(o, w.shape(), op, "o");
-  if (w.numel() > 0) DSV4_MODEL_DISPATCH(w.device(), muon_apply_step, w, o, s);
+  if (w.numel() > 0) DSV4_BACKEND_DISPATCH(w.device(), muon_apply_step, w, o, s);
 }
 
 namespace {
@@ -274,13 +267,13 @@ Device check_tensor_list(const std::vector<Tensor>& xs, const char* op) {
 std::vector<double> sum_squares(const std::vector<Tensor>& xs) {
   const Device dev = check_tensor_list(xs, "sum_squares");
   std::vector<double> sums(xs.size(), 0.0);
-  if (!xs.empty()) DSV4_MODEL_DISPATCH(dev, sum_squares, xs, sums);
+  if (!xs.empty()) DSV4_BACKEND_DISPATCH(dev, sum_squares, xs, sums);
   return sums;
 }
 
 void scale_in_place(const std::vector<Tensor>& xs, float factor) {
   const Device dev = check_tensor_list(xs, "scale_in_place");
-  if (!xs.empty()) DSV4_MODEL_DISPATCH(dev, scale_in_place, xs, factor);
+  if (!xs.empty()) DSV4_BACKEND_DISPATCH(dev, scale_in_place, xs, factor);
 }
 
 void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps, NsPrecision precision) {
@@ -288,7 +281,7 @@ void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, doub
   check_arg(x, op, "x", DType::F32, -1, x.defined() ? x.device() : Device::cpu());
   DSV4_CHECK(x.ndim() == 2 || x.ndim() == 3, "{}: x must be [r, c] or [B, r, c], got {}", op, x.str());
   DSV4_CHECK(x.size(x.ndim() - 1) >= 1 && x.size(x.ndim() - 2) >= 1, "{}: empty matrices {}", op, x.str());
-  if (x.numel() > 0) DSV4_MODEL_DISPATCH(x.device(), newton_schulz_batched, x, schedule, eps, precision);
+  if (x.numel() > 0) DSV4_BACKEND_DISPATCH(x.device(), newton_schulz_batched, x, schedule, eps, precision);
 }
 
 }  // namespace dsv4

@@ -1,5 +1,6 @@
 // Validation and device dispatch of every op (the backends trust these checks).
 #include "runtime/ops.h"
+#include "runtime/backend_dispatch.h"
 
 #include <algorithm>
 
@@ -36,15 +37,6 @@ DType dtype_from_name(std::string_view name) {
 
 namespace {
 
-// Calls the backend of `device` with the given arguments.
-#if defined(DSV4_WITH_CUDA)
-#define DSV4_DISPATCH(device, name, ...) \
-  ((device).is_cuda() ? ::dsv4::cuda::name(__VA_ARGS__) : ::dsv4::cpu::name(__VA_ARGS__))
-#else
-#define DSV4_DISPATCH(device, name, ...)                                                        \
-  ((device).is_cuda() ? DSV4_FAIL("op " #name " on {}: dsv4 was built without CUDA", (device).str()) \
-                      : ::dsv4::cpu::name(__VA_ARGS__))
-#endif
 
 void check_defined(const Tensor& t, const char* op, const char* arg) {
   DSV4_CHECK(t.defined(), "{}: argument '{}' is an undefined tensor", op, arg);
@@ -97,7 +89,7 @@ namespace ops {
 
 void fill(Tensor& out, double value) {
   check_defined(out, "fill", "out");
-  DSV4_DISPATCH(out.device(), fill, out, value);
+  DSV4_BACKEND_DISPATCH(out.device(), fill, out, value);
 }
 
 void copy(const Tensor& src, Tensor& dst) {
@@ -107,12 +99,12 @@ void copy(const Tensor& src, Tensor& dst) {
   if (src.dtype() != dst.dtype()) {
     // Convert on the source device, then move.
     Tensor converted = Tensor::empty(src.shape(), dst.dtype(), src.device());
-    DSV4_DISPATCH(src.device(), convert, src, converted);
+    DSV4_BACKEND_DISPATCH(src.device(), convert, src, converted);
     copy(converted, dst);
     return;
   }
   if (src.device() == dst.device()) {
-    DSV4_DISPATCH(src.device(), copy, src, dst);
+    DSV4_BACKEND_DISPATCH(src.device(), copy, src, dst);
     return;
   }
 #if defined(DSV4_WITH_CUDA)
@@ -129,7 +121,7 @@ void copy(const Tensor& src, Tensor& dst) {
     DSV4_FAIL("copy between {} and {} is not supported (stage through the host)", src.device().str(),
               dst.device().str());
   }
-  if (!dst_direct) DSV4_DISPATCH(dst.device(), copy, staging, dst);
+  if (!dst_direct) DSV4_BACKEND_DISPATCH(dst.device(), copy, staging, dst);
 #else
   DSV4_FAIL("copy from {} to {}: dsv4 was built without CUDA", src.device().str(), dst.device().str());
 #endif
@@ -139,9 +131,9 @@ Tensor convert(const Tensor& x, DType dtype) {
   check_defined(x, "convert", "x");
   Tensor out = Tensor::empty(x.shape(), dtype, x.device());
   if (x.dtype() == dtype)
-    DSV4_DISPATCH(x.device(), copy, x, out);
+    DSV4_BACKEND_DISPATCH(x.device(), copy, x, out);
   else
-    DSV4_DISPATCH(x.device(), convert, x, out);
+    DSV4_BACKEND_DISPATCH(x.device(), convert, x, out);
   return out;
 }
 
@@ -149,7 +141,7 @@ Tensor unary(UnaryOp op, const Tensor& x) {
   check_defined(x, "unary", "x");
   check_float("unary", x);
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  DSV4_DISPATCH(x.device(), unary, op, x, out);
+  DSV4_BACKEND_DISPATCH(x.device(), unary, op, x, out);
   return out;
 }
 
@@ -160,7 +152,7 @@ Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) {
   check_float("binary", a);
   DSV4_CHECK(a.dtype() == b.dtype(), "binary: dtypes differ ({} and {})", a.str(), b.str());
   Tensor out = Tensor::empty(broadcast_shapes(a.shape(), b.shape()), a.dtype(), a.device());
-  DSV4_DISPATCH(a.device(), binary, op, a, b, out);
+  DSV4_BACKEND_DISPATCH(a.device(), binary, op, a, b, out);
   return out;
 }
 
@@ -168,7 +160,7 @@ Tensor affine(const Tensor& x, double alpha, double beta) {
   check_defined(x, "affine", "x");
   check_float("affine", x);
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  DSV4_DISPATCH(x.device(), affine, x, alpha, beta, out);
+  DSV4_BACKEND_DISPATCH(x.device(), affine, x, alpha, beta, out);
   return out;
 }
 
@@ -180,7 +172,7 @@ Tensor reduce(ReduceOp op, const Tensor& x, int dim, bool keepdim) {
   Shape out_shape = x.shape();
   out_shape[d] = 1;
   Tensor out = Tensor::empty(out_shape, x.dtype(), x.device());
-  DSV4_DISPATCH(x.device(), reduce, op, x, d, out);
+  DSV4_BACKEND_DISPATCH(x.device(), reduce, op, x, d, out);
   if (keepdim) return out;
   Shape squeezed;
   for (int i = 0; i < x.ndim(); ++i)
@@ -193,7 +185,7 @@ Tensor softmax(const Tensor& x) {
   check_float("softmax", x);
   DSV4_CHECK(x.ndim() >= 1, "softmax of a 0-d tensor");
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  DSV4_DISPATCH(x.device(), softmax, x, out);
+  DSV4_BACKEND_DISPATCH(x.device(), softmax, x, out);
   return out;
 }
 
@@ -202,7 +194,7 @@ Tensor log_softmax(const Tensor& x) {
   check_float("log_softmax", x);
   DSV4_CHECK(x.ndim() >= 1, "log_softmax of a 0-d tensor");
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  DSV4_DISPATCH(x.device(), log_softmax, x, out);
+  DSV4_BACKEND_DISPATCH(x.device(), log_softmax, x, out);
   return out;
 }
 
@@ -244,7 +236,7 @@ void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float al
   const Shape expected = a.ndim() == 2 ? Shape{d.m, d.n} : Shape{d.batch, d.m, d.n};
   DSV4_CHECK(c.shape() == expected, "gemm: c is {} but op(a) @ op(b) is {}", c.str(), expected.str());
   DSV4_CHECK(has_unit_inner_stride(c), "gemm: c needs unit stride in the last dim");
-  DSV4_DISPATCH(a.device(), gemm, a, trans_a, b, trans_b, alpha, beta, c);
+  DSV4_BACKEND_DISPATCH(a.device(), gemm, a, trans_a, b, trans_b, alpha, beta, c);
 }
 
 Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, DType out_dtype) {
@@ -267,7 +259,7 @@ Tensor index_select(const Tensor& x, const Tensor& index) {
   Shape shape = x.shape();
   shape[0] = index.size(0);
   Tensor out = Tensor::empty(shape, x.dtype(), x.device());
-  DSV4_DISPATCH(x.device(), index_select, x, index, out);
+  DSV4_BACKEND_DISPATCH(x.device(), index_select, x, index, out);
   return out;
 }
 
@@ -286,7 +278,7 @@ void index_add(Tensor& out, const Tensor& index, const Tensor& src) {
   for (int i = 1; i < out.ndim(); ++i)
     DSV4_CHECK(src.size(i) == out.size(i), "index_add: src {} and out {} differ in dim {}", src.str(), out.str(), i);
   check_index_range("index_add", index, out.size(0));
-  DSV4_DISPATCH(out.device(), index_add, src, index, out);
+  DSV4_BACKEND_DISPATCH(out.device(), index_add, src, index, out);
 }
 
 namespace {
@@ -307,7 +299,7 @@ Tensor gather_last(const Tensor& x, const Tensor& index) {
   check_last_dim_index("gather_last", x, index);
   check_index_range("gather_last", index, x.size(-1));
   Tensor out = Tensor::empty(index.shape(), x.dtype(), x.device());
-  DSV4_DISPATCH(x.device(), gather_last, x, index, out);
+  DSV4_BACKEND_DISPATCH(x.device(), gather_last, x, index, out);
   return out;
 }
 
@@ -322,7 +314,7 @@ void scatter_add_last(Tensor& out, const Tensor& index, const Tensor& src) {
   DSV4_CHECK(src.shape() == index.shape(), "scatter_add_last: src {} must have index {}'s shape", src.str(),
              index.str());
   check_index_range("scatter_add_last", index, out.size(-1));
-  DSV4_DISPATCH(out.device(), scatter_add_last, src, index, out);
+  DSV4_BACKEND_DISPATCH(out.device(), scatter_add_last, src, index, out);
 }
 
 TopK topk(const Tensor& x, int64_t k) {
@@ -334,7 +326,7 @@ TopK topk(const Tensor& x, int64_t k) {
   Shape shape = x.shape();
   shape[shape.ndim() - 1] = k;
   TopK r{Tensor::empty(shape, x.dtype(), x.device()), Tensor::empty(shape, DType::I64, x.device())};
-  DSV4_DISPATCH(x.device(), topk, x, k, r.values, r.indices);
+  DSV4_BACKEND_DISPATCH(x.device(), topk, x, k, r.values, r.indices);
   return r;
 }
 

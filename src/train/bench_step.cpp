@@ -46,6 +46,7 @@
 #include "model/model.h"
 #include "optim/clip.h"
 #include "optim/optimizer.h"
+#include "runtime/backend_dispatch.h"
 #include "runtime/cpu_blas.h"
 #include "runtime/device.h"
 #include "runtime/host_phases.h"
@@ -259,16 +260,21 @@ int run_step_bench(const StepBenchOptions& opt) {
   const int64_t resident = alloc.stats().allocated_bytes;  // weights + optimizer state
   alloc.reset_peak();
   std::vector<double> t_fb, t_opt, t_step;
+  int64_t ops_fb = 0, ops_opt = 0;  // backend op calls of the last step (runtime/backend_dispatch.h)
   double loss = 0, gnorm = 0;
   for (int i = 0; i < opt.warmup + opt.steps; ++i) {
     model.zero_grad();
     const double t0 = clk.now();
+    const int64_t ops0 = op_count();
     LossResult r;
     for (int64_t m = 0; m < opt.grad_accum; ++m) r = model.forward_backward(ids, ids, layout, weights);
     const double t1 = clk.now();
+    const int64_t ops1 = op_count();
     const ClipResult c = clip_grad_norm(params, opt.clip);
     if (c.finite) optimizer.step(opt.lr);
     const double t2 = clk.now();
+    ops_fb = ops1 - ops0;
+    ops_opt = op_count() - ops1;
     loss = r.total;
     gnorm = c.norm;
     std::fprintf(stderr, "step bench: %s step %d: forward+backward %.3f s, clip+optimizer %.3f s, loss %.4f\n",
@@ -328,6 +334,9 @@ int run_step_bench(const StepBenchOptions& opt) {
   std::printf("  forward+backward alone: %.1f tokens/s, %.4g TFLOP/s, MFU %.3g%% (the optimizer amortised over many "
               "accumulated micro-batches)\n",
               tokens / fb, tflops_fb, 100 * tflops_fb / kBf16PeakTflops);
+  std::printf("  backend op calls per step (runtime ops dispatched to the device: about one kernel launch or cuBLAS call "
+              "each; the attention kernels not counted): forward+backward %lld, clip+optimizer %lld\n",
+              static_cast<long long>(ops_fb), static_cast<long long>(ops_opt));
   std::printf("  memory (%s allocator): peak %.3f GiB during the timed steps, %.3f GiB resident before them (weights + "
               "optimizer state)\n",
               dev.str().c_str(), mem.peak_bytes / 1073741824.0, resident / 1073741824.0);
