@@ -89,8 +89,23 @@ void copy_bytes(void* dst, const void* src, size_t nbytes, int device, cudaMemcp
 }
 }  // namespace
 
+// From pageable host memory (every host tensor here: malloc'd or memory-mapped) the copy is enqueued on the device's
+// stream without waiting for it: cudaMemcpyAsync has staged the host bytes when it returns ("API synchronization
+// behavior": pageable host memory is copied to a staging buffer immediately, no device synchronization), so the host
+// buffer may change or go away, and later work on the stream sees the data. A synchronising copy here drained the
+// GPU's queue at every index upload of the step. Pinned (page-locked or registered) sources are read by the DMA later,
+// so those copies still wait.
 void memcpy_h2d(void* dst, const void* src, size_t nbytes, int device) {
-  copy_bytes(dst, src, nbytes, device, cudaMemcpyHostToDevice);
+  check_device(device);
+  if (nbytes == 0) return;
+  cudaPointerAttributes attr{};
+  CUDA_CHECK(cudaPointerGetAttributes(&attr, src));
+  if (attr.type != cudaMemoryTypeUnregistered) {
+    copy_bytes(dst, src, nbytes, device, cudaMemcpyHostToDevice);
+    return;
+  }
+  detail::DeviceGuard guard(device);
+  CUDA_CHECK(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyHostToDevice, detail::stream_of(device)));
 }
 void memcpy_d2h(void* dst, const void* src, size_t nbytes, int device) {
   copy_bytes(dst, src, nbytes, device, cudaMemcpyDeviceToHost);

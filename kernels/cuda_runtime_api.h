@@ -22,7 +22,8 @@ void* current_stream(int device_index);
 void set_current_stream(int device_index, void* stream);
 void synchronize(int device_index);  // waits for the current stream
 
-// Byte copies between devices (synchronous with respect to the host, on the current stream).
+// Byte copies between devices on the current stream. d2h and d2d return when the copy is done; h2d returns when the
+// host bytes have been consumed (pageable sources: staged, without waiting for the device; pinned sources: copied).
 void memcpy_h2d(void* dst, const void* src, size_t nbytes, int device_index);
 void memcpy_d2h(void* dst, const void* src, size_t nbytes, int device_index);
 void memcpy_d2d(void* dst, const void* src, size_t nbytes, int device_index);

@@ -4,7 +4,10 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <memory>
 #include <thread>
+#include <vector>
 
 #include "gpu_test_util.h"
 #include "kernels/cuda_check.cuh"
@@ -96,6 +99,29 @@ TEST_F(GpuRuntime, DefaultStreamIsNonBlockingAndStable) {
   void* other = nullptr;
   std::thread([&] { other = cuda::current_stream(0); }).join();
   EXPECT_EQ(other, s);
+}
+
+// Host-to-device copies from pageable memory return without waiting for the device: the host buffer may change or
+// be freed right away, and later work on the stream sees the uploaded values. Pinned sources too (those copies wait).
+TEST_F(GpuRuntime, HostToDeviceCopiesConsumeTheHostBytes) {
+  const int64_t n = int64_t{1} << 24;  // 64 MiB: large enough to be in flight when the call returns, if it were
+  Tensor host = rand_cpu({n});
+  const std::vector<float> want = host.to_floats();
+  Tensor busy = ops::matmul(rand_cpu({2048, 2048}).to(kGpu), rand_cpu({2048, 2048}).to(kGpu));  // queued work first
+  Tensor dev = host.to(kGpu);
+  std::fill(host.data<float>(), host.data<float>() + n, -1.0f);
+  host = Tensor();  // freed
+  EXPECT_EQ(dev.to_floats(), want);
+  float* pinned = nullptr;
+  CUDA_CHECK(cudaMallocHost(&pinned, 1024 * sizeof(float)));
+  for (int i = 0; i < 1024; ++i) pinned[i] = static_cast<float>(i);
+  std::shared_ptr<const void> none(pinned, [](const void*) {});
+  const Tensor from_pinned = Tensor::from_blob(pinned, {1024}, DType::F32, kCpu, none).to(kGpu);
+  for (int i = 0; i < 1024; ++i) pinned[i] = -1.0f;
+  const std::vector<float> got = from_pinned.to_floats();
+  for (int i = 0; i < 1024; ++i) EXPECT_EQ(got[static_cast<size_t>(i)], static_cast<float>(i)) << i;
+  CUDA_CHECK(cudaFreeHost(pinned));
+  (void)busy;
 }
 
 TEST_F(GpuRuntime, StreamOverrideIsPerThreadAndOrdersWork) {
