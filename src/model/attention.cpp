@@ -243,7 +243,7 @@ void Attention::check_wo_a_lora() const {
 
 SparseAttnIndex Attention::build_index(const Tensor& x_TD, const Tensor& qr_TQ, const SeqLayout& layout,
                                        const std::vector<int64_t>& pos, const CompressPlan& plan,
-                                       Tensor* comp_ids_device) const {
+                                       Tensor* comp_ids_device, bool host_ids) const {
   const int64_t T = layout.tokens();
   SparseAttnIndex idx;
   idx.win_begin.resize(static_cast<size_t>(T));
@@ -255,7 +255,8 @@ SparseAttnIndex Attention::build_index(const Tensor& x_TD, const Tensor& qr_TQ, 
   }
   if (ratio_ == 4 && use_ops_path(x_TD)) {
     indexer.select_topk_ops(x_TD, qr_TQ, pos, plan, rope_, index_topk_, idx.comp_offsets, idx.comp_ids,
-                            comp_ids_device);
+                            comp_ids_device, host_ids);
+    idx.comp_ids_on_device = !host_ids && comp_ids_device && comp_ids_device->defined();
   } else if (ratio_ == 4) {
     const IndexScores s = indexer.scores(x_TD, qr_TQ, pos, plan, rope_);
     Indexer::select_topk(s, plan, index_topk_, idx.comp_offsets, idx.comp_ids);
@@ -273,7 +274,7 @@ SparseAttnIndex Attention::build_index(const Tensor& x_TD, const Tensor& qr_TQ, 
 }
 
 int64_t Attention::compress_and_index(const Tensor& x_TD, const Tensor& qr_TQ, const SeqLayout& layout,
-                                      AttentionCtx& c, bool keep_ctx) const {
+                                      AttentionCtx& c, bool keep_ctx, bool host_ids) const {
   if (ratio_ > 0) {
     c.plan = CompressPlan::build(layout, ratio_);
     c.ckv = compressor.forward(x_TD, c.plan, rope_, keep_ctx ? &c.compressor : nullptr);
@@ -281,7 +282,7 @@ int64_t Attention::compress_and_index(const Tensor& x_TD, const Tensor& qr_TQ, c
     c.plan = CompressPlan{};
     c.ckv = Tensor();
   }
-  c.index = build_index(x_TD, qr_TQ, layout, c.pos, c.plan, &c.comp_ids_device);
+  c.index = build_index(x_TD, qr_TQ, layout, c.pos, c.plan, &c.comp_ids_device, host_ids);
   const int64_t E = ratio_ > 0 ? c.plan.entries() : 0;
   c.index.validate(layout.tokens(), E);
   return E;
@@ -505,12 +506,14 @@ Tensor Attention::forward_ops(const Tensor& x_TD, const SeqLayout& layout, Atten
   c.kv = kv_norm.forward(wkv.forward(x_TD, &c.wkv), &c.kv_norm);
   rope_apply(c.kv, c.pos_t, c.inv_freq, false);
 
-  // Compressed entries (the compressor's tensor-op path) and the candidate lists (host; CSA's top-k on x's device).
-  const int64_t E = compress_and_index(x_TD, qr, layout, c, ctx != nullptr);
+  // Compressed entries (the compressor's tensor-op path) and the candidate lists (host; CSA's top-k on x's device,
+  // where it stays unless the FP32 backward's query-major key lists need it on the host).
   const SparseAttnKeyMajor key_major = ctx == nullptr ? SparseAttnKeyMajor::none
                                        : sparse_attn_tensor_cores_taken(opts_.tensor_cores, H, C)
                                            ? SparseAttnKeyMajor::positions
                                            : SparseAttnKeyMajor::queries;
+  const int64_t E =
+      compress_and_index(x_TD, qr, layout, c, ctx != nullptr, dev.is_cpu() || key_major == SparseAttnKeyMajor::queries);
   // CSA's lists come from the indexer's top-k of this step; the others from the layout alone.
   c.dindex = ratio_ == 4 ? SparseAttnDeviceIndex::build(c.index, T, E, dev, key_major, c.comp_ids_device)
                          : layout_index_cache().get(c.index, c.pos, window_, ratio_, T, E, dev, key_major);

@@ -96,10 +96,11 @@ class Attention {
   void visit(const ParamVisitor& f);
 
   // The candidate lists the core attention uses (exposed for tests and the CUDA path).
-  // comp_ids_device: CSA on CUDA tensors also gets the top-k ids as they are on the device (undefined otherwise).
+  // comp_ids_device: CSA on CUDA tensors also gets the top-k ids as they are on the device (undefined otherwise);
+  // host_ids = false leaves them there only (SparseAttnIndex::comp_ids_on_device: no copy to the host, no wait).
   SparseAttnIndex build_index(const Tensor& x_TD, const Tensor& qr_TQ, const SeqLayout& layout,
                               const std::vector<int64_t>& pos, const CompressPlan& plan,
-                              Tensor* comp_ids_device = nullptr) const;
+                              Tensor* comp_ids_device = nullptr, bool host_ids = true) const;
 
   AttnKind kind() const { return kind_; }
   int64_t ratio() const { return ratio_; }
@@ -144,9 +145,9 @@ class Attention {
  private:
   void check_wo_a_lora() const;
   // Compressed entries (c.plan, c.ckv; the compressor's context when keep_ctx) and the candidate lists (c.index) of
-  // both paths; returns the number of entries.
+  // both paths (host_ids: build_index's); returns the number of entries.
   int64_t compress_and_index(const Tensor& x_TD, const Tensor& qr_TQ, const SeqLayout& layout, AttentionCtx& c,
-                             bool keep_ctx) const;
+                             bool keep_ctx, bool host_ids = true) const;
   // The adapter of output group g (the shared-A one, the group's own, or null) and its dropout mask offset.
   LoraAdapter* wo_a_group_adapter(int64_t g);
   const LoraAdapter* wo_a_group_adapter(int64_t g) const;

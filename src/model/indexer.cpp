@@ -184,7 +184,8 @@ void Indexer::check_ops_path(const std::string& module, Device device) const {
 
 void Indexer::select_topk_ops(const Tensor& x_TD, const Tensor& qr_TQ, const std::vector<int64_t>& pos,
                               const CompressPlan& plan, const RopeTable& rope, int64_t topk,
-                              std::vector<int64_t>& offsets, std::vector<int64_t>& ids, Tensor* ids_device) const {
+                              std::vector<int64_t>& offsets, std::vector<int64_t>& ids, Tensor* ids_device,
+                              bool host_ids) const {
   const int64_t T = x_TD.size(0), nI = n_heads_, cI = head_dim_;
   const Device dev = x_TD.device();
   const std::string module = "Indexer " + wq_b.weight.name.substr(0, wq_b.weight.name.rfind("wq_b.weight"));
@@ -224,13 +225,17 @@ void Indexer::select_topk_ops(const Tensor& x_TD, const Tensor& qr_TQ, const std
     Tensor ids_d = Tensor::empty({std::max<int64_t>(offsets.back(), 1)}, DType::I32, dev);
     cuda::indexer_topk(scores.data<float>(), offsets_d.data<int64_t>(), first_d.data<int64_t>(),
                        topk_offsets_d.data<int64_t>(), T, E, ids_d.data<int32_t>(), stream);
+    if (ids_device) *ids_device = ids_d;
+    if (!host_ids && ids_device) {
+      ids.clear();
+      return;
+    }
     const Tensor ids_h = [&] {
       const HostPhase phase("attention: CSA top-k to the host (waits for the GPU)");
       return ids_d.to(Device::cpu());  // waits for the stream
     }();
     const int32_t* p = ids_h.data<int32_t>();
     ids.assign(p, p + offsets.back());
-    if (ids_device) *ids_device = ids_d;
 #else
     fail_without_cuda("Indexer.select_topk_ops");
 #endif

@@ -56,9 +56,10 @@ class Indexer {
   // on x's device, then cuda::indexer_scores + cuda::indexer_topk on CUDA tensors (the ids copied back to the host)
   // or indexer_scores_rows<float> + select_topk on CPU tensors. Same CSR as select_topk(scores(...)). ids_device
   // (CUDA only): also the ids as they are on the device (I32, at least offsets.back() elements; undefined otherwise).
+  // host_ids = false with ids_device on CUDA: the ids are not copied to the host (ids left empty; no wait for the GPU).
   void select_topk_ops(const Tensor& x_TD, const Tensor& qr_TQ, const std::vector<int64_t>& pos,
                        const CompressPlan& plan, const RopeTable& rope, int64_t topk, std::vector<int64_t>& offsets,
-                       std::vector<int64_t>& ids, Tensor* ids_device = nullptr) const;
+                       std::vector<int64_t>& ids, Tensor* ids_device = nullptr, bool host_ids = true) const;
   // What the tensor-op path does not support (tensor parallelism, adapters, frozen weights, simulate_release_quant)
   // and parameters off `device`: one-line errors naming `module`.
   void check_ops_path(const std::string& module, Device device) const;

@@ -13,9 +13,10 @@ void SparseAttnIndex::validate(int64_t n_raw, int64_t n_comp) const {
   const size_t n = win_begin.size();
   DSV4_CHECK(win_end.size() == n && comp_offsets.size() == n + 1, "SparseAttnIndex: {} window begins, {} ends, {} offsets",
              n, win_end.size(), comp_offsets.size());
-  DSV4_CHECK(comp_offsets[0] == 0 && comp_offsets[n] == static_cast<int64_t>(comp_ids.size()),
-             "SparseAttnIndex: offsets span [{}, {}) but {} compressed ids", comp_offsets[0], comp_offsets[n],
-             comp_ids.size());
+  DSV4_CHECK(comp_offsets[0] == 0 && (comp_ids_on_device ? comp_ids.empty()
+                                                         : comp_offsets[n] == static_cast<int64_t>(comp_ids.size())),
+             "SparseAttnIndex: offsets span [{}, {}) but {} compressed ids{}", comp_offsets[0], comp_offsets[n],
+             comp_ids.size(), comp_ids_on_device ? " (expected none on the host: the ids are on the device)" : "");
   for (size_t t = 0; t < n; ++t) {
     DSV4_CHECK(0 <= win_begin[t] && win_begin[t] <= win_end[t] && win_end[t] <= n_raw,
                "SparseAttnIndex: query {} window [{}, {}) outside [0, {})", t, win_begin[t], win_end[t], n_raw);
@@ -103,6 +104,10 @@ SparseAttnDeviceIndex SparseAttnDeviceIndex::build(const SparseAttnIndex& idx, i
   const auto upload = [&](const std::vector<int32_t>& v) {
     return Tensor::from_vector<int32_t>(Shape{static_cast<int64_t>(v.size())}, v).to(device);
   };
+  DSV4_CHECK(!idx.comp_ids_on_device || (comp_ids_device.defined() && key_major != SparseAttnKeyMajor::queries),
+             "SparseAttnDeviceIndex: the compressed ids are on the device only; the {} lists need them {}",
+             key_major == SparseAttnKeyMajor::queries ? "query-major key" : "candidate",
+             key_major == SparseAttnKeyMajor::queries ? "on the host" : "as comp_ids_device");
   if (comp_ids_device.defined() && key_major != SparseAttnKeyMajor::queries) {
     DSV4_CHECK(comp_ids_device.device() == device && comp_ids_device.dtype() == DType::I32 &&
                    comp_ids_device.is_contiguous() && comp_ids_device.numel() >= idx.comp_offsets.back(),

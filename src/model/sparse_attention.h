@@ -31,6 +31,10 @@ struct SparseAttnIndex {
   std::vector<int64_t> win_end;       // [Tq] one past the last raw key
   std::vector<int64_t> comp_offsets;  // [Tq + 1] CSR offsets into comp_ids
   std::vector<int64_t> comp_ids;      // compressed entry ids (ascending per query)
+  // CSA on a device whose lists are built there (SparseAttnDeviceIndex::build from AttentionCtx::comp_ids_device):
+  // the ids stay on the device and comp_ids is empty (validate() then checks the windows and offsets only; the ids
+  // come from the indexer's top-k kernel over each query's visible entries).
+  bool comp_ids_on_device = false;
 
   int64_t queries() const { return static_cast<int64_t>(win_begin.size()); }
   int64_t candidates(int64_t t) const {
