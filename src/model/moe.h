@@ -238,6 +238,7 @@ struct MoECtx {
   // recv_x then holds the received x rows [N_recv, D] in local-expert-sorted order (not the [x | w] payload),
   // recv_w their routing weights [N_recv, 1], recv_sorted_N (ep only) recv_sorted on the device.
   Tensor recv_w, recv_sorted_N;
+  Tensor aff_host;  // aff copied to the host in forward for the balance statistics (the balance backward reads it)
   // The experts' GEMM operands (matmul_precision.h), made once in forward: recv_x_op the received rows and shared_x_op
   // x for the shared expert (precision_operand: BF16 in bf16 on a device; recv_x itself is this operand when the MoE
   // has no adapters), expert_w_ops 3 per local routed expert and shared_w_ops 3 (w1, w2, w3: weight_operand, BF16 or

@@ -274,8 +274,9 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
     st.load[static_cast<size_t>(e)] = offsets[static_cast<size_t>(e + 1)] - offsets[static_cast<size_t>(e)];
   std::vector<double> bstat;  // [counts B*E | psum B*E]
   const int64_t BE = std::max<int64_t>(layout.batch, 0) * E;
+  Tensor aff_h;  // aff on the host: the balance statistics here, its backward later
   if (layout.batch > 0 && layout.seq > 0) {
-    const Tensor aff_h = aff.to(Device::cpu());
+    aff_h = aff.to(Device::cpu());
     const std::vector<int64_t> idx_h = host_i64(route.idx);
     bstat.assign(static_cast<size_t>(2 * BE), 0.0);
     moe_balance_partials<float>(aff_h.data<float>(), idx_h.data(), t0, TL, layout.batch, layout.seq, E, K,
@@ -365,6 +366,7 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
     ctx->x = xl;
     ctx->s = s;
     ctx->aff = aff;
+    ctx->aff_host = aff_h;
     ctx->idx = route.idx;
     ctx->w = route.w;
     ctx->offsets = std::move(offsets);
@@ -465,7 +467,7 @@ Tensor MoE::backward_ops(const Tensor& dy_TD, const MoECtx& ctx, double balance_
   if (TL > 0) {
     Tensor daff = moe_route_backward(ctx.aff, ctx.idx, dw, route_scale_);
     if (balance_alpha != 0.0 && !ctx.balance_counts.empty()) {
-      const Tensor aff_h = ctx.aff.to(Device::cpu());
+      const Tensor aff_h = ctx.aff_host.defined() ? ctx.aff_host : ctx.aff.to(Device::cpu());
       Tensor bal = Tensor::zeros({TL, E}, DType::F32);
       moe_balance_backward_rows<float>(aff_h.data<float>(), ctx.balance_counts.data(), t0, TL, ctx.batch, ctx.seq, E,
                                        K, balance_alpha, bal.data<float>());
