@@ -433,13 +433,11 @@ Tensor MoE::backward_ops(const Tensor& dy_TD, const MoECtx& ctx, double balance_
                            expert_draws(e), 0});
   }
   Tensor dx_sorted = Tensor::empty({NR, D}, DType::F32, dev);
-  Tensor dw_sorted = Tensor::zeros({NR, 1}, DType::F32, dev);
-  if (NR > 0) {
-    const Tensor dw_all = experts_backward_ops(routed, routed_rows, ctx.expert_w_ops, ctx.recv_x, ctx.recv_x_op, ctx.g,
-                                               ctx.u, ctx.recv_w.view({NR}), dy_sorted, limit_, dx_sorted);
-    Tensor dst = dw_sorted.view({NR});
-    ops::copy(dw_all, dst);
-  }
+  const Tensor dw_sorted =  // [NR, 1]
+      NR > 0 ? experts_backward_ops(routed, routed_rows, ctx.expert_w_ops, ctx.recv_x, ctx.recv_x_op, ctx.g, ctx.u,
+                                    ctx.recv_w.view({NR}), dy_sorted, limit_, dx_sorted)
+                   .view({NR, 1})
+             : Tensor::empty({0, 1}, DType::F32, dev);
   Tensor back_x = dx_sorted, back_w = dw_sorted;
   if (ep) {  // back to the received order, then to the source ranks
     Tensor rx = Tensor::zeros({NR, D}, DType::F32, dev), rw = Tensor::zeros({NR, 1}, DType::F32, dev);
@@ -448,12 +446,9 @@ Tensor MoE::backward_ops(const Tensor& dy_TD, const MoECtx& ctx, double balance_
     back_x = exchange_rows(epg, rx, ctx.recv_rows, ctx.send_rows);
     back_w = exchange_rows(epg, rw, ctx.recv_rows, ctx.send_rows);
   }
-  Tensor dxl = Tensor::zeros({TL, D}, DType::F32, dev);
-  Tensor dw = Tensor::zeros({TL, K}, DType::F32, dev);
-  if (N > 0) {
-    dxl = moe_unpermute(back_x, sorted_slot, Tensor(), TL, K);
-    dw = moe_unpermute(back_w, sorted_slot, Tensor(), N, 1).view({TL, K});  // slot order t*K+j
-  }
+  Tensor dxl = N > 0 ? moe_unpermute(back_x, sorted_slot, Tensor(), TL, K) : Tensor::zeros({TL, D}, DType::F32, dev);
+  const Tensor dw = N > 0 ? moe_unpermute(back_w, sorted_slot, Tensor(), N, 1).view({TL, K})  // slot order t*K+j
+                          : Tensor::zeros({TL, K}, DType::F32, dev);
 
   // ---- shared expert ----
   if (has_shared_ && TL > 0) {
