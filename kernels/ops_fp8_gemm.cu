@@ -155,6 +155,11 @@ Tensor relayout_scales(const Tensor& s, bool transpose, int64_t pad_to) {
   const int64_t out_rows = transpose ? cols : rows;
   const int64_t inner = transpose ? rows : cols;
   const int64_t out_ld = (inner + pad_to - 1) / pad_to * pad_to;
+  // F32 128x128 scales whose rows need no padding (K a multiple of 4 x 128, e.g. every weight of the proxy and release
+  // shapes) already are the layout: no copy.
+  if (!transpose && s.dtype() == DType::F32 && out_ld == cols && s.is_contiguous() &&
+      reinterpret_cast<uintptr_t>(s.raw_data()) % 16 == 0)
+    return s;
   Tensor out = Tensor::empty({out_rows, out_ld}, DType::F32, s.device());
   const bool f32 = s.dtype() == DType::F32;
   relayout_scales_kernel<<<detail::blocks_for(out.numel()), detail::kThreads, 0, detail::stream_of(s)>>>(
