@@ -182,36 +182,47 @@ __global__ void convert_kernel(const void* src, DType sdt, void* out, DType odt,
   }
 }
 
+// The contiguous element loop of the fast kernels: f(i, true) for the 4-element group i (i < n / 4) when vec, then
+// f(i, false) for each remaining element i (all of them when !vec), grid-stride.
+template <typename F>
+__device__ __forceinline__ void map_contig(int64_t n, bool vec, F&& f) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n4 = vec ? n / 4 : 0;
+  for (int64_t i = first; i < n4; i += stride) f(i, true);
+  for (int64_t i = 4 * n4 + first; i < n; i += stride) f(i, false);
+}
+
 // Contiguous F32 <-> BF16, the conversions of the training step (GEMM operands: weights, activations, gradients; the
 // BF16 Newton-Schulz result): 4 elements per thread with 16-byte / 8-byte accesses when both pointers allow it, else 1.
 // The generic kernel below moved these at about 0.6 TB/s (ncu on an H100: 2059 F32 -> BF16 conversions of a bf16
 // training step averaged 21 us for about 12 MB each). Same rounding function, so the same bits.
 __global__ void f32_to_bf16_kernel(const float* src, uint16_t* out, int64_t n, bool vec) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t n4 = vec ? n / 4 : 0;
-  for (int64_t i = first; i < n4; i += stride) {
+  map_contig(n, vec, [&](int64_t i, bool v4) {
+    if (!v4) {
+      out[i] = f32_to_bf16(src[i]);
+      return;
+    }
     const float4 v = reinterpret_cast<const float4*>(src)[i];
     uint2 r;
     r.x = static_cast<uint32_t>(f32_to_bf16(v.x)) | (static_cast<uint32_t>(f32_to_bf16(v.y)) << 16);
     r.y = static_cast<uint32_t>(f32_to_bf16(v.z)) | (static_cast<uint32_t>(f32_to_bf16(v.w)) << 16);
     reinterpret_cast<uint2*>(out)[i] = r;
-  }
-  for (int64_t i = 4 * n4 + first; i < n; i += stride) out[i] = f32_to_bf16(src[i]);
+  });
 }
 
 __global__ void bf16_to_f32_kernel(const uint16_t* src, float* out, int64_t n, bool vec) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t n4 = vec ? n / 4 : 0;
-  for (int64_t i = first; i < n4; i += stride) {
+  map_contig(n, vec, [&](int64_t i, bool v4) {
+    if (!v4) {
+      out[i] = bf16_to_f32(src[i]);
+      return;
+    }
     const uint2 v = reinterpret_cast<const uint2*>(src)[i];
     reinterpret_cast<float4*>(out)[i] = make_float4(bf16_to_f32(static_cast<uint16_t>(v.x & 0xFFFFu)),
                                                     bf16_to_f32(static_cast<uint16_t>(v.x >> 16)),
                                                     bf16_to_f32(static_cast<uint16_t>(v.y & 0xFFFFu)),
                                                     bf16_to_f32(static_cast<uint16_t>(v.y >> 16)));
-  }
-  for (int64_t i = 4 * n4 + first; i < n; i += stride) out[i] = bf16_to_f32(src[i]);
+  });
 }
 
 // The F32 <-> BF16 kernels above for contiguous tensors; false for anything else.
@@ -344,16 +355,6 @@ bool aligned16(std::initializer_list<const void*> ps) {
   for (const void* p : ps)
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   return true;
-}
-
-// out[i] = f(i-th inputs) over n elements; f maps float4 lanes one by one.
-template <typename F>
-__device__ __forceinline__ void map_contig(int64_t n, bool vec, F&& f) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t n4 = vec ? n / 4 : 0;
-  for (int64_t i = first; i < n4; i += stride) f(i, true);
-  for (int64_t i = 4 * n4 + first; i < n; i += stride) f(i, false);
 }
 
 __device__ __forceinline__ float4 map4(const float4 v, UnaryOp op) {
