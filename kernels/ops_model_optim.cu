@@ -6,7 +6,9 @@
 #include "kernels/cuda_check.cuh"  // first: makes fmt usable under nvcc
 
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/ops_common.cuh"
 #include "runtime/model_ops.h"
@@ -20,28 +22,6 @@ using detail::stream_of;
 constexpr int kThreads = 256;
 
 
-__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, AdamWScalars s, int64_t n) {
-  GRID_STRIDE(i, n) {
-    float wi = w[i], mi = m[i], vi = v[i];
-    adamw_element(wi, g[i], mi, vi, s);
-    w[i] = wi;
-    m[i] = mi;
-    v[i] = vi;
-  }
-}
-
-__global__ void momentum_kernel(const float* g, float* m, float* u, float mu, bool nesterov, int64_t n) {
-  GRID_STRIDE(i, n) {
-    float mi = m[i], ui = 0.0f;
-    muon_momentum_element(g[i], mi, ui, mu, nesterov);
-    m[i] = mi;
-    u[i] = ui;
-  }
-}
-
-__global__ void apply_kernel(float* w, const float* o, MuonApplyScalars s, int64_t n) {
-  GRID_STRIDE(i, n) w[i] = muon_apply_element(w[i], o[i], s);
-}
 
 // The Frobenius normalisation before the iterations, over X [B, n] (n = r * c): the squares summed in double
 // (of the BF16-rounded values for NsPrecision::BF16), in fixed chunks of kNsNormChunk elements per block so that the
@@ -119,24 +99,131 @@ void ns_normalize(const Tensor& U, double eps, Tensor& out) {
   CUDA_CHECK_LAUNCH();
 }
 
-// ---- many tensors per launch (gradient clipping) -------------------------------------------------------------------
-// Tensor t owns chunks [first_chunk[t], first_chunk[t + 1]) of kNsNormChunk elements; ptrs / sizes its data and numel.
-__device__ int64_t chunk_owner(const int64_t* first_chunk, int64_t T, int64_t c) {
-  int64_t lo = 0, hi = T;  // the last t with first_chunk[t] <= c (tensors without chunks are skipped)
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) / 2;
-    if (first_chunk[mid] <= c) lo = mid; else hi = mid;
+// ---- many tensors per launch (optimizer updates, gradient clipping) -------------------------------------------------
+// A device table over T tensors, each cut into chunks of kNsNormChunk elements, one block per chunk:
+//   [P pointer arrays (T each) | sizes (T) | first_chunk (T + 1) | payload bytes (per-tensor scalars)]
+// Tensor t owns chunks [first_chunk[t], first_chunk[t + 1]); P lists of equal-shape tensors share the sizes.
+template <int P>
+struct MultiTable {
+  const int64_t* base = nullptr;
+  int64_t T = 0;
+  __device__ float* ptr(int p, int64_t t) const { return reinterpret_cast<float*>(base[p * T + t]); }
+  __device__ int64_t size(int64_t t) const { return base[P * T + t]; }
+  __device__ const int64_t* first_chunk() const { return base + (P + 1) * T; }
+  __device__ const void* payload() const { return base + (P + 2) * T + 1; }
+  // The tensor of chunk c: the last t with first_chunk[t] <= c (tensors without chunks are never chosen).
+  __device__ int64_t owner(int64_t c) const {
+    const int64_t* fc = first_chunk();
+    int64_t lo = 0, hi = T;
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (fc[mid] <= c) lo = mid; else hi = mid;
+    }
+    while (fc[lo + 1] <= c) ++lo;
+    return lo;
   }
-  while (first_chunk[lo + 1] <= c) ++lo;
-  return lo;
+};
+
+// The host side: the table on the lists' device (uploaded without waiting: cuda_context.cu's memcpy_h2d) and the
+// chunk count.
+template <int P>
+struct MultiTableHost {
+  Tensor table;
+  MultiTable<P> view;
+  int64_t chunks = 0;
+};
+
+template <int P>
+MultiTableHost<P> multi_table(const std::array<const std::vector<Tensor>*, P>& lists, const void* payload = nullptr,
+                              size_t payload_bytes = 0) {
+  const std::vector<Tensor>& first = *lists[0];
+  const int64_t T = static_cast<int64_t>(first.size());
+  const int64_t words = (P + 2) * T + 1 + static_cast<int64_t>((payload_bytes + 7) / 8);
+  std::vector<int64_t> h(static_cast<size_t>(words), 0);
+  MultiTableHost<P> mt;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int p = 0; p < P; ++p)
+      h[static_cast<size_t>(p * T + t)] =
+          static_cast<int64_t>(reinterpret_cast<uintptr_t>((*lists[static_cast<size_t>(p)])[static_cast<size_t>(t)].raw_data()));
+    const int64_t n = first[static_cast<size_t>(t)].numel();
+    h[static_cast<size_t>(P * T + t)] = n;
+    h[static_cast<size_t>((P + 1) * T + t)] = mt.chunks;
+    mt.chunks += (n + kNsNormChunk - 1) / kNsNormChunk;
+  }
+  h[static_cast<size_t>((P + 2) * T)] = mt.chunks;
+  if (payload_bytes) std::memcpy(h.data() + (P + 2) * T + 1, payload, payload_bytes);
+  DSV4_CHECK(mt.chunks < (int64_t{1} << 31), "multi-tensor op: {} chunks in one call", mt.chunks);
+  mt.table = Tensor::from_vector<int64_t>({words}, h).to(first[0].device());
+  mt.view.base = mt.table.template data<int64_t>();
+  mt.view.T = T;
+  return mt;
 }
 
+// f(table, t, i) for every element i of every tensor t; one block per chunk.
+template <int P, typename F>
+__global__ void multi_apply_kernel(MultiTable<P> tab, F f) {
+  const int64_t c = blockIdx.x, t = tab.owner(c);
+  const int64_t b = (c - tab.first_chunk()[t]) * kNsNormChunk, e = min(tab.size(t), b + kNsNormChunk);
+  for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) f(tab, t, i);
+}
+
+template <int P, typename F>
+void multi_apply(const MultiTableHost<P>& mt, const Tensor& on, F f) {
+  if (mt.chunks == 0) return;
+  multi_apply_kernel<P, F><<<static_cast<unsigned>(mt.chunks), kThreads, 0, stream_of(on)>>>(mt.view, f);
+  CUDA_CHECK_LAUNCH();
+}
+
+// Lists: w, g, exp_avg, exp_avg_sq; payload: AdamWScalars per tensor.
+struct AdamWOp {
+  __device__ void operator()(const MultiTable<4>& tab, int64_t t, int64_t i) const {
+    const AdamWScalars s = static_cast<const AdamWScalars*>(tab.payload())[t];
+    float* w = tab.ptr(0, t);
+    float* m = tab.ptr(2, t);
+    float* v = tab.ptr(3, t);
+    float wi = w[i], mi = m[i], vi = v[i];
+    adamw_element(wi, tab.ptr(1, t)[i], mi, vi, s);
+    w[i] = wi;
+    m[i] = mi;
+    v[i] = vi;
+  }
+};
+
+// Lists: g, momentum, u.
+struct MomentumOp {
+  float mu;
+  bool nesterov;
+  __device__ void operator()(const MultiTable<3>& tab, int64_t t, int64_t i) const {
+    float* m = tab.ptr(1, t);
+    float mi = m[i], ui = 0.0f;
+    muon_momentum_element(tab.ptr(0, t)[i], mi, ui, mu, nesterov);
+    m[i] = mi;
+    tab.ptr(2, t)[i] = ui;
+  }
+};
+
+// Lists: w, o.
+struct ApplyOp {
+  MuonApplyScalars s;
+  __device__ void operator()(const MultiTable<2>& tab, int64_t t, int64_t i) const {
+    float* w = tab.ptr(0, t);
+    w[i] = muon_apply_element(w[i], tab.ptr(1, t)[i], s);
+  }
+};
+
+struct ScaleOp {
+  float factor;
+  __device__ void operator()(const MultiTable<1>& tab, int64_t t, int64_t i) const {
+    float* x = tab.ptr(0, t);
+    x[i] = __fmul_rn(x[i], factor);
+  }
+};
+
 // partial[c] = sum of x^2 over chunk c (double); grid = the chunks.
-__global__ void multi_sumsq_kernel(const int64_t* ptrs, const int64_t* sizes, const int64_t* first_chunk, int64_t T,
-                                   double* partial) {
-  const int64_t c = blockIdx.x, t = chunk_owner(first_chunk, T, c);
-  const float* x = reinterpret_cast<const float*>(ptrs[t]);
-  const int64_t b = (c - first_chunk[t]) * kNsNormChunk, e = min(sizes[t], b + kNsNormChunk);
+__global__ void multi_sumsq_kernel(MultiTable<1> tab, double* partial) {
+  const int64_t c = blockIdx.x, t = tab.owner(c);
+  const float* x = tab.ptr(0, t);
+  const int64_t b = (c - tab.first_chunk()[t]) * kNsNormChunk, e = min(tab.size(t), b + kNsNormChunk);
   double ss = 0;
   for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) ss += static_cast<double>(x[i]) * x[i];
   const double total = block_sum(ss);
@@ -144,46 +231,12 @@ __global__ void multi_sumsq_kernel(const int64_t* ptrs, const int64_t* sizes, co
 }
 
 // out[t] = the chunk sums of tensor t in chunk order.
-__global__ void multi_sumsq_finish_kernel(const double* partial, const int64_t* first_chunk, int64_t T, double* out) {
+__global__ void multi_sumsq_finish_kernel(MultiTable<1> tab, const double* partial, double* out) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= T) return;
+  if (t >= tab.T) return;
   double s = 0;
-  for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) s += partial[c];
+  for (int64_t c = tab.first_chunk()[t]; c < tab.first_chunk()[t + 1]; ++c) s += partial[c];
   out[t] = s;
-}
-
-__global__ void multi_scale_kernel(const int64_t* ptrs, const int64_t* sizes, const int64_t* first_chunk, int64_t T,
-                                   float factor) {
-  const int64_t c = blockIdx.x, t = chunk_owner(first_chunk, T, c);
-  float* x = reinterpret_cast<float*>(ptrs[t]);
-  const int64_t b = (c - first_chunk[t]) * kNsNormChunk, e = min(sizes[t], b + kNsNormChunk);
-  for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) x[i] = __fmul_rn(x[i], factor);
-}
-
-// The chunk table of a tensor list on the device: [ptrs (T) | sizes (T) | first_chunk (T + 1)], and the chunk count.
-struct ChunkTable {
-  Tensor table;
-  int64_t T = 0, chunks = 0;
-  const int64_t* ptrs() const { return table.data<int64_t>(); }
-  const int64_t* sizes() const { return ptrs() + T; }
-  const int64_t* first_chunk() const { return ptrs() + 2 * T; }
-};
-
-ChunkTable chunk_table(const std::vector<Tensor>& xs) {
-  ChunkTable ct;
-  ct.T = static_cast<int64_t>(xs.size());
-  std::vector<int64_t> h(static_cast<size_t>(3 * ct.T + 1));
-  for (int64_t t = 0; t < ct.T; ++t) {
-    const Tensor& x = xs[static_cast<size_t>(t)];
-    h[static_cast<size_t>(t)] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x.raw_data()));
-    h[static_cast<size_t>(ct.T + t)] = x.numel();
-    h[static_cast<size_t>(2 * ct.T + t)] = ct.chunks;
-    ct.chunks += (x.numel() + kNsNormChunk - 1) / kNsNormChunk;
-  }
-  h[static_cast<size_t>(3 * ct.T)] = ct.chunks;
-  DSV4_CHECK(ct.chunks < (int64_t{1} << 31), "sum_squares / scale_in_place: {} chunks in one call", ct.chunks);
-  ct.table = Tensor::from_vector<int64_t>({3 * ct.T + 1}, h).to(xs[0].device());
-  return ct;
 }
 
 __global__ void scale_kernel(const float* x, float a, float* y, int64_t n) {
@@ -267,41 +320,38 @@ void ns_batched(Tensor& X, const std::vector<NsStage>& schedule, double eps, NsP
 
 }  // namespace
 
-void adamw_step(Tensor& w, const Tensor& g, Tensor& exp_avg, Tensor& exp_avg_sq, const AdamWScalars& s) {
-  detail::DeviceGuard guard(w.device().index);
-  adamw_kernel<<<blocks_for(w.numel()), kThreads, 0, stream_of(w)>>>(w.data<float>(), g.data<float>(),
-                                                                   exp_avg.data<float>(), exp_avg_sq.data<float>(), s,
-                                                                   w.numel());
-  CUDA_CHECK_LAUNCH();
+void adamw_steps(const std::vector<Tensor>& w, const std::vector<Tensor>& g, const std::vector<Tensor>& exp_avg,
+                 const std::vector<Tensor>& exp_avg_sq, const std::vector<AdamWScalars>& s) {
+  detail::DeviceGuard guard(w[0].device().index);
+  static_assert(std::is_trivially_copyable_v<AdamWScalars>);
+  multi_apply(multi_table<4>({&w, &g, &exp_avg, &exp_avg_sq}, s.data(), s.size() * sizeof(AdamWScalars)), w[0],
+              AdamWOp{});
 }
 
-void muon_momentum_step(const Tensor& g, Tensor& momentum, Tensor& u, float mu, bool nesterov) {
-  detail::DeviceGuard guard(g.device().index);
-  momentum_kernel<<<blocks_for(g.numel()), kThreads, 0, stream_of(g)>>>(g.data<float>(), momentum.data<float>(),
-                                                                      u.data<float>(), mu, nesterov, g.numel());
-  CUDA_CHECK_LAUNCH();
+void muon_momentum_steps(const std::vector<Tensor>& g, const std::vector<Tensor>& momentum,
+                         const std::vector<Tensor>& u, float mu, bool nesterov) {
+  detail::DeviceGuard guard(g[0].device().index);
+  multi_apply(multi_table<3>({&g, &momentum, &u}), g[0], MomentumOp{mu, nesterov});
 }
 
-void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s) {
-  detail::DeviceGuard guard(w.device().index);
-  apply_kernel<<<blocks_for(w.numel()), kThreads, 0, stream_of(w)>>>(w.data<float>(), o.data<float>(), s, w.numel());
-  CUDA_CHECK_LAUNCH();
+void muon_apply_steps(const std::vector<Tensor>& w, const std::vector<Tensor>& o, const MuonApplyScalars& s) {
+  detail::DeviceGuard guard(w[0].device().index);
+  multi_apply(multi_table<2>({&w, &o}), w[0], ApplyOp{s});
 }
 
 void sum_squares(const std::vector<Tensor>& xs, std::vector<double>& sums) {
   detail::DeviceGuard guard(xs[0].device().index);
-  const ChunkTable ct = chunk_table(xs);
+  const MultiTableHost<1> mt = multi_table<1>({&xs});
   cudaStream_t st = stream_of(xs[0]);
-  Tensor partial = Tensor::empty({std::max<int64_t>(ct.chunks, 1)}, DType::I64, xs[0].device());  // doubles
-  Tensor out = Tensor::empty({ct.T}, DType::I64, xs[0].device());                                 // doubles
+  Tensor partial = Tensor::empty({std::max<int64_t>(mt.chunks, 1)}, DType::I64, xs[0].device());  // doubles
+  Tensor out = Tensor::empty({mt.view.T}, DType::I64, xs[0].device());                             // doubles
   double* partial_d = static_cast<double*>(partial.raw_data());
-  if (ct.chunks > 0) {
-    multi_sumsq_kernel<<<static_cast<unsigned>(ct.chunks), kThreads, 0, st>>>(ct.ptrs(), ct.sizes(), ct.first_chunk(),
-                                                                             ct.T, partial_d);
+  if (mt.chunks > 0) {
+    multi_sumsq_kernel<<<static_cast<unsigned>(mt.chunks), kThreads, 0, st>>>(mt.view, partial_d);
     CUDA_CHECK_LAUNCH();
   }
-  multi_sumsq_finish_kernel<<<blocks_for(ct.T), kThreads, 0, st>>>(partial_d, ct.first_chunk(), ct.T,
-                                                                  static_cast<double*>(out.raw_data()));
+  multi_sumsq_finish_kernel<<<blocks_for(mt.view.T), kThreads, 0, st>>>(mt.view, partial_d,
+                                                                       static_cast<double*>(out.raw_data()));
   CUDA_CHECK_LAUNCH();
   const Tensor host = out.to(Device::cpu());
   std::memcpy(sums.data(), host.raw_data(), sums.size() * sizeof(double));
@@ -309,11 +359,7 @@ void sum_squares(const std::vector<Tensor>& xs, std::vector<double>& sums) {
 
 void scale_in_place(const std::vector<Tensor>& xs, float factor) {
   detail::DeviceGuard guard(xs[0].device().index);
-  const ChunkTable ct = chunk_table(xs);
-  if (ct.chunks == 0) return;
-  multi_scale_kernel<<<static_cast<unsigned>(ct.chunks), kThreads, 0, stream_of(xs[0])>>>(
-      ct.ptrs(), ct.sizes(), ct.first_chunk(), ct.T, factor);
-  CUDA_CHECK_LAUNCH();
+  multi_apply(multi_table<1>({&xs}), xs[0], ScaleOp{factor});
 }
 
 void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps, NsPrecision precision) {

@@ -123,6 +123,12 @@ OptimizerStepStats Optimizer::step(double lr) {
   DSV4_CHECK(std::isfinite(lr) && lr >= 0, "optimizer: learning rate {} must be finite and >= 0", lr);
   OptimizerStepStats st;
   std::vector<Slot*> ops_muon;  // Muon on the tensor-op path: orthogonalised in batches after the loop
+  struct AdamWLists {           // AdamW on the tensor-op path: one adamw_steps call per device after the loop
+    Device device;
+    std::vector<Tensor> w, g, m, v;
+    std::vector<AdamWScalars> s;
+  };
+  std::vector<AdamWLists> ops_adamw;
   for (Slot& s : slots_) {
     if (s.group == OptGroup::None) continue;
     Param& p = *s.p;
@@ -149,16 +155,25 @@ OptimizerStepStats Optimizer::step(double lr) {
                     p.value.size(1), s.row_blocks, lr, cfg_.muon);
       ++st.muon;
     } else {
-      const HostPhase phase("optimizer: adamw", HostPhase::Sync::Device);
-      if (ops_path)
-        adamw_step(p.value, p.grad, s.exp_avg, s.exp_avg_sq,
-                   adamw_scalars(cfg_.adamw.beta1, cfg_.adamw.beta2, cfg_.adamw.eps, cfg_.adamw.weight_decay, s.step,
-                                 lr));
-      else
+      if (ops_path) {
+        auto it = std::find_if(ops_adamw.begin(), ops_adamw.end(), [&](const AdamWLists& l) { return l.device == dev; });
+        if (it == ops_adamw.end()) it = ops_adamw.insert(ops_adamw.end(), AdamWLists{dev, {}, {}, {}, {}, {}});
+        it->w.push_back(p.value);
+        it->g.push_back(p.grad);
+        it->m.push_back(s.exp_avg);
+        it->v.push_back(s.exp_avg_sq);
+        it->s.push_back(
+            adamw_scalars(cfg_.adamw.beta1, cfg_.adamw.beta2, cfg_.adamw.eps, cfg_.adamw.weight_decay, s.step, lr));
+      } else {
         adamw_update(p.value.data<float>(), p.grad.data<float>(), s.exp_avg.data<float>(),
                      s.exp_avg_sq.data<float>(), p.value.numel(), s.step, lr, cfg_.adamw);
+      }
       ++st.adamw;
     }
+  }
+  for (const AdamWLists& l : ops_adamw) {
+    const HostPhase phase("optimizer: adamw", HostPhase::Sync::Device);
+    adamw_steps(l.w, l.g, l.m, l.v, l.s);
   }
   if (!ops_muon.empty()) st.ns_calls = muon_ops_step(ops_muon, lr);
   {
@@ -200,15 +215,19 @@ int64_t Optimizer::muon_ops_step(const std::vector<Slot*>& slots, double lr) {
       const Slot& s = *b.slots[i];
       return u_all.slice(0, first, first + s.row_blocks).view(s.p->value.shape());
     };
+    std::vector<Tensor> values, grads, momenta, us;  // the batch's slots, u their rows of u_all
     int64_t first = 0;
+    for (size_t i = 0; i < b.slots.size(); ++i) {
+      Slot& s = *b.slots[i];
+      values.push_back(s.p->value);
+      grads.push_back(s.p->grad);
+      momenta.push_back(s.momentum);
+      us.push_back(u_of(i, first));
+      first += s.row_blocks;
+    }
     {
       const HostPhase phase("optimizer: muon momentum", HostPhase::Sync::Device);
-      for (size_t i = 0; i < b.slots.size(); ++i) {
-        Slot& s = *b.slots[i];
-        Tensor u = u_of(i, first);
-        muon_momentum_step(s.p->grad, s.momentum, u, static_cast<float>(mc.momentum), mc.nesterov);
-        first += s.row_blocks;
-      }
+      muon_momentum_steps(grads, momenta, us, static_cast<float>(mc.momentum), mc.nesterov);
     }
     {
       const std::string name = host_phases_enabled() ? fmt::format("optimizer: newton-schulz [{} x {} x {}]",
@@ -218,13 +237,7 @@ int64_t Optimizer::muon_ops_step(const std::vector<Slot*>& slots, double lr) {
       newton_schulz_batched(u_all, mc.ns_schedule, mc.ns_eps, mc.precision);
     }
     const HostPhase phase("optimizer: muon apply", HostPhase::Sync::Device);
-    const MuonApplyScalars sc = muon_apply_scalars(lr, mc.weight_decay, mc.update_scale, b.block_rows, b.cols);
-    first = 0;
-    for (size_t i = 0; i < b.slots.size(); ++i) {
-      Slot& s = *b.slots[i];
-      muon_apply_step(s.p->value, u_of(i, first), sc);
-      first += s.row_blocks;
-    }
+    muon_apply_steps(values, us, muon_apply_scalars(lr, mc.weight_decay, mc.update_scale, b.block_rows, b.cols));
   }
   return static_cast<int64_t>(batches.size());
 }

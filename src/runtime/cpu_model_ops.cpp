@@ -163,25 +163,33 @@ void ce_backward(const Tensor& logits, const Tensor& targets, const std::vector<
   }
 }
 
-void adamw_step(Tensor& w, const Tensor& g, Tensor& exp_avg, Tensor& exp_avg_sq, const AdamWScalars& s) {
-  float* wp = w.data<float>();
-  const float* gp = g.data<float>();
-  float* m = exp_avg.data<float>();
-  float* v = exp_avg_sq.data<float>();
-  for (int64_t i = 0; i < w.numel(); ++i) adamw_element(wp[i], gp[i], m[i], v[i], s);
+void adamw_steps(const std::vector<Tensor>& w, const std::vector<Tensor>& g, const std::vector<Tensor>& exp_avg,
+                 const std::vector<Tensor>& exp_avg_sq, const std::vector<AdamWScalars>& s) {
+  for (size_t t = 0; t < w.size(); ++t) {
+    float* wp = w[t].data<float>();
+    const float* gp = g[t].data<float>();
+    float* m = exp_avg[t].data<float>();
+    float* v = exp_avg_sq[t].data<float>();
+    for (int64_t i = 0; i < w[t].numel(); ++i) adamw_element(wp[i], gp[i], m[i], v[i], s[t]);
+  }
 }
 
-void muon_momentum_step(const Tensor& g, Tensor& momentum, Tensor& u, float mu, bool nesterov) {
-  const float* gp = g.data<float>();
-  float* m = momentum.data<float>();
-  float* up = u.data<float>();
-  for (int64_t i = 0; i < g.numel(); ++i) muon_momentum_element(gp[i], m[i], up[i], mu, nesterov);
+void muon_momentum_steps(const std::vector<Tensor>& g, const std::vector<Tensor>& momentum,
+                         const std::vector<Tensor>& u, float mu, bool nesterov) {
+  for (size_t t = 0; t < g.size(); ++t) {
+    const float* gp = g[t].data<float>();
+    float* m = momentum[t].data<float>();
+    float* up = u[t].data<float>();
+    for (int64_t i = 0; i < g[t].numel(); ++i) muon_momentum_element(gp[i], m[i], up[i], mu, nesterov);
+  }
 }
 
-void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s) {
-  float* wp = w.data<float>();
-  const float* op = o.data<float>();
-  for (int64_t i = 0; i < w.numel(); ++i) wp[i] = muon_apply_element(wp[i], op[i], s);
+void muon_apply_steps(const std::vector<Tensor>& w, const std::vector<Tensor>& o, const MuonApplyScalars& s) {
+  for (size_t t = 0; t < w.size(); ++t) {
+    float* wp = w[t].data<float>();
+    const float* op = o[t].data<float>();
+    for (int64_t i = 0; i < w[t].numel(); ++i) wp[i] = muon_apply_element(wp[i], op[i], s);
+  }
 }
 
 void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps, NsPrecision precision) {

@@ -225,54 +225,63 @@ Tensor ce_backward(const Tensor& logits, const Tensor& targets, const std::vecto
   return d;
 }
 
-void adamw_step(Tensor& w, const Tensor& g, Tensor& exp_avg, Tensor& exp_avg_sq, const AdamWScalars& s) {
-  const char* op = "adamw_step";
-  check_arg(w, op, "w", DType::F32, -1, w.defined() ? w.device() : Device::cpu());
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&g, "g"}, {&exp_avg, "exp_avg"},
-                                {&exp_avg_sq, "exp_avg_sq"}}) {
-    check_arg(*t, op, name, DType::F32, -1, w.device());
-    check_shape(*t, w.shape(), op, name);
-  }
-  if (w.numel() > 0) DSV4_BACKEND_DISPATCH(w.device(), adamw_step, w, g, exp_avg, exp_avg_sq, s);
-}
-
-void muon_momentum_step(const Tensor& g, Tensor& momentum, Tensor& u, float mu, bool nesterov) {
-  const char* op = "muon_momentum_step";
-  check_arg(g, op, "g", DType::F32, -1, g.defined() ? g.device() : Device::cpu());
-  check_arg(momentum, op, "momentum", DType::F32, -1, g.device());
-  check_arg(u, op, "u", DType::F32, -1, g.device());
-  check_shape(momentum, g.shape(), op, "momentum");
-  check_shape(u, g.shape(), op, "u");
-  if (g.numel() > 0) DSV4_BACKEND_DISPATCH(g.device(), muon_momentum_step, g, momentum, u, mu, nesterov);
-}
-
-void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s) {
-  const char* op = "muon_apply_step";
-  check_arg(w, op, "w", DType::F32, -1, w.defined() ? w.device() : Device::cpu());
-  check_arg(o, op, "o", DType::F32, -1, w.device());
-  check_shape(o, w.shape(), op, "o");
-  if (w.numel() > 0) DSV4_BACKEND_DISPATCH(w.device(), muon_apply_step, w, o, s);
-}
-
 namespace {
-// Contiguous F32 tensors on one device; returns the device (CPU for an empty list).
-Device check_tensor_list(const std::vector<Tensor>& xs, const char* op) {
-  const Device dev = xs.empty() || !xs[0].defined() ? Device::cpu() : xs[0].device();
-  for (size_t i = 0; i < xs.size(); ++i)
-    check_arg(xs[i], op, fmt::format("xs[{}]", i).c_str(), DType::F32, -1, dev);
+// Lists of contiguous F32 tensors on one device, entry i of each list with the shape of lists[0][i]; returns the
+// device (CPU for empty lists).
+Device check_tensor_lists(const char* op, std::initializer_list<std::pair<const std::vector<Tensor>*, const char*>> lists) {
+  const std::vector<Tensor>& first = *lists.begin()->first;
+  const Device dev = first.empty() || !first[0].defined() ? Device::cpu() : first[0].device();
+  for (const auto& [list, name] : lists) {
+    DSV4_CHECK(list->size() == first.size(), "{}: {} {} tensors, {} {}", op, list->size(), name, first.size(),
+               lists.begin()->second);
+    for (size_t i = 0; i < list->size(); ++i) {
+      const std::string arg = fmt::format("{}[{}]", name, i);
+      check_arg((*list)[i], op, arg.c_str(), DType::F32, -1, dev);
+      check_shape((*list)[i], first[i].shape(), op, arg.c_str());
+    }
+  }
   return dev;
 }
 }  // namespace
 
+void adamw_steps(const std::vector<Tensor>& w, const std::vector<Tensor>& g, const std::vector<Tensor>& exp_avg,
+                 const std::vector<Tensor>& exp_avg_sq, const std::vector<AdamWScalars>& s) {
+  const Device dev =
+      check_tensor_lists("adamw_steps", {{&w, "w"}, {&g, "g"}, {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}});
+  DSV4_CHECK(s.size() == w.size(), "adamw_steps: {} scalar sets for {} tensors", s.size(), w.size());
+  if (!w.empty()) DSV4_BACKEND_DISPATCH(dev, adamw_steps, w, g, exp_avg, exp_avg_sq, s);
+}
+
+void muon_momentum_steps(const std::vector<Tensor>& g, const std::vector<Tensor>& momentum,
+                         const std::vector<Tensor>& u, float mu, bool nesterov) {
+  const Device dev = check_tensor_lists("muon_momentum_steps", {{&g, "g"}, {&momentum, "momentum"}, {&u, "u"}});
+  if (!g.empty()) DSV4_BACKEND_DISPATCH(dev, muon_momentum_steps, g, momentum, u, mu, nesterov);
+}
+
+void muon_apply_steps(const std::vector<Tensor>& w, const std::vector<Tensor>& o, const MuonApplyScalars& s) {
+  const Device dev = check_tensor_lists("muon_apply_steps", {{&w, "w"}, {&o, "o"}});
+  if (!w.empty()) DSV4_BACKEND_DISPATCH(dev, muon_apply_steps, w, o, s);
+}
+
+void adamw_step(Tensor& w, const Tensor& g, Tensor& exp_avg, Tensor& exp_avg_sq, const AdamWScalars& s) {
+  adamw_steps({w}, {g}, {exp_avg}, {exp_avg_sq}, {s});
+}
+
+void muon_momentum_step(const Tensor& g, Tensor& momentum, Tensor& u, float mu, bool nesterov) {
+  muon_momentum_steps({g}, {momentum}, {u}, mu, nesterov);
+}
+
+void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s) { muon_apply_steps({w}, {o}, s); }
+
 std::vector<double> sum_squares(const std::vector<Tensor>& xs) {
-  const Device dev = check_tensor_list(xs, "sum_squares");
+  const Device dev = check_tensor_lists("sum_squares", {{&xs, "xs"}});
   std::vector<double> sums(xs.size(), 0.0);
   if (!xs.empty()) DSV4_BACKEND_DISPATCH(dev, sum_squares, xs, sums);
   return sums;
 }
 
 void scale_in_place(const std::vector<Tensor>& xs, float factor) {
-  const Device dev = check_tensor_list(xs, "scale_in_place");
+  const Device dev = check_tensor_lists("scale_in_place", {{&xs, "xs"}});
   if (!xs.empty()) DSV4_BACKEND_DISPATCH(dev, scale_in_place, xs, factor);
 }
 

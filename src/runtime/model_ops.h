@@ -109,6 +109,13 @@ void scale_in_place(const std::vector<Tensor>& xs, float factor);
 void adamw_step(Tensor& w, const Tensor& g, Tensor& exp_avg, Tensor& exp_avg_sq, const AdamWScalars& s);
 void muon_momentum_step(const Tensor& g, Tensor& momentum, Tensor& u, float mu, bool nesterov);
 void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s);
+// The same updates over lists of tensors (entry i of every list of equal shape; all on one device; s[i] for w[i]):
+// one launch for all of them on CUDA (the single-tensor forms above call these).
+void adamw_steps(const std::vector<Tensor>& w, const std::vector<Tensor>& g, const std::vector<Tensor>& exp_avg,
+                 const std::vector<Tensor>& exp_avg_sq, const std::vector<AdamWScalars>& s);
+void muon_momentum_steps(const std::vector<Tensor>& g, const std::vector<Tensor>& momentum,
+                         const std::vector<Tensor>& u, float mu, bool nesterov);
+void muon_apply_steps(const std::vector<Tensor>& w, const std::vector<Tensor>& o, const MuonApplyScalars& s);
 // x [B, r, c] (or [r, c], F32): each matrix orthogonalised in place as newton_schulz(..., precision) does. CPU: that
 // loop per matrix. CUDA: batched cuBLAS GEMMs X X^T, b A + c A A, a X + B X on the wide orientation, in FP32 or (BF16)
 // on BF16 X, A, B, Y with FP32 accumulation, rounded where the CPU emulation rounds; the GEMMs sum in another order,
@@ -142,9 +149,11 @@ void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, doub
                std::vector<double>& sums);                                                                          \
   void ce_backward(const Tensor& logits, const Tensor& targets, const std::vector<double>& lse, double norm,       \
                    int64_t begin, Tensor& dlogits);                                                                 \
-  void adamw_step(Tensor& w, const Tensor& g, Tensor& exp_avg, Tensor& exp_avg_sq, const AdamWScalars& s);          \
-  void muon_momentum_step(const Tensor& g, Tensor& momentum, Tensor& u, float mu, bool nesterov);                   \
-  void muon_apply_step(Tensor& w, const Tensor& o, const MuonApplyScalars& s);                                      \
+  void adamw_steps(const std::vector<Tensor>& w, const std::vector<Tensor>& g, const std::vector<Tensor>& exp_avg,  \
+                   const std::vector<Tensor>& exp_avg_sq, const std::vector<AdamWScalars>& s);                      \
+  void muon_momentum_steps(const std::vector<Tensor>& g, const std::vector<Tensor>& momentum,                      \
+                           const std::vector<Tensor>& u, float mu, bool nesterov);                                  \
+  void muon_apply_steps(const std::vector<Tensor>& w, const std::vector<Tensor>& o, const MuonApplyScalars& s);     \
   void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps, NsPrecision precision); \
   void sum_squares(const std::vector<Tensor>& xs, std::vector<double>& sums);                                       \
   void scale_in_place(const std::vector<Tensor>& xs, float factor);

@@ -333,6 +333,39 @@ TEST_F(GpuModelOps, SumSquaresAndScaleInPlace) {
   for (size_t i = 0; i < sizes.size(); ++i) EXPECT_EQ(std::isfinite(bad[i]), i != 4) << "tensor " << i;
 }
 
+// The optimizer's list forms (one launch for all tensors): bit for bit the CPU loops, per-tensor AdamW scalars.
+TEST_F(GpuModelOps, OptimizerListFormsBitwise) {
+  const std::vector<int64_t> sizes = {1, 0, 16385, 40000, 7};
+  std::vector<Tensor> wc, gc, mc, vc, wg, gg, mg, vg;
+  std::vector<AdamWScalars> sc;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const int64_t n = sizes[i];
+    wc.push_back(rand_cpu({n}));
+    gc.push_back(rand_cpu({n}));
+    mc.push_back(rand_cpu({n}, -0.1f, 0.1f));
+    vc.push_back(rand_cpu({n}, 0.0f, 0.1f));
+    for (auto [from, to] : {std::pair{&wc, &wg}, {&gc, &gg}, {&mc, &mg}, {&vc, &vg}}) to->push_back(G(from->back().clone()));
+    sc.push_back(adamw_scalars(0.9, 0.95, 1e-8, 0.1, static_cast<int64_t>(i) + 1, 1e-3));
+  }
+  adamw_steps(wc, gc, mc, vc, sc);
+  adamw_steps(wg, gg, mg, vg, sc);
+  for (size_t i = 0; i < sizes.size(); ++i)
+    for (auto [c, g] : {std::pair{&wc, &wg}, {&mc, &mg}, {&vc, &vg}})
+      expect_same_bits((*g)[i], (*c)[i], "adamw_steps tensor " + std::to_string(i));
+  std::vector<Tensor> uc, ug;
+  for (int64_t n : sizes) {
+    uc.push_back(Tensor::empty({n}, DType::F32));
+    ug.push_back(Tensor::empty({n}, DType::F32, kGpu));
+  }
+  muon_momentum_steps(gc, mc, uc, 0.95f, true);
+  muon_momentum_steps(gg, mg, ug, 0.95f, true);
+  muon_apply_steps(wc, uc, muon_apply_scalars(0.02, 0.1, 0.2, 64, 128));
+  muon_apply_steps(wg, ug, muon_apply_scalars(0.02, 0.1, 0.2, 64, 128));
+  for (size_t i = 0; i < sizes.size(); ++i)
+    for (auto [c, g] : {std::pair{&wc, &wg}, {&mc, &mg}, {&uc, &ug}})
+      expect_same_bits((*g)[i], (*c)[i], "muon list forms tensor " + std::to_string(i));
+}
+
 TEST_F(GpuModelOps, NewtonSchulzBatched) {
   for (auto [B, r, c] : {std::array<int64_t, 3>{1, 1, 5}, {3, 17, 40}, {2, 96, 33}, {1, 256, 256}}) {
     const Tensor x = rand_cpu({B, r, c});

@@ -95,6 +95,20 @@ TEST(ModelOpsCpu, OptimizerStepsMatchUpdateRules) {
   expect_bits(wb, wa);
 }
 
+// The list forms check every list against the first one and name the mismatch.
+TEST(ModelOpsCpu, OptimizerListFormsCheckTheirLists) {
+  const Tensor a = randn({4}, 1), b = randn({5}, 2);
+  try {
+    muon_apply_steps({a, b}, {a.clone(), a.clone()}, MuonApplyScalars{});
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("o[1]"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(muon_momentum_steps({a}, {a.clone(), a.clone()}, {a.clone()}, 0.9f, true), Error);
+  EXPECT_THROW(adamw_steps({a}, {a}, {a.clone()}, {a.clone()}, {}), Error);  // no scalars
+  EXPECT_THROW(sum_squares({a, Tensor::zeros({2}, DType::I64)}), Error);
+}
+
 TEST(ModelOpsCpu, NewtonSchulzBatchedIsThePerMatrixRoutine) {
   // Wide, tall and square batches in both precisions: each matrix exactly newton_schulz(..., precision).
   for (NsPrecision prec : {NsPrecision::F32, NsPrecision::BF16})
