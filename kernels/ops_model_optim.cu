@@ -99,7 +99,7 @@ void ns_normalize(const Tensor& U, double eps, Tensor& out) {
   CUDA_CHECK_LAUNCH();
 }
 
-// ---- many tensors per launch (optimizer updates, gradient clipping) -------------------------------------------------
+// ---- many tensors per launch (optimizer updates, gradient clipping, BF16 weight operands) ----------------------
 // A device table over T tensors, each cut into chunks of kNsNormChunk elements, one block per chunk:
 //   [P pointer arrays (T each) | sizes (T) | first_chunk (T + 1) | payload bytes (per-tensor scalars)]
 // Tensor t owns chunks [first_chunk[t], first_chunk[t + 1]); P lists of equal-shape tensors share the sizes.
@@ -208,6 +208,13 @@ struct ApplyOp {
   __device__ void operator()(const MultiTable<2>& tab, int64_t t, int64_t i) const {
     float* w = tab.ptr(0, t);
     w[i] = muon_apply_element(w[i], tab.ptr(1, t)[i], s);
+  }
+};
+
+// Lists: x (F32), y (BF16).
+struct ToBf16Op {
+  __device__ void operator()(const MultiTable<2>& tab, int64_t t, int64_t i) const {
+    reinterpret_cast<uint16_t*>(tab.ptr(1, t))[i] = f32_to_bf16(tab.ptr(0, t)[i]);
   }
 };
 
@@ -355,6 +362,11 @@ void sum_squares(const std::vector<Tensor>& xs, std::vector<double>& sums) {
   CUDA_CHECK_LAUNCH();
   const Tensor host = out.to(Device::cpu());
   std::memcpy(sums.data(), host.raw_data(), sums.size() * sizeof(double));
+}
+
+void convert_to_bf16(const std::vector<Tensor>& xs, const std::vector<Tensor>& ys) {
+  detail::DeviceGuard guard(xs[0].device().index);
+  multi_apply(multi_table<2>({&xs, &ys}), xs[0], ToBf16Op{});
 }
 
 void scale_in_place(const std::vector<Tensor>& xs, float factor) {

@@ -1,10 +1,12 @@
 #include "model/matmul_precision.h"
 
+#include <algorithm>
 #include <memory>
 
 #include "runtime/cpu_blas.h"
 #include "runtime/error.h"
 #include "runtime/fp8.h"
+#include "runtime/model_ops.h"
 #include "runtime/ops.h"
 
 namespace dsv4 {
@@ -78,6 +80,25 @@ WeightOperand weight_operand(MatmulPrecision p, const Tensor& w_OI) {
     case MatmulPrecision::FP8: return {Tensor(), fp8_quantize_blocks(w_OI, kFp8Scales)};
   }
   DSV4_FAIL("weight_operand: bad precision");
+}
+
+std::vector<WeightOperand> weight_operands(MatmulPrecision p, const std::vector<Tensor>& ws) {
+  std::vector<WeightOperand> out;
+  out.reserve(ws.size());
+  const bool batched = p == MatmulPrecision::BF16 && !ws.empty() &&
+                       std::all_of(ws.begin(), ws.end(), [&](const Tensor& w) {
+                         return w.device().is_cuda() && w.device() == ws[0].device() && w.dtype() == DType::F32 &&
+                                w.is_contiguous();
+                       });
+  if (!batched) {
+    for (const Tensor& w : ws) out.push_back(weight_operand(p, w));
+    return out;
+  }
+  std::vector<Tensor> bf16;
+  for (const Tensor& w : ws) bf16.push_back(Tensor::empty(w.shape(), DType::BF16, w.device()));
+  convert_to_bf16(ws, bf16);
+  for (Tensor& b : bf16) out.push_back({std::move(b), {}});
+  return out;
 }
 
 namespace {

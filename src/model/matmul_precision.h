@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <string_view>
+#include <vector>
 
 #include "model/quant.h"
 #include "runtime/fp8.h"
@@ -54,6 +55,9 @@ struct WeightOperand {
   bool defined() const { return t.defined() || blocks.q.defined(); }
 };
 WeightOperand weight_operand(MatmulPrecision p, const Tensor& w_OI);
+// weight_operand of each weight; bf16 weights on one device convert in one call (runtime/model_ops.h's
+// convert_to_bf16: one launch on CUDA for, e.g., all expert matrices of a layer).
+std::vector<WeightOperand> weight_operands(MatmulPrecision p, const std::vector<Tensor>& ws);
 void pgemm_xwT(MatmulPrecision p, const Tensor& x_TI, const WeightOperand& w, float beta, Tensor& y_TO);
 void pgemm_dyW(MatmulPrecision p, const Tensor& dy_TO, const WeightOperand& w, float beta, Tensor& dx_TI);
 Tensor pmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const WeightOperand& w);

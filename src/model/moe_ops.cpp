@@ -99,11 +99,17 @@ MatmulPrecision call_precision(const std::vector<const ExpertWeights*>& ews, con
 
 // The experts' F32 weights as GEMM operands (weight_operand: BF16, FP8 blocks or the F32 tensor), 3 per expert (w1,
 // w2, w3; undefined when frozen): made once in forward and kept in the context for the backward's Dgrad GEMMs.
-std::vector<WeightOperand> weight_operands(const std::vector<const ExpertWeights*>& ews) {
-  std::vector<WeightOperand> w;
+std::vector<WeightOperand> expert_weight_operands(const std::vector<const ExpertWeights*>& ews) {
+  if (ews.empty()) return {};
+  std::vector<Tensor> trainable;  // the non-frozen matrices, converted in one call (matmul_precision.h)
   for (const ExpertWeights* ew : ews)
     for (int k = 1; k <= 3; ++k)
-      w.push_back(ew->frozen(k).defined() ? WeightOperand{} : weight_operand(ew->precision, ew->param(k).value));
+      if (!ew->frozen(k).defined()) trainable.push_back(ew->param(k).value);
+  std::vector<WeightOperand> made = weight_operands(ews[0]->precision, trainable);
+  std::vector<WeightOperand> w;
+  size_t next = 0;
+  for (const ExpertWeights* ew : ews)
+    for (int k = 1; k <= 3; ++k) w.push_back(ew->frozen(k).defined() ? WeightOperand{} : std::move(made[next++]));
   return w;
 }
 
@@ -327,7 +333,7 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
     routed_rows.push_back({recv_offsets[static_cast<size_t>(e)], recv_offsets[static_cast<size_t>(e + 1)], expert_draws(e), 0});
   }
   const MatmulPrecision prec = call_precision(routed, prefix_);
-  std::vector<WeightOperand> routed_w_ops = weight_operands(routed);
+  std::vector<WeightOperand> routed_w_ops = expert_weight_operands(routed);
   const Tensor xr_op = precision_operand(prec, xr);
   Tensor g_all = Tensor::empty({NR, I}, DType::F32, dev), u_all = Tensor::empty({NR, I}, DType::F32, dev);
   Tensor y_sorted = Tensor::empty({NR, D}, DType::F32, dev);
@@ -349,7 +355,7 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
     sg = Tensor::empty({TL, I}, DType::F32, dev);
     su = Tensor::empty({TL, I}, DType::F32, dev);
     const std::vector<const ExpertWeights*> sh = {&shared};
-    shared_w_ops = weight_operands(sh);
+    shared_w_ops = expert_weight_operands(sh);
     xl_op = precision_operand(call_precision(sh, prefix_), xl);
     if (TL > 0) {
       Tensor sy = Tensor::empty({TL, D}, DType::F32, dev);

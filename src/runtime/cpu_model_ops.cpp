@@ -207,6 +207,14 @@ void sum_squares(const std::vector<Tensor>& xs, std::vector<double>& sums) {
   }
 }
 
+void convert_to_bf16(const std::vector<Tensor>& xs, const std::vector<Tensor>& ys) {
+  for (size_t t = 0; t < xs.size(); ++t) {
+    const float* x = xs[t].data<float>();
+    uint16_t* y = ys[t].data_u16();
+    for (int64_t i = 0; i < xs[t].numel(); ++i) y[i] = f32_to_bf16(x[i]);
+  }
+}
+
 void scale_in_place(const std::vector<Tensor>& xs, float factor) {
   for (const Tensor& t : xs) {
     float* x = t.data<float>();

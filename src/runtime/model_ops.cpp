@@ -280,6 +280,17 @@ std::vector<double> sum_squares(const std::vector<Tensor>& xs) {
   return sums;
 }
 
+void convert_to_bf16(const std::vector<Tensor>& xs, const std::vector<Tensor>& ys) {
+  const Device dev = check_tensor_lists("convert_to_bf16", {{&xs, "xs"}});
+  DSV4_CHECK(ys.size() == xs.size(), "convert_to_bf16: {} outputs for {} inputs", ys.size(), xs.size());
+  for (size_t i = 0; i < ys.size(); ++i) {
+    const std::string arg = fmt::format("ys[{}]", i);
+    check_arg(ys[i], "convert_to_bf16", arg.c_str(), DType::BF16, -1, dev);
+    check_shape(ys[i], xs[i].shape(), "convert_to_bf16", arg.c_str());
+  }
+  if (!xs.empty()) DSV4_BACKEND_DISPATCH(dev, convert_to_bf16, xs, ys);
+}
+
 void scale_in_place(const std::vector<Tensor>& xs, float factor) {
   const Device dev = check_tensor_lists("scale_in_place", {{&xs, "xs"}});
   if (!xs.empty()) DSV4_BACKEND_DISPATCH(dev, scale_in_place, xs, factor);

@@ -104,6 +104,9 @@ Tensor ce_backward(const Tensor& logits, const Tensor& targets, const std::vecto
 // on both backends).
 std::vector<double> sum_squares(const std::vector<Tensor>& xs);
 void scale_in_place(const std::vector<Tensor>& xs, float factor);
+// ys[i] = xs[i] rounded to BF16 (dtype.h's f32_to_bf16) for contiguous F32 xs and BF16 ys of the same shapes on one
+// device: one launch for the list on CUDA (a layer's expert weights as GEMM operands).
+void convert_to_bf16(const std::vector<Tensor>& xs, const std::vector<Tensor>& ys);
 
 // ---- optimizer (optim/update_rules.h), in place, F32 contiguous of equal shapes -------------------------------------
 void adamw_step(Tensor& w, const Tensor& g, Tensor& exp_avg, Tensor& exp_avg_sq, const AdamWScalars& s);
@@ -156,7 +159,8 @@ void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, doub
   void muon_apply_steps(const std::vector<Tensor>& w, const std::vector<Tensor>& o, const MuonApplyScalars& s);     \
   void newton_schulz_batched(Tensor& x, const std::vector<NsStage>& schedule, double eps, NsPrecision precision); \
   void sum_squares(const std::vector<Tensor>& xs, std::vector<double>& sums);                                       \
-  void scale_in_place(const std::vector<Tensor>& xs, float factor);
+  void scale_in_place(const std::vector<Tensor>& xs, float factor);                                                \
+  void convert_to_bf16(const std::vector<Tensor>& xs, const std::vector<Tensor>& ys);
 namespace cpu {
 DSV4_MODEL_BACKEND_OPS
 }

@@ -313,7 +313,7 @@ TEST_F(GpuModelOps, OptimizerElementRulesBitwise) {
 }
 
 // Many tensors in one launch: sizes around the 16384-element chunks, empty tensors between, a NaN in one.
-TEST_F(GpuModelOps, SumSquaresAndScaleInPlace) {
+TEST_F(GpuModelOps, SumSquaresConvertAndScaleInPlace) {
   const std::vector<int64_t> sizes = {1, 0, 16383, 16384, 16385, 0, 100000, 7, 3 * 16384 + 5, 0};
   std::vector<Tensor> cpu, gpu;
   for (int64_t n : sizes) {
@@ -323,6 +323,14 @@ TEST_F(GpuModelOps, SumSquaresAndScaleInPlace) {
   const std::vector<double> want = sum_squares(cpu), got = sum_squares(gpu);
   ASSERT_EQ(got.size(), sizes.size());
   for (size_t i = 0; i < sizes.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-12 * want[i]) << "tensor " << i;
+  std::vector<Tensor> bf_cpu, bf_gpu;
+  for (int64_t n : sizes) {
+    bf_cpu.push_back(Tensor::empty({n}, DType::BF16));
+    bf_gpu.push_back(Tensor::empty({n}, DType::BF16, kGpu));
+  }
+  convert_to_bf16(cpu, bf_cpu);
+  convert_to_bf16(gpu, bf_gpu);
+  for (size_t i = 0; i < sizes.size(); ++i) expect_same_bits(bf_gpu[i], bf_cpu[i], "bf16 tensor " + std::to_string(i));
   scale_in_place(cpu, 0.37f);
   scale_in_place(gpu, 0.37f);
   for (size_t i = 0; i < sizes.size(); ++i) expect_same_bits(gpu[i], cpu[i], "scaled tensor " + std::to_string(i));

@@ -95,6 +95,16 @@ TEST(ModelOpsCpu, OptimizerStepsMatchUpdateRules) {
   expect_bits(wb, wa);
 }
 
+TEST(ModelOpsCpu, ConvertToBf16IsTheExactRounding) {
+  const std::vector<Tensor> xs = {randn({5}, 3), randn({0}, 4), randn({3, 7}, 5)};
+  std::vector<Tensor> ys;
+  for (const Tensor& x : xs) ys.push_back(Tensor::empty(x.shape(), DType::BF16));
+  convert_to_bf16(xs, ys);
+  for (size_t i = 0; i < xs.size(); ++i) expect_bits(ys[i], xs[i].to(DType::BF16));
+  EXPECT_THROW(convert_to_bf16(xs, {ys[0]}), Error);
+  EXPECT_THROW(convert_to_bf16({xs[0]}, {xs[0]}), Error);  // the output must be BF16
+}
+
 // The list forms check every list against the first one and name the mismatch.
 TEST(ModelOpsCpu, OptimizerListFormsCheckTheirLists) {
   const Tensor a = randn({4}, 1), b = randn({5}, 2);
