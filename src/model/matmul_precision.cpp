@@ -119,11 +119,19 @@ void pgemm_xwT(MatmulPrecision p, const Tensor& x_TI, const WeightOperand& w, fl
     case MatmulPrecision::BF16:
       ops::gemm(bf16_operand(x_TI), false, weight_tensor(w, p, "pgemm_xwT"), true, 1.0f, beta, y_TO);
       return;
-    case MatmulPrecision::FP8:
-      fp8_gemm_into(fp8_quantize_rows(x_TI, kFp8Scales), weight_blocks(w, "pgemm_xwT"), beta, y_TO);
-      return;
+    case MatmulPrecision::FP8: pgemm_xwT_fp8(fp8_input_operand(x_TI), w, beta, y_TO); return;
   }
   DSV4_FAIL("pgemm_xwT: bad precision");
+}
+
+Fp8Tensor fp8_input_operand(const Tensor& x_TI) { return fp8_quantize_rows(x_TI, kFp8Scales); }
+
+void pgemm_xwT_fp8(const Fp8Tensor& x_rows, const WeightOperand& w, float beta, Tensor& y_TO) {
+  fp8_gemm_into(x_rows, weight_blocks(w, "pgemm_xwT_fp8"), beta, y_TO);
+}
+
+void pgemm_dyW_fp8(const Fp8Tensor& dy_rows, const WeightOperand& w, float beta, Tensor& dx_TI) {
+  fp8_gemm_into(dy_rows, fp8_transpose_blocks(weight_blocks(w, "pgemm_dyW_fp8")), beta, dx_TI);
 }
 
 void pgemm_dyW(MatmulPrecision p, const Tensor& dy_TO, const WeightOperand& w, float beta, Tensor& dx_TI) {
@@ -132,10 +140,7 @@ void pgemm_dyW(MatmulPrecision p, const Tensor& dy_TO, const WeightOperand& w, f
     case MatmulPrecision::BF16:
       ops::gemm(bf16_operand(dy_TO), false, weight_tensor(w, p, "pgemm_dyW"), false, 1.0f, beta, dx_TI);
       return;
-    case MatmulPrecision::FP8:
-      fp8_gemm_into(fp8_quantize_rows(dy_TO, kFp8Scales), fp8_transpose_blocks(weight_blocks(w, "pgemm_dyW")), beta,
-                    dx_TI);
-      return;
+    case MatmulPrecision::FP8: pgemm_dyW_fp8(fp8_input_operand(dy_TO), w, beta, dx_TI); return;
   }
   DSV4_FAIL("pgemm_dyW: bad precision");
 }

@@ -61,6 +61,12 @@ std::vector<WeightOperand> weight_operands(MatmulPrecision p, const std::vector<
 void pgemm_xwT(MatmulPrecision p, const Tensor& x_TI, const WeightOperand& w, float beta, Tensor& y_TO);
 void pgemm_dyW(MatmulPrecision p, const Tensor& dy_TO, const WeightOperand& w, float beta, Tensor& dx_TI);
 Tensor pmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const WeightOperand& w);
+// fp8 with x already quantised: x_rows = fp8_quantize_rows(x, F32 scales) (or rows of it: fp8_rows_slice), so that
+// GEMMs sharing an input quantise it once. pgemm_xwT(FP8, x, w, ...) == pgemm_xwT_fp8(fp8 rows of x, w, ...).
+Fp8Tensor fp8_input_operand(const Tensor& x_TI);
+void pgemm_xwT_fp8(const Fp8Tensor& x_rows, const WeightOperand& w, float beta, Tensor& y_TO);
+// The Dgrad likewise: dy_rows = fp8_input_operand(dy) (or rows of it).
+void pgemm_dyW_fp8(const Fp8Tensor& dy_rows, const WeightOperand& w, float beta, Tensor& dx_TI);
 Tensor pmatmul_dyW(MatmulPrecision p, const Tensor& dy_TO, const WeightOperand& w);
 // dW [O, I] += dy [T, O]^T x [T, I] (dW contiguous F32).
 void pgemm_dW(MatmulPrecision p, const Tensor& dy_TO, const Tensor& x_TI, Tensor& dW_OI);

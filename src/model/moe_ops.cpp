@@ -51,12 +51,29 @@ void check_expert_on(const ExpertWeights& ew, int64_t D, int64_t I, Device dev, 
 // y = beta y + r (y a row range of a wider tensor).
 void store(const Tensor& r, float beta, Tensor& y) { ops::copy(beta == 0.0f ? r : ops::add(y, r), y); }
 
+// Rows read by the experts' GEMMs: t the tensor as their operand (precision_operand), q its FP8 row quantisation
+// (fp8_input_operand; fp8 with weights that are not frozen), made once for all experts: a row's quantisation depends
+// on that row only, so an expert's rows of q are the quantisation of its rows.
+struct RowsOperand {
+  Tensor t;
+  Fp8Tensor q;
+};
+
+// op: the rows already as the GEMMs' operand (precision_operand).
+RowsOperand rows_operand(MatmulPrecision p, const Tensor& op, bool quantise) {
+  return {op, p == MatmulPrecision::FP8 && quantise ? fp8_input_operand(op) : Fp8Tensor{}};
+}
+
 // Y [n, out] = X [n, in] W_k^T + beta Y with the frozen weight (model/matmul_precision.h's qp GEMMs: on the CPU the
 // reference's row calls, beta inside) or the F32 weight, given as its operand w_op (weight_operand), in the expert's
-// precision.
-void expert_xwT(const ExpertWeights& ew, int k, const WeightOperand& w_op, const Tensor& X, float beta, Tensor& Y) {
+// precision; X the expert's rows [begin, end) of the call's operand.
+void expert_xwT(const ExpertWeights& ew, int k, const WeightOperand& w_op, const RowsOperand& Xs, int64_t begin,
+                int64_t end, float beta, Tensor& Y) {
   const QuantizedWeight& q = ew.frozen(k);
-  if (!q.defined())
+  const Tensor X = Xs.t.slice(0, begin, end);
+  if (!q.defined() && Xs.q.q.defined())
+    pgemm_xwT_fp8(fp8_rows_slice(Xs.q, begin, end), w_op, beta, Y);
+  else if (!q.defined())
     pgemm_xwT(ew.precision, X, w_op, beta, Y);
   else if (X.device().is_cpu())
     qpgemm_xwT_rows(ew.precision, q, X.size(0), X.data<float>(), X.stride(0), beta, Y.data<float>(), Y.stride(0));
@@ -64,10 +81,14 @@ void expert_xwT(const ExpertWeights& ew, int k, const WeightOperand& w_op, const
     store(qpmatmul_xwT(ew.precision, X, q), beta, Y);
 }
 
-// dX [n, in] = dY [n, out] W_k + beta dX.
-void expert_dyW(const ExpertWeights& ew, int k, const WeightOperand& w_op, const Tensor& dY, float beta, Tensor& dX) {
+// dX [n, in] = dY [n, out] W_k + beta dX (dY the expert's rows [begin, end) of the call's operand).
+void expert_dyW(const ExpertWeights& ew, int k, const WeightOperand& w_op, const RowsOperand& dYs, int64_t begin,
+                int64_t end, float beta, Tensor& dX) {
   const QuantizedWeight& q = ew.frozen(k);
-  if (!q.defined())
+  const Tensor dY = dYs.t.slice(0, begin, end);
+  if (!q.defined() && dYs.q.q.defined())
+    pgemm_dyW_fp8(fp8_rows_slice(dYs.q, begin, end), w_op, beta, dX);
+  else if (!q.defined())
     pgemm_dyW(ew.precision, dY, w_op, beta, dX);
   else if (dY.device().is_cpu())
     qpgemm_dyW_rows(ew.precision, q, dY.size(0), dY.data<float>(), dY.stride(0), beta, dX.data<float>(), dX.stride(0));
@@ -76,6 +97,14 @@ void expert_dyW(const ExpertWeights& ew, int k, const WeightOperand& w_op, const
 }
 
 bool trainable(const ExpertWeights& ew, int k) { return !ew.frozen(k).defined() && ew.param(k).trainable; }
+
+// Whether some expert of a call multiplies with an F32 weight (those read the FP8 row quantisations of RowsOperand).
+bool any_not_frozen(const std::vector<const ExpertWeights*>& ews) {
+  for (const ExpertWeights* ew : ews)
+    for (int k = 1; k <= 3; ++k)
+      if (!ew->frozen(k).defined()) return true;
+  return false;
+}
 
 // One call runs several experts on the row ranges of shared tensors (the routed experts on the expert-sorted rows, or
 // the shared expert on all rows): the row-wise ops (operand rounding, SwiGLU and its backward) run once over all rows,
@@ -119,13 +148,16 @@ void experts_forward_ops(const std::vector<const ExpertWeights*>& ews, const std
                          const std::vector<WeightOperand>& w_ops, const Tensor& X, const Tensor& Xop, const Tensor& w,
                          double limit, Tensor& G, Tensor& U, Tensor& Y) {
   const int64_t D = X.size(1), I = G.size(1);
+  const MatmulPrecision p = ews[0]->precision;
+  const bool quantise = any_not_frozen(ews);
+  const RowsOperand Xs = rows_operand(p, Xop, quantise);
   for (size_t i = 0; i < ews.size(); ++i) {
     const ExpertWeights& ew = *ews[i];
     const ExpertRows& r = rows[i];
     if (r.rows() == 0) continue;
     Tensor Ge = r.slice(G), Ue = r.slice(U);
-    expert_xwT(ew, 1, w_ops[3 * i], r.slice(Xop), 0.0f, Ge);
-    expert_xwT(ew, 3, w_ops[3 * i + 2], r.slice(Xop), 0.0f, Ue);
+    expert_xwT(ew, 1, w_ops[3 * i], Xs, r.begin, r.end, 0.0f, Ge);
+    expert_xwT(ew, 3, w_ops[3 * i + 2], Xs, r.begin, r.end, 0.0f, Ue);
     if (!r.draws) continue;
     const Tensor Xe = r.slice(X);
     const uint64_t mo = static_cast<uint64_t>(r.row0 * D);
@@ -137,15 +169,14 @@ void experts_forward_ops(const std::vector<const ExpertWeights*>& ews, const std
       lora_up(*ew.lora_w13, z, I, Ue);
     }
   }
-  const MatmulPrecision p = ews[0]->precision;
   const Tensor H = swiglu(G, U, w, limit);
-  const Tensor Hop = precision_operand(p, H);
+  const RowsOperand Hs = rows_operand(p, precision_operand(p, H), quantise);
   for (size_t i = 0; i < ews.size(); ++i) {
     const ExpertWeights& ew = *ews[i];
     const ExpertRows& r = rows[i];
     if (r.rows() == 0) continue;
     Tensor Ye = r.slice(Y);
-    expert_xwT(ew, 2, w_ops[3 * i + 1], r.slice(Hop), 0.0f, Ye);
+    expert_xwT(ew, 2, w_ops[3 * i + 1], Hs, r.begin, r.end, 0.0f, Ye);
     if (r.draws && ew.lora_w2)
       lora_up(*ew.lora_w2, lora_down(*ew.lora_w2, r.slice(H), r.draws[1], static_cast<uint64_t>(r.row0 * I)), 0, Ye);
   }
@@ -165,13 +196,15 @@ Tensor experts_backward_ops(const std::vector<ExpertWeights*>& ews, const std::v
     any_w2 = any_w2 || trainable(*ews[i], 2) || (draws && ews[i]->lora_w2);
     any_w13 = any_w13 || trainable(*ews[i], 1) || trainable(*ews[i], 3);
   }
+  const bool quantise = any_not_frozen({ews.begin(), ews.end()});
   Tensor dH = Tensor::empty({n, I}, DType::F32, X.device());
-  const Tensor dYop = precision_operand(p, dY);
+  const RowsOperand dYs = rows_operand(p, precision_operand(p, dY), quantise);
+  const Tensor& dYop = dYs.t;
   for (size_t i = 0; i < ews.size(); ++i) {
     const ExpertRows& r = rows[i];
     if (r.rows() == 0) continue;
     Tensor dHe = r.slice(dH);
-    expert_dyW(*ews[i], 2, w_ops[3 * i + 1], r.slice(dYop), 0.0f, dHe);
+    expert_dyW(*ews[i], 2, w_ops[3 * i + 1], dYs, r.begin, r.end, 0.0f, dHe);
   }
   if (any_w2) {
     const Tensor H = swiglu(G, U, w, limit);
@@ -194,17 +227,24 @@ Tensor experts_backward_ops(const std::vector<ExpertWeights*>& ews, const std::v
     }
   }
   SwigluGrad g = swiglu_backward(G, U, w, dH, limit);
-  const Tensor dGop = precision_operand(p, g.dg), dUop = precision_operand(p, g.du);
+  const RowsOperand dGs = rows_operand(p, precision_operand(p, g.dg), quantise),
+                    dUs = rows_operand(p, precision_operand(p, g.du), quantise);
   const Tensor Xg = any_w13 ? precision_operand(p, Xop) : Tensor();
   for (size_t i = 0; i < ews.size(); ++i) {
     ExpertWeights& ew = *ews[i];
     const ExpertRows& r = rows[i];
     if (r.rows() == 0) continue;
-    if (trainable(ew, 1)) pgemm_dW(p, r.slice(dGop), r.slice(Xg), ew.w1.grad_buffer());
-    if (trainable(ew, 3)) pgemm_dW(p, r.slice(dUop), r.slice(Xg), ew.w3.grad_buffer());
+    if (p == MatmulPrecision::FP8 && (trainable(ew, 1) || trainable(ew, 3))) {
+      const Fp8Tensor x_t = fp8_wgrad_operand(r.slice(Xg));  // shared by both Wgrads (pgemm_dW's own operand)
+      if (trainable(ew, 1)) pgemm_dW_fp8(r.slice(dGs.t), x_t, ew.w1.grad_buffer());
+      if (trainable(ew, 3)) pgemm_dW_fp8(r.slice(dUs.t), x_t, ew.w3.grad_buffer());
+    } else {
+      if (trainable(ew, 1)) pgemm_dW(p, r.slice(dGs.t), r.slice(Xg), ew.w1.grad_buffer());
+      if (trainable(ew, 3)) pgemm_dW(p, r.slice(dUs.t), r.slice(Xg), ew.w3.grad_buffer());
+    }
     Tensor dXe = r.slice(dX);
-    expert_dyW(ew, 1, w_ops[3 * i], r.slice(dGop), 0.0f, dXe);
-    expert_dyW(ew, 3, w_ops[3 * i + 2], r.slice(dUop), 1.0f, dXe);
+    expert_dyW(ew, 1, w_ops[3 * i], dGs, r.begin, r.end, 0.0f, dXe);
+    expert_dyW(ew, 3, w_ops[3 * i + 2], dUs, r.begin, r.end, 1.0f, dXe);
     if (!r.draws) continue;
     const Tensor Xe = r.slice(X), dGe = r.slice(g.dg), dUe = r.slice(g.du);
     const uint64_t mo = static_cast<uint64_t>(r.row0 * D);

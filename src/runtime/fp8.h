@@ -67,6 +67,11 @@ struct Fp8Tensor {
 };
 
 inline int64_t fp8_blocks(int64_t n) { return (n + kFp8Group - 1) / kFp8Group; }
+// Rows [begin, end) of a Rows1x128 tensor (a row's scales depend on that row only, so this is the quantisation of
+// those rows): views of its codes and scales.
+inline Fp8Tensor fp8_rows_slice(const Fp8Tensor& t, int64_t begin, int64_t end) {
+  return {t.q.slice(0, begin, end), t.scale.slice(0, begin, end), Fp8Layout::Rows1x128};
+}
 inline Shape fp8_scale_shape(int64_t rows, int64_t cols, Fp8Layout layout) {
   return Shape{layout == Fp8Layout::Rows1x128 ? rows : fp8_blocks(rows), fp8_blocks(cols)};
 }

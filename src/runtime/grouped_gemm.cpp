@@ -181,14 +181,14 @@ void grouped_fp8_gemm_forward(const Fp8Tensor& x_TK, const Fp8ExpertWeights& W_E
     // Auto on CUDA: a pad4(m)-row window of x containing the expert's rows, through a scratch (see the header).
     if (impl == Fp8GemmImpl::Auto && x_TK.q.device().is_cuda() && m4 != m && m4 <= T) {
       const int64_t w0 = std::min(r0, T - m4);
-      const Fp8Tensor xw{x_TK.q.slice(0, w0, w0 + m4), x_TK.scale.slice(0, w0, w0 + m4), Fp8Layout::Rows1x128};
+      const Fp8Tensor xw = fp8_rows_slice(x_TK, w0, w0 + m4);
       Tensor yw = Tensor::empty({m4, N}, DType::F32, y_TN.device());
       fp8_gemm(xw, w, yw, impl);
       Tensor ye = y_TN.slice(0, r0, r1);
       ops::copy(yw.slice(0, r0 - w0, r0 - w0 + m), ye);
       continue;
     }
-    const Fp8Tensor xe{x_TK.q.slice(0, r0, r1), x_TK.scale.slice(0, r0, r1), Fp8Layout::Rows1x128};
+    const Fp8Tensor xe = fp8_rows_slice(x_TK, r0, r1);
     Tensor ye = y_TN.slice(0, r0, r1);
     fp8_gemm(xe, w, ye, impl);
   }
