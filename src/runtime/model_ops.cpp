@@ -220,8 +220,9 @@ Tensor ce_backward(const Tensor& logits, const Tensor& targets, const std::vecto
   check_shape(targets, Shape{logits.size(0)}, op, "targets");
   DSV4_CHECK(static_cast<int64_t>(lse.size()) >= logits.size(0), "{}: {} lse values for {} rows", op, lse.size(),
              logits.size(0));
-  Tensor d = Tensor::zeros(logits.shape(), DType::F32, logits.device());
-  if (d.numel() > 0 && norm > 0) DSV4_BACKEND_DISPATCH(logits.device(), ce_backward, logits, targets, lse, norm, begin, d);
+  if (!(norm > 0)) return Tensor::zeros(logits.shape(), DType::F32, logits.device());
+  Tensor d = Tensor::empty(logits.shape(), DType::F32, logits.device());  // the backends write every element
+  if (d.numel() > 0) DSV4_BACKEND_DISPATCH(logits.device(), ce_backward, logits, targets, lse, norm, begin, d);
   return d;
 }
 
