@@ -360,10 +360,20 @@ void Model::to(Device device) {
     if (p.value.defined()) p.value = p.value.to(device);
     if (p.grad.defined()) p.grad = p.grad.to(device);
   });
+  grad_buffers_.clear();  // the moved gradients are separate tensors now
+}
+
+void Model::allocate_grads(const std::vector<Param*>& params) {
+  for (Tensor& b : allocate_grad_buffers(params)) grad_buffers_.push_back(std::move(b));
 }
 
 void Model::zero_grad() {
-  visit([](Param& p) { p.zero_grad(); });
+  for (Tensor& b : grad_buffers_) ops::fill(b, 0.0);
+  visit([&](Param& p) {
+    const bool in_buffer = std::any_of(grad_buffers_.begin(), grad_buffers_.end(),
+                                       [&](const Tensor& b) { return shares_storage(p.grad, b); });
+    if (!in_buffer) p.zero_grad();
+  });
 }
 
 int64_t Model::num_params() const {

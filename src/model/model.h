@@ -167,6 +167,10 @@ class Model {
                       const LossWeights& weights) const;
 
   void visit(const ParamVisitor& f);
+  // Gradients of `params` (parameters of this model, in the order their flat buffers should have) as views of one
+  // buffer per device (allocate_grad_buffers, model/param.h): zero_grad() then clears them in one call per device.
+  void allocate_grads(const std::vector<Param*>& params);
+  // Zeroes every allocated gradient (the flat buffers in one call each, other gradients one by one).
   void zero_grad();
   // Moves every parameter (values, and gradients where allocated, adapters included) and every frozen weight (Linears,
   // experts, wo_a; each in its own format, FP4 included) to `device`; CUDA tensors then run each module's
@@ -203,6 +207,7 @@ class Model {
   bool recompute_ = false;
   MatmulPrecision precision_ = MatmulPrecision::F32;
   const Parallel* parallel_ = nullptr;
+  std::vector<Tensor> grad_buffers_;  // from allocate_grads; dropped by to()
 };
 
 }  // namespace dsv4

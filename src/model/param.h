@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "runtime/ops.h"
 #include "runtime/tensor.h"
@@ -69,5 +70,14 @@ struct Param {
 };
 
 using ParamVisitor = std::function<void(Param&)>;
+
+// Gives every listed parameter that has no gradient yet a zeroed gradient that is a view into one flat F32 buffer per
+// device, laid out in list order (parameters already holding a gradient keep theirs). Returns the buffers: clearing
+// one clears all its gradients in a single call, and a run of neighbours in the list is one contiguous range (the
+// gradient sync reduces such runs in place, optim/grad_sync.h).
+std::vector<Tensor> allocate_grad_buffers(const std::vector<Param*>& params);
+
+// Whether t's memory lies inside `buffer` (same storage).
+bool shares_storage(const Tensor& t, const Tensor& buffer);
 
 }  // namespace dsv4

@@ -365,6 +365,13 @@ std::vector<std::pair<std::string, OptGroup>> Optimizer::assignment() const {
   return out;
 }
 
+std::vector<Param*> Optimizer::optimised_params() const {
+  std::vector<Param*> out;
+  for (const Slot& s : slots_)
+    if (s.group != OptGroup::None) out.push_back(s.p);
+  return out;
+}
+
 std::map<std::string, Tensor> Optimizer::state_dict() const {
   std::map<std::string, Tensor> out;
   for (const Slot& s : slots_) {

@@ -93,6 +93,8 @@ class Optimizer {
   int64_t count(OptGroup g) const;
   // (name, group) of every parameter given, in order.
   std::vector<std::pair<std::string, OptGroup>> assignment() const;
+  // The parameters in a group (those step() updates when they have a gradient), in the order given.
+  std::vector<Param*> optimised_params() const;
 
   // Does this rank hold the state of (and update) the named parameter? (Always true without ZeRO-1.)
   bool owns(const std::string& name) const;

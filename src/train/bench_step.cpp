@@ -45,6 +45,7 @@
 #include "model/matmul_precision.h"
 #include "model/model.h"
 #include "optim/clip.h"
+#include "optim/grad_sync.h"
 #include "optim/optimizer.h"
 #include "runtime/backend_dispatch.h"
 #include "runtime/cpu_blas.h"
@@ -215,6 +216,17 @@ Breakdown profile_step(Model& model, const Tensor& ids, const SeqLayout& layout,
 
 }  // namespace
 
+// One line of op names by calls, most first ("gemm 812, convert 640, ...").
+void print_op_counts(const char* what, const std::map<std::string, int64_t>& by_name) {
+  std::vector<std::pair<int64_t, std::string>> sorted;
+  for (const auto& [name, n] : by_name) sorted.emplace_back(n, name);
+  std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; });
+  std::printf("    %s by op:", what);
+  for (size_t i = 0; i < sorted.size(); ++i)
+    std::printf("%s %s %lld", i ? "," : "", sorted[i].second.c_str(), static_cast<long long>(sorted[i].first));
+  std::printf("\n");
+}
+
 Tensor random_token_ids(int64_t tokens, int64_t vocab, uint32_t seed) {
   std::mt19937 rng(seed);
   std::uniform_int_distribution<int64_t> tok(0, vocab - 1);
@@ -249,6 +261,7 @@ int run_step_bench(const StepBenchOptions& opt) {
   ocfg.muon.precision = opt.ns_precision == "bf16" ? NsPrecision::BF16 : NsPrecision::F32;
   Optimizer optimizer(model, ocfg);
   const std::vector<Param*> params = model_params(model);
+  model.allocate_grads(gradient_sync_order(optimizer.optimised_params()));  // as the trainer does
 
   // Random token ids, one document per row; the labels are the ids (Model::forward_backward shifts them).
   const SeqLayout layout(opt.batch, opt.seq);
@@ -261,20 +274,25 @@ int run_step_bench(const StepBenchOptions& opt) {
   alloc.reset_peak();
   std::vector<double> t_fb, t_opt, t_step;
   int64_t ops_fb = 0, ops_opt = 0;  // backend op calls of the last step (runtime/backend_dispatch.h)
+  std::map<std::string, int64_t> ops_fb_by_name, ops_opt_by_name;
   double loss = 0, gnorm = 0;
   for (int i = 0; i < opt.warmup + opt.steps; ++i) {
-    model.zero_grad();
     const double t0 = clk.now();
     const int64_t ops0 = op_count();
+    const auto names0 = op_counts_by_name();
+    model.zero_grad();
     LossResult r;
     for (int64_t m = 0; m < opt.grad_accum; ++m) r = model.forward_backward(ids, ids, layout, weights);
     const double t1 = clk.now();
     const int64_t ops1 = op_count();
+    const auto names1 = op_counts_by_name();
     const ClipResult c = clip_grad_norm(params, opt.clip);
     if (c.finite) optimizer.step(opt.lr);
     const double t2 = clk.now();
     ops_fb = ops1 - ops0;
     ops_opt = op_count() - ops1;
+    ops_fb_by_name = op_counts_between(names0, names1);
+    ops_opt_by_name = op_counts_between(names1, op_counts_by_name());
     loss = r.total;
     gnorm = c.norm;
     std::fprintf(stderr, "step bench: %s step %d: forward+backward %.3f s, clip+optimizer %.3f s, loss %.4f\n",
@@ -337,6 +355,8 @@ int run_step_bench(const StepBenchOptions& opt) {
   std::printf("  backend op calls per step (runtime ops dispatched to the device: about one kernel launch or cuBLAS call "
               "each; the attention kernels not counted): forward+backward %lld, clip+optimizer %lld\n",
               static_cast<long long>(ops_fb), static_cast<long long>(ops_opt));
+  print_op_counts("forward+backward", ops_fb_by_name);
+  print_op_counts("clip+optimizer", ops_opt_by_name);
   std::printf("  memory (%s allocator): peak %.3f GiB during the timed steps, %.3f GiB resident before them (weights + "
               "optimizer state)\n",
               dev.str().c_str(), mem.peak_bytes / 1073741824.0, resident / 1073741824.0);

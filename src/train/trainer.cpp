@@ -166,10 +166,9 @@ Trainer::Trainer(const TrainConfig& cfg, std::unique_ptr<BatchSource> train, std
   optimizer_ = std::make_unique<Optimizer>(*model_, oc, OptimizerSharding{par_.get(), cfg_.parallel.zero1});
   params_ = model_params(*model_);
   // Every optimised parameter gets its gradient buffer now, so an expert that receives no token in a step is
-  // still updated (zero gradient: momentum and weight decay move on) in every run, resumed or not.
-  const auto assignment = optimizer_->assignment();  // same order as params_
-  for (size_t i = 0; i < params_.size() && i < assignment.size(); ++i)
-    if (assignment[i].second != OptGroup::None) params_[i]->grad_buffer();
+  // still updated (zero gradient: momentum and weight decay move on) in every run, resumed or not. One flat buffer
+  // per device, in the sync order: zeroed in one call, summed over the ranks in place.
+  model_->allocate_grads(gradient_sync_order(optimizer_->optimised_params()));
 
   lr_.decay = lr_decay_from_name(cfg_.optim.schedule);
   lr_.peak_lr = cfg_.optim.lr;

@@ -2,11 +2,14 @@
 // packed documents equal separate sequences, state loading errors, determinism.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <map>
 #include <random>
 #include <set>
 
 #include "fd_check.h"
 #include "model/model.h"
+#include "runtime/backend_dispatch.h"
 
 namespace dsv4 {
 namespace {
@@ -157,6 +160,49 @@ TEST_F(TinyModel, BackwardIsDeterministicAndAccumulates) {
     }
     EXPECT_LE(std::sqrt(num), 1e-5 * std::sqrt(den) + 1e-12) << p.name;
   });
+}
+
+TEST_F(TinyModel, FlatGradientBuffersHoldTheSameGradientsAndClearInOneFill) {
+  const SeqLayout l(1, 12);
+  const Tensor x = random_ids(l.tokens(), cfg.vocab_size, 6);
+  model->zero_grad();
+  model->forward_backward(x, x, l, LossWeights{});
+  std::map<std::string, std::vector<float>> lazy;
+  model->visit([&](Param& p) {
+    if (p.grad.defined()) lazy[p.name] = p.grad.to_floats();
+  });
+
+  Model flat_model(cfg);
+  flat_model.init_random(7, 0.2);
+  std::vector<Param*> all;
+  flat_model.visit([&](Param& p) { all.push_back(&p); });
+  std::reverse(all.begin(), all.end());  // any order: the buffer follows the list
+  flat_model.allocate_grads(all);
+  const char* base = static_cast<const char*>(all.front()->grad.raw_data());
+  int64_t off = 0;
+  for (const Param* p : all) {  // back to back in list order, zeroed
+    ASSERT_EQ(static_cast<const char*>(p->grad.raw_data()), base + off) << p->name;
+    ASSERT_EQ(p->grad.shape(), p->value.shape()) << p->name;
+    off += p->grad.nbytes();
+  }
+  for (int pass = 0; pass < 2; ++pass) {  // the second pass after zero_grad on dirty buffers
+    flat_model.forward_backward(x, x, l, LossWeights{});
+    for (const Param* p : all) {
+      const auto it = lazy.find(p->name);
+      const std::vector<float> g = p->grad.to_floats();
+      if (it == lazy.end()) {
+        EXPECT_TRUE(std::all_of(g.begin(), g.end(), [](float v) { return v == 0.0f; })) << p->name;
+      } else {
+        ASSERT_EQ(g, it->second) << p->name;
+      }
+    }
+    const auto before = op_counts_by_name();
+    flat_model.zero_grad();
+    const auto fills = op_counts_between(before, op_counts_by_name());
+    EXPECT_EQ(fills.size(), 1u);
+    EXPECT_EQ(fills.count("fill") ? fills.at("fill") : 0, 1);  // one buffer, one device
+    for (const Param* p : all) EXPECT_EQ(p->grad.to_floats(), std::vector<float>(p->grad.numel(), 0.0f)) << p->name;
+  }
 }
 
 TEST_F(TinyModel, RecomputationGivesIdenticalGradients) {

@@ -10,6 +10,7 @@
 #include "model/exec_path.h"
 #include "model/model.h"
 #include "optim/grad_sync.h"
+#include "runtime/backend_dispatch.h"
 #include "runtime/comm.h"
 #include "runtime/parallel.h"
 
@@ -50,8 +51,10 @@ double rel_err(const Tensor& a, const Tensor& b) {
 }
 
 // ops: the parallel model runs every module's tensor-op path (ForceOpsPath: what a GPU run executes, with the same
-// collectives; the reference stays the single-rank CPU reference).
-void check_layouts(bool ops) {
+// collectives; the reference stays the single-rank CPU reference). flat_grads: gradients in the trainer's flat buffers
+// (Model::allocate_grads in gradient_sync_order, reduced in place) instead of allocated on first use (copied into
+// buckets and back); every parameter then has a gradient, zero where the reference has none.
+void check_layouts(bool ops, bool flat_grads) {
   const auto world = mpi_world();
   const int64_t W = world->size();
   const ModelConfig cfg = model_preset("tiny");
@@ -95,6 +98,7 @@ void check_layouts(bool ops) {
         ASSERT_TRUE(ref_params.count(p.name)) << p.name;
         EXPECT_EQ(rel_err(p.value, p.local_part(ref_params[p.name]->value)), 0.0) << "init of " << p.name;
       });
+      if (flat_grads) m.allocate_grads(gradient_sync_order(params));
       const Batch& mine = batches[static_cast<size_t>(par.dp_rank())];
       std::optional<ForceOpsPath> scope;
       if (ops) scope.emplace();
@@ -104,14 +108,19 @@ void check_layouts(bool ops) {
       group_sum(par.dp(), total);
       EXPECT_NEAR(total[0], ref_total, 1e-6 * std::abs(ref_total));
 
+      const auto ops_before = op_counts_by_name();
       complete_gradients(par, params);
+      const auto sync_ops = op_counts_between(ops_before, op_counts_by_name());
+      if (flat_grads) EXPECT_EQ(sync_ops.count("copy"), 0u) << "flat buffers are reduced in place";
+      else if (W > 1) EXPECT_GT(sync_ops.count("copy"), 0u);
       int64_t compared = 0;
       double worst = 0;
       std::string worst_name;
       for (Param* p : params) {
         const Param& q = *ref_params[p->name];
         if (!q.grad.defined()) {
-          EXPECT_FALSE(p->grad.defined()) << p->name;
+          EXPECT_EQ(p->grad.defined(), flat_grads) << p->name;
+          if (flat_grads) EXPECT_EQ(rel_err(p->grad, Tensor::zeros(p->grad.shape(), DType::F32)), 0.0) << p->name;
           continue;
         }
         ASSERT_TRUE(p->grad.defined()) << p->name;
@@ -129,10 +138,11 @@ void check_layouts(bool ops) {
     }
 }
 
-TEST(ModelParallel, LossesAndEveryGradientEqualOneRank) { check_layouts(false); }
+TEST(ModelParallel, LossesAndEveryGradientEqualOneRank) { check_layouts(false, false); }
 
 // The tensor-op path under every layout (tp: heads, vocabulary, MoE tokens; ep: the all-to-all; dp), as a GPU run.
-TEST(ModelParallel, OpsPathLossesAndEveryGradientEqualOneRank) { check_layouts(true); }
+// With the trainer's flat gradient buffers.
+TEST(ModelParallel, OpsPathLossesAndEveryGradientEqualOneRank) { check_layouts(true, true); }
 
 }  // namespace
 }  // namespace dsv4
