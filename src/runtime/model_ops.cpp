@@ -49,7 +49,9 @@ RmsNormGrad rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
   if (w.defined()) {
     check_arg(w, op, "w", DType::F32, 1, x.device());
     check_shape(w, Shape{x.size(1)}, op, "w");
-    g.dw = Tensor::zeros({x.size(1)}, DType::F32, x.device());
+    // Both backends write dw whole; zeros only where no backend runs.
+    g.dw = x.size(0) > 0 ? Tensor::empty({x.size(1)}, DType::F32, x.device())
+                         : Tensor::zeros({x.size(1)}, DType::F32, x.device());
   }
   if (x.size(0) > 0) DSV4_BACKEND_DISPATCH(x.device(), rmsnorm_backward, dy, x, w, rstd, g.dx, g.dw);
   return g;
@@ -103,7 +105,9 @@ SwigluGrad swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& w, co
   if (w.defined()) {
     check_arg(w, op, "w", DType::F32, 1, g.device());
     check_shape(w, Shape{g.size(0)}, op, "w");
-    r.dw = Tensor::zeros({g.size(0)}, DType::F32, g.device());
+    // Both backends write every row's dw; zeros only where no backend runs.
+    r.dw = g.numel() > 0 ? Tensor::empty({g.size(0)}, DType::F32, g.device())
+                         : Tensor::zeros({g.size(0)}, DType::F32, g.device());
   }
   if (g.numel() > 0) DSV4_BACKEND_DISPATCH(g.device(), swiglu_backward, g, u, w, dh, limit, r.dg, r.du, r.dw);
   return r;
