@@ -97,6 +97,10 @@ void copy(const Tensor& src, Tensor& dst) {
   check_defined(dst, "copy", "dst");
   DSV4_CHECK(src.shape() == dst.shape(), "copy: shape {} into {}", src.shape().str(), dst.shape().str());
   if (src.dtype() != dst.dtype()) {
+    if (src.device() == dst.device() && dst.is_contiguous()) {  // straight into dst
+      DSV4_BACKEND_DISPATCH(src.device(), convert, src, dst);
+      return;
+    }
     // Convert on the source device, then move.
     Tensor converted = Tensor::empty(src.shape(), dst.dtype(), src.device());
     DSV4_BACKEND_DISPATCH(src.device(), convert, src, converted);
