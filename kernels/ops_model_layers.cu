@@ -345,10 +345,12 @@ __global__ void hashed_dropout_kernel(const float* x, int64_t ld, float* out, in
 }
 
 // ---- clamped SwiGLU -------------------------------------------------------------------------------------------
+// g, u: rows of width I with row stride ld (I contiguous, 2I for the fused w1 | w3 output); h contiguous.
 __global__ void swiglu_kernel(const float* g, const float* u, const float* w, float* h, int64_t n, int64_t I,
-                              bool clamp, float L) {
+                              int64_t ld, bool clamp, float L) {
   GRID_STRIDE(k, n) {
-    float gv = g[k], uv = u[k];
+    const int64_t gk = ld == I ? k : (k / I) * ld + k % I;
+    float gv = g[gk], uv = u[gk];
     if (clamp) {
       uv = fminf(fmaxf(uv, -L), L);
       gv = fminf(gv, L);
@@ -359,15 +361,16 @@ __global__ void swiglu_kernel(const float* g, const float* u, const float* w, fl
   }
 }
 
+// g, u with row stride ld, dg, du with row stride ldd; dh contiguous.
 __global__ void swiglu_bwd_kernel(const float* g, const float* u, const float* w, const float* dh, float* dg,
-                                  float* du, float* dw, int64_t I, bool clamp, float L) {
+                                  float* du, float* dw, int64_t I, int64_t ld, int64_t ldd, bool clamp, float L) {
   __shared__ double smem[kRowThreads];
   const int64_t r = blockIdx.x;
   const float wr = w ? w[r] : 1.0f;
   double dwr = 0;
   for (int64_t i = threadIdx.x; i < I; i += blockDim.x) {
-    const int64_t k = r * I + i;
-    const float g0 = g[k], u0 = u[k];
+    const int64_t k = r * I + i, gk = r * ld + i, dk = r * ldd + i;
+    const float g0 = g[gk], u0 = u[gk];
     float gv = g0, uv = u0;
     bool g_pass = true, u_pass = true;
     if (clamp) {
@@ -381,8 +384,8 @@ __global__ void swiglu_bwd_kernel(const float* g, const float* u, const float* w
     const float d = dh[k];
     if (w) dwr += static_cast<double>(d) * static_cast<double>(silu * uv);
     const float dv = wr * d;
-    dg[k] = g_pass ? dv * uv * (sig * (1.0f + gv * (1.0f - sig))) : 0.0f;
-    du[k] = u_pass ? dv * silu : 0.0f;
+    dg[dk] = g_pass ? dv * uv * (sig * (1.0f + gv * (1.0f - sig))) : 0.0f;
+    du[dk] = u_pass ? dv * silu : 0.0f;
   }
   if (w) {
     dwr = block_sum_double(dwr, smem);
@@ -927,7 +930,7 @@ void hashed_dropout(const Tensor& x, uint64_t stream, double p, float keep_scale
 void swiglu(const Tensor& g, const Tensor& u, const Tensor& w, double limit, Tensor& h) {
   detail::DeviceGuard guard(g.device().index);
   swiglu_kernel<<<blocks_for(g.numel()), kRowThreads, 0, stream_of(g)>>>(
-      g.data<float>(), u.data<float>(), fptr(w), h.data<float>(), g.numel(), g.size(1), limit > 0,
+      g.data<float>(), u.data<float>(), fptr(w), h.data<float>(), g.numel(), g.size(1), g.stride(0), limit > 0,
       static_cast<float>(limit));
   CUDA_CHECK_LAUNCH();
 }
@@ -937,7 +940,8 @@ void swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& w, const Te
   detail::DeviceGuard guard(g.device().index);
   swiglu_bwd_kernel<<<static_cast<unsigned>(g.size(0)), kRowThreads, 0, stream_of(g)>>>(
       g.data<float>(), u.data<float>(), fptr(w), dh.data<float>(), dg.data<float>(), du.data<float>(),
-      dw.defined() ? dw.data<float>() : nullptr, g.size(1), limit > 0, static_cast<float>(limit));
+      dw.defined() ? dw.data<float>() : nullptr, g.size(1), g.stride(0), dg.stride(0), limit > 0,
+      static_cast<float>(limit));
   CUDA_CHECK_LAUNCH();
 }
 

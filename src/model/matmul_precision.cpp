@@ -83,21 +83,41 @@ WeightOperand weight_operand(MatmulPrecision p, const Tensor& w_OI) {
 }
 
 std::vector<WeightOperand> weight_operands(MatmulPrecision p, const std::vector<Tensor>& ws) {
-  std::vector<WeightOperand> out;
-  out.reserve(ws.size());
-  const bool batched = p == MatmulPrecision::BF16 && !ws.empty() &&
-                       std::all_of(ws.begin(), ws.end(), [&](const Tensor& w) {
-                         return w.device().is_cuda() && w.device() == ws[0].device() && w.dtype() == DType::F32 &&
-                                w.is_contiguous();
-                       });
-  if (!batched) {
+  if (p != MatmulPrecision::BF16) {
+    std::vector<WeightOperand> out;
+    out.reserve(ws.size());
     for (const Tensor& w : ws) out.push_back(weight_operand(p, w));
     return out;
   }
-  std::vector<Tensor> bf16;
-  for (const Tensor& w : ws) bf16.push_back(Tensor::empty(w.shape(), DType::BF16, w.device()));
-  convert_to_bf16(ws, bf16);
-  for (Tensor& b : bf16) out.push_back({std::move(b), {}});
+  std::vector<Tensor> outs;
+  outs.reserve(ws.size());
+  for (const Tensor& w : ws) outs.push_back(Tensor::empty(w.shape(), bf16_operand_dtype(w.device()), w.device()));
+  return bf16_weight_operands_into(ws, outs);
+}
+
+DType bf16_operand_dtype(Device device) { return device.is_cpu() ? DType::F32 : DType::BF16; }
+
+std::vector<WeightOperand> bf16_weight_operands_into(const std::vector<Tensor>& ws, const std::vector<Tensor>& outs) {
+  DSV4_CHECK(outs.size() == ws.size(), "bf16_weight_operands_into: {} outputs for {} weights", outs.size(), ws.size());
+  for (size_t i = 0; i < ws.size(); ++i)
+    DSV4_CHECK(outs[i].defined() && outs[i].shape() == ws[i].shape() &&
+                   outs[i].dtype() == bf16_operand_dtype(ws[i].device()) && outs[i].device() == ws[i].device(),
+               "bf16_weight_operands_into: output {} is {}, expected {} [{}] on {}", i, outs[i].str(),
+               dtype_name(bf16_operand_dtype(ws[i].device())), ws[i].shape().str(), ws[i].device().str());
+  const bool batched = !ws.empty() && std::all_of(ws.begin(), ws.end(), [&](const Tensor& w) {
+    return w.device().is_cuda() && w.device() == ws[0].device() && w.dtype() == DType::F32 && w.is_contiguous();
+  }) && std::all_of(outs.begin(), outs.end(), [](const Tensor& o) { return o.is_contiguous(); });
+  if (batched) {
+    convert_to_bf16(ws, outs);
+  } else {
+    for (size_t i = 0; i < ws.size(); ++i) {
+      Tensor o = outs[i];
+      o.copy_from(ws[i].dtype() == DType::BF16 ? ws[i] : ws[i].to(DType::BF16));  // exact widening on the CPU
+    }
+  }
+  std::vector<WeightOperand> out;
+  out.reserve(ws.size());
+  for (const Tensor& o : outs) out.push_back({o, {}});
   return out;
 }
 

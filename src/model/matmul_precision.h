@@ -58,6 +58,12 @@ WeightOperand weight_operand(MatmulPrecision p, const Tensor& w_OI);
 // weight_operand of each weight; bf16 weights on one device convert in one call (runtime/model_ops.h's
 // convert_to_bf16: one launch on CUDA for, e.g., all expert matrices of a layer).
 std::vector<WeightOperand> weight_operands(MatmulPrecision p, const std::vector<Tensor>& ws);
+// The dtype of bf16 operands on a device: BF16 on CUDA, F32 holding BF16 values on the CPU (bf16_operand).
+DType bf16_operand_dtype(Device device);
+// The bf16 weight_operand of each ws[i], written into outs[i] (ws[i]'s shape, bf16_operand_dtype; e.g. the row
+// halves of one [2I, D] tensor that serves as one fused operand): the same bits as weight_operands(BF16, ws), one
+// convert_to_bf16 call on CUDA.
+std::vector<WeightOperand> bf16_weight_operands_into(const std::vector<Tensor>& ws, const std::vector<Tensor>& outs);
 void pgemm_xwT(MatmulPrecision p, const Tensor& x_TI, const WeightOperand& w, float beta, Tensor& y_TO);
 void pgemm_dyW(MatmulPrecision p, const Tensor& dy_TO, const WeightOperand& w, float beta, Tensor& dx_TI);
 Tensor pmatmul_xwT(MatmulPrecision p, const Tensor& x_TI, const WeightOperand& w);

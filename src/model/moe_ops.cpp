@@ -126,38 +126,86 @@ MatmulPrecision call_precision(const std::vector<const ExpertWeights*>& ews, con
   return ews[0]->precision;
 }
 
-// The experts' F32 weights as GEMM operands (weight_operand: BF16, FP8 blocks or the F32 tensor), 3 per expert (w1,
-// w2, w3; undefined when frozen): made once in forward and kept in the context for the backward's Dgrad GEMMs.
-std::vector<WeightOperand> expert_weight_operands(const std::vector<const ExpertWeights*>& ews) {
-  if (ews.empty()) return {};
+// The experts' F32 weights as GEMM operands (weight_operand: BF16, FP8 blocks or the F32 tensor), 3 per expert in w
+// (w1, w2, w3; undefined when frozen), made once in forward and kept in the context for the backward's Dgrad GEMMs.
+// In bf16 with every w1 and w3 trainable, w13 holds one [2I, D] operand per expert whose row halves are w[3i] and
+// w[3i + 2] (fused G | U GEMMs, experts_forward_ops); otherwise w13 is empty.
+struct ExpertOperands {
+  std::vector<WeightOperand> w, w13;
+};
+
+bool fusable_w13(const std::vector<const ExpertWeights*>& ews) {
+  if (ews.empty() || ews[0]->precision != MatmulPrecision::BF16) return false;
+  return std::all_of(ews.begin(), ews.end(),
+                     [](const ExpertWeights* ew) { return !ew->frozen(1).defined() && !ew->frozen(3).defined(); });
+}
+
+ExpertOperands expert_weight_operands(const std::vector<const ExpertWeights*>& ews) {
+  ExpertOperands ops;
+  if (ews.empty()) return ops;
   std::vector<Tensor> trainable;  // the non-frozen matrices, converted in one call (matmul_precision.h)
   for (const ExpertWeights* ew : ews)
     for (int k = 1; k <= 3; ++k)
       if (!ew->frozen(k).defined()) trainable.push_back(ew->param(k).value);
-  std::vector<WeightOperand> made = weight_operands(ews[0]->precision, trainable);
-  std::vector<WeightOperand> w;
+  std::vector<WeightOperand> made;
+  if (fusable_w13(ews)) {
+    std::vector<Tensor> outs;
+    for (const ExpertWeights* ew : ews) {
+      const Tensor& w1 = ew->w1.value;
+      const int64_t I = w1.size(0);
+      Tensor w13 = Tensor::empty({2 * I, w1.size(1)}, bf16_operand_dtype(w1.device()), w1.device());
+      outs.push_back(w13.slice(0, 0, I));
+      if (!ew->frozen(2).defined())
+        outs.push_back(Tensor::empty(ew->w2.value.shape(), bf16_operand_dtype(w1.device()), w1.device()));
+      outs.push_back(w13.slice(0, I, 2 * I));
+      ops.w13.push_back({std::move(w13), {}});
+    }
+    made = bf16_weight_operands_into(trainable, outs);
+  } else {
+    made = weight_operands(ews[0]->precision, trainable);
+  }
   size_t next = 0;
   for (const ExpertWeights* ew : ews)
-    for (int k = 1; k <= 3; ++k) w.push_back(ew->frozen(k).defined() ? WeightOperand{} : std::move(made[next++]));
-  return w;
+    for (int k = 1; k <= 3; ++k) ops.w.push_back(ew->frozen(k).defined() ? WeightOperand{} : std::move(made[next++]));
+  return ops;
+}
+
+// The pre-clamp G, U [n, I] of a call: two tensors, or (fused w1 | w3 operands) the column halves of gu [n, 2I].
+struct GateUp {
+  Tensor g, u, gu;
+};
+
+GateUp make_gate_up(int64_t n, int64_t I, bool fused, Device dev) {
+  if (!fused) return {Tensor::empty({n, I}, DType::F32, dev), Tensor::empty({n, I}, DType::F32, dev), {}};
+  Tensor gu = Tensor::empty({n, 2 * I}, DType::F32, dev);
+  return {gu.slice(1, 0, I), gu.slice(1, I, 2 * I), gu};
 }
 
 // Experts ews[i] on rows[i] of X [n, D] with routing weights w [n] (undefined: the shared expert). Xop is X as the
 // GEMM operand (precision_operand). Writes the pre-clamp G, U [n, I] and Y [n, D] on every expert's rows.
 void experts_forward_ops(const std::vector<const ExpertWeights*>& ews, const std::vector<ExpertRows>& rows,
-                         const std::vector<WeightOperand>& w_ops, const Tensor& X, const Tensor& Xop, const Tensor& w,
-                         double limit, Tensor& G, Tensor& U, Tensor& Y) {
+                         const ExpertOperands& w_ops, const Tensor& X, const Tensor& Xop, const Tensor& w,
+                         double limit, const GateUp& gu, Tensor& Y) {
+  const Tensor &G = gu.g, &U = gu.u;
   const int64_t D = X.size(1), I = G.size(1);
   const MatmulPrecision p = ews[0]->precision;
   const bool quantise = any_not_frozen(ews);
   const RowsOperand Xs = rows_operand(p, Xop, quantise);
+  const bool fused = !w_ops.w13.empty();
+  DSV4_CHECK(fused == gu.gu.defined(), "MoE experts: fused w1 | w3 operands need the fused [rows, 2I] G | U");
+  const Tensor& GU = gu.gu;
   for (size_t i = 0; i < ews.size(); ++i) {
     const ExpertWeights& ew = *ews[i];
     const ExpertRows& r = rows[i];
     if (r.rows() == 0) continue;
     Tensor Ge = r.slice(G), Ue = r.slice(U);
-    expert_xwT(ew, 1, w_ops[3 * i], Xs, r.begin, r.end, 0.0f, Ge);
-    expert_xwT(ew, 3, w_ops[3 * i + 2], Xs, r.begin, r.end, 0.0f, Ue);
+    if (fused) {
+      Tensor GUe = r.slice(GU);
+      pgemm_xwT(p, r.slice(Xs.t), w_ops.w13[i], 0.0f, GUe);
+    } else {
+      expert_xwT(ew, 1, w_ops.w[3 * i], Xs, r.begin, r.end, 0.0f, Ge);
+      expert_xwT(ew, 3, w_ops.w[3 * i + 2], Xs, r.begin, r.end, 0.0f, Ue);
+    }
     if (!r.draws) continue;
     const Tensor Xe = r.slice(X);
     const uint64_t mo = static_cast<uint64_t>(r.row0 * D);
@@ -176,7 +224,7 @@ void experts_forward_ops(const std::vector<const ExpertWeights*>& ews, const std
     const ExpertRows& r = rows[i];
     if (r.rows() == 0) continue;
     Tensor Ye = r.slice(Y);
-    expert_xwT(ew, 2, w_ops[3 * i + 1], Hs, r.begin, r.end, 0.0f, Ye);
+    expert_xwT(ew, 2, w_ops.w[3 * i + 1], Hs, r.begin, r.end, 0.0f, Ye);
     if (r.draws && ew.lora_w2)
       lora_up(*ew.lora_w2, lora_down(*ew.lora_w2, r.slice(H), r.draws[1], static_cast<uint64_t>(r.row0 * I)), 0, Ye);
   }
@@ -186,7 +234,7 @@ void experts_forward_ops(const std::vector<const ExpertWeights*>& ews, const std
 // (with w), weight and adapter gradients accumulated (trainable weights only), per expert in moe.cpp's expert_backward
 // order. Xop: X as the GEMM operand, or X itself (converted here).
 Tensor experts_backward_ops(const std::vector<ExpertWeights*>& ews, const std::vector<ExpertRows>& rows,
-                            const std::vector<WeightOperand>& w_ops, const Tensor& X, const Tensor& Xop, const Tensor& G,
+                            const ExpertOperands& w_ops, const Tensor& X, const Tensor& Xop, const Tensor& G,
                             const Tensor& U, const Tensor& w, const Tensor& dY, double limit, Tensor& dX) {
   const int64_t n = X.size(0), D = X.size(1), I = G.size(1);
   const MatmulPrecision p = ews[0]->precision;
@@ -204,7 +252,7 @@ Tensor experts_backward_ops(const std::vector<ExpertWeights*>& ews, const std::v
     const ExpertRows& r = rows[i];
     if (r.rows() == 0) continue;
     Tensor dHe = r.slice(dH);
-    expert_dyW(*ews[i], 2, w_ops[3 * i + 1], dYs, r.begin, r.end, 0.0f, dHe);
+    expert_dyW(*ews[i], 2, w_ops.w[3 * i + 1], dYs, r.begin, r.end, 0.0f, dHe);
   }
   if (any_w2) {
     const Tensor H = swiglu(G, U, w, limit);
@@ -226,9 +274,12 @@ Tensor experts_backward_ops(const std::vector<ExpertWeights*>& ews, const std::v
       }
     }
   }
-  SwigluGrad g = swiglu_backward(G, U, w, dH, limit);
-  const RowsOperand dGs = rows_operand(p, precision_operand(p, g.dg), quantise),
-                    dUs = rows_operand(p, precision_operand(p, g.du), quantise);
+  const bool fused = !w_ops.w13.empty();
+  SwigluGrad g = swiglu_backward(G, U, w, dH, limit, fused);
+  // Fused: dG | dU rounded once as one [n, 2I] operand (its column halves feed the Wgrads).
+  const Tensor dGUop = fused ? precision_operand(p, g.dgu) : Tensor();
+  const RowsOperand dGs = rows_operand(p, fused ? dGUop.slice(1, 0, I) : precision_operand(p, g.dg), quantise),
+                    dUs = rows_operand(p, fused ? dGUop.slice(1, I, 2 * I) : precision_operand(p, g.du), quantise);
   const Tensor Xg = any_w13 ? precision_operand(p, Xop) : Tensor();
   for (size_t i = 0; i < ews.size(); ++i) {
     ExpertWeights& ew = *ews[i];
@@ -243,8 +294,12 @@ Tensor experts_backward_ops(const std::vector<ExpertWeights*>& ews, const std::v
       if (trainable(ew, 3)) pgemm_dW(p, r.slice(dUs.t), r.slice(Xg), ew.w3.grad_buffer());
     }
     Tensor dXe = r.slice(dX);
-    expert_dyW(ew, 1, w_ops[3 * i], dGs, r.begin, r.end, 0.0f, dXe);
-    expert_dyW(ew, 3, w_ops[3 * i + 2], dUs, r.begin, r.end, 1.0f, dXe);
+    if (fused) {
+      pgemm_dyW(p, r.slice(dGUop), w_ops.w13[i], 0.0f, dXe);
+    } else {
+      expert_dyW(ew, 1, w_ops.w[3 * i], dGs, r.begin, r.end, 0.0f, dXe);
+      expert_dyW(ew, 3, w_ops.w[3 * i + 2], dUs, r.begin, r.end, 1.0f, dXe);
+    }
     if (!r.draws) continue;
     const Tensor Xe = r.slice(X), dGe = r.slice(g.dg), dUe = r.slice(g.du);
     const uint64_t mo = static_cast<uint64_t>(r.row0 * D);
@@ -373,12 +428,11 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
     routed_rows.push_back({recv_offsets[static_cast<size_t>(e)], recv_offsets[static_cast<size_t>(e + 1)], expert_draws(e), 0});
   }
   const MatmulPrecision prec = call_precision(routed, prefix_);
-  std::vector<WeightOperand> routed_w_ops = expert_weight_operands(routed);
+  ExpertOperands routed_w_ops = expert_weight_operands(routed);
   const Tensor xr_op = precision_operand(prec, xr);
-  Tensor g_all = Tensor::empty({NR, I}, DType::F32, dev), u_all = Tensor::empty({NR, I}, DType::F32, dev);
+  const GateUp gu_all = make_gate_up(NR, I, !routed_w_ops.w13.empty(), dev);
   Tensor y_sorted = Tensor::empty({NR, D}, DType::F32, dev);
-  if (NR > 0)
-    experts_forward_ops(routed, routed_rows, routed_w_ops, xr, xr_op, wr.view({NR}), limit_, g_all, u_all, y_sorted);
+  if (NR > 0) experts_forward_ops(routed, routed_rows, routed_w_ops, xr, xr_op, wr.view({NR}), limit_, gu_all, y_sorted);
   // ---- combine on the source rank in the send (= ascending expert) order ----
   Tensor back = y_sorted;
   if (ep) {
@@ -389,17 +443,17 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
   Tensor yl = N > 0 ? moe_unpermute(back, slots.sorted_slot, Tensor(), TL, K) : Tensor::zeros({TL, D}, DType::F32, dev);
 
   // ---- shared expert ----
-  Tensor sg, su, xl_op;
-  std::vector<WeightOperand> shared_w_ops;
+  GateUp sgu;
+  Tensor xl_op;
+  ExpertOperands shared_w_ops;
   if (has_shared_) {
-    sg = Tensor::empty({TL, I}, DType::F32, dev);
-    su = Tensor::empty({TL, I}, DType::F32, dev);
     const std::vector<const ExpertWeights*> sh = {&shared};
     shared_w_ops = expert_weight_operands(sh);
+    sgu = make_gate_up(TL, I, !shared_w_ops.w13.empty(), dev);
     xl_op = precision_operand(call_precision(sh, prefix_), xl);
     if (TL > 0) {
       Tensor sy = Tensor::empty({TL, D}, DType::F32, dev);
-      experts_forward_ops(sh, {{0, TL, expert_draws(EL), t0}}, shared_w_ops, xl, xl_op, Tensor(), limit_, sg, su, sy);
+      experts_forward_ops(sh, {{0, TL, expert_draws(EL), t0}}, shared_w_ops, xl, xl_op, Tensor(), limit_, sgu, sy);
       yl = ops::add(yl, sy);
     }
   }
@@ -424,15 +478,17 @@ Tensor MoE::forward_ops(const Tensor& x_TD, const Tensor& input_ids_T, const Seq
     ctx->recv_x = has_lora() ? xr : xr_op;  // without adapters the backward reads x only as its GEMM operand
     ctx->recv_x_op = xr_op;
     ctx->recv_w = wr;
-    ctx->expert_w_ops = std::move(routed_w_ops);
+    ctx->expert_w_ops = std::move(routed_w_ops.w);
+    ctx->expert_w13_ops = std::move(routed_w_ops.w13);
     ctx->shared_x_op = xl_op;
-    ctx->shared_w_ops = std::move(shared_w_ops);
+    ctx->shared_w_ops = std::move(shared_w_ops.w);
+    ctx->shared_w13_ops = std::move(shared_w_ops.w13);
     ctx->recv_offsets = std::move(recv_offsets);
     ctx->recv_sorted_N = recv_sorted_dev;
-    ctx->g = g_all;
-    ctx->u = u_all;
-    ctx->shared_g = sg;
-    ctx->shared_u = su;
+    ctx->g = gu_all.g;
+    ctx->u = gu_all.u;
+    ctx->shared_g = sgu.g;
+    ctx->shared_u = sgu.u;
     ctx->batch = layout.batch;
     ctx->seq = layout.seq;
     bstat.resize(static_cast<size_t>(BE));
@@ -480,7 +536,8 @@ Tensor MoE::backward_ops(const Tensor& dy_TD, const MoECtx& ctx, double balance_
   }
   Tensor dx_sorted = Tensor::empty({NR, D}, DType::F32, dev);
   const Tensor dw_sorted =  // [NR, 1]
-      NR > 0 ? experts_backward_ops(routed, routed_rows, ctx.expert_w_ops, ctx.recv_x, ctx.recv_x_op, ctx.g, ctx.u,
+      NR > 0 ? experts_backward_ops(routed, routed_rows, {ctx.expert_w_ops, ctx.expert_w13_ops}, ctx.recv_x,
+                                    ctx.recv_x_op, ctx.g, ctx.u,
                                     ctx.recv_w.view({NR}), dy_sorted, limit_, dx_sorted)
                    .view({NR, 1})
              : Tensor::empty({0, 1}, DType::F32, dev);
@@ -499,7 +556,8 @@ Tensor MoE::backward_ops(const Tensor& dy_TD, const MoECtx& ctx, double balance_
   // ---- shared expert ----
   if (has_shared_ && TL > 0) {
     Tensor dxs = Tensor::empty({TL, D}, DType::F32, dev);
-    experts_backward_ops({&shared}, {{0, TL, expert_draws(EL), t0}}, ctx.shared_w_ops, ctx.x, ctx.shared_x_op,
+    experts_backward_ops({&shared}, {{0, TL, expert_draws(EL), t0}}, {ctx.shared_w_ops, ctx.shared_w13_ops}, ctx.x,
+                         ctx.shared_x_op,
                          ctx.shared_g, ctx.shared_u, Tensor(), dyl, limit_, dxs);
     dxl = ops::add(dxl, dxs);
   }

@@ -37,14 +37,14 @@ void rope_apply(Tensor& x, const Tensor& pos, const Tensor& inv_freq, bool inver
 
 void swiglu(const Tensor& g, const Tensor& u, const Tensor& w, double limit, Tensor& h) {
   swiglu_clamp_rows<float>(g.data<float>(), u.data<float>(), ptr_or_null(w), h.data<float>(), g.size(0), g.size(1),
-                           limit);
+                           limit, g.stride(0));
 }
 
 void swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& w, const Tensor& dh, double limit, Tensor& dg,
                      Tensor& du, Tensor& dw) {
   swiglu_clamp_backward_rows<float>(g.data<float>(), u.data<float>(), ptr_or_null(w), dh.data<float>(),
                                     dg.data<float>(), du.data<float>(), dw.defined() ? dw.data<float>() : nullptr,
-                                    g.size(0), g.size(1), limit);
+                                    g.size(0), g.size(1), limit, g.stride(0), dg.stride(0));
 }
 
 void hashed_dropout(const Tensor& x, uint64_t stream, double p, float keep_scale, uint64_t mask_offset, Tensor& out) {

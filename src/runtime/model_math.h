@@ -189,14 +189,17 @@ void moe_route_backward_rows(const T* aff, const int64_t* idx, const T* dw, int6
 
 // ---- clamped SwiGLU core ---------------------------------------------------------------------------------------
 // h[r, i] = w[r] * (silu(min(g, L)) * clamp(u, -L, L)) over rows of width I; w may be null (shared expert),
-// limit <= 0 disables the clamp. silu(x) = x / (1 + exp(-x)) as torch computes it.
+// limit <= 0 disables the clamp. silu(x) = x / (1 + exp(-x)) as torch computes it. ld_gu: the row stride of g and u
+// (0: I; the fused [rows, 2I] GEMM output of w1 | w3 gives 2I), h is contiguous.
 template <typename T>
-void swiglu_clamp_rows(const T* g, const T* u, const T* w, T* h, int64_t rows, int64_t I, double limit) {
+void swiglu_clamp_rows(const T* g, const T* u, const T* w, T* h, int64_t rows, int64_t I, double limit,
+                       int64_t ld_gu = 0) {
   const bool clamp = limit > 0;
   const T L = static_cast<T>(limit);
+  const int64_t ld = ld_gu > 0 ? ld_gu : I;
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t i = 0; i < I; ++i) {
-      T gv = g[r * I + i], uv = u[r * I + i];
+      T gv = g[r * ld + i], uv = u[r * ld + i];
       if (clamp) {
         uv = std::min(std::max(uv, -L), L);
         gv = std::min(gv, L);
@@ -208,18 +211,20 @@ void swiglu_clamp_rows(const T* g, const T* u, const T* w, T* h, int64_t rows, i
   }
 }
 
-// Backward of swiglu_clamp_rows given dh (the gradient of h = w * silu(gc) * uc): writes dg, du and, when w is
-// non-null, dw[r] = sum_i dh * silu(gc) * uc (written, not accumulated).
+// Backward of swiglu_clamp_rows given dh (the gradient of h = w * silu(gc) * uc; contiguous): writes dg, du and, when
+// w is non-null, dw[r] = sum_i dh * silu(gc) * uc (written, not accumulated). ld_gu: row stride of g and u, ld_dgu of
+// dg and du (0: I).
 template <typename T>
 void swiglu_clamp_backward_rows(const T* g, const T* u, const T* w, const T* dh, T* dg, T* du, T* dw, int64_t rows,
-                                int64_t I, double limit) {
+                                int64_t I, double limit, int64_t ld_gu = 0, int64_t ld_dgu = 0) {
   const bool clamp = limit > 0;
   const T L = static_cast<T>(limit);
+  const int64_t ld = ld_gu > 0 ? ld_gu : I, ldd = ld_dgu > 0 ? ld_dgu : I;
   for (int64_t r = 0; r < rows; ++r) {
     double dwr = 0;
     const T wr = w ? w[r] : T(1);
     for (int64_t i = 0; i < I; ++i) {
-      const T g0 = g[r * I + i], u0 = u[r * I + i];
+      const T g0 = g[r * ld + i], u0 = u[r * ld + i];
       T gv = g0, uv = u0;
       bool g_pass = true, u_pass = true;
       if (clamp) {
@@ -233,8 +238,8 @@ void swiglu_clamp_backward_rows(const T* g, const T* u, const T* w, const T* dh,
       const T d = dh[r * I + i];
       if (w) dwr += static_cast<double>(d) * static_cast<double>(silu * uv);
       const T dv = wr * d;  // gradient of silu(gc) * uc
-      dg[r * I + i] = g_pass ? dv * uv * (sig * (T(1) + gv * (T(1) - sig))) : T(0);
-      du[r * I + i] = u_pass ? dv * silu : T(0);
+      dg[r * ldd + i] = g_pass ? dv * uv * (sig * (T(1) + gv * (T(1) - sig))) : T(0);
+      du[r * ldd + i] = u_pass ? dv * silu : T(0);
     }
     if (w) dw[r] = static_cast<T>(dwr);
   }

@@ -71,11 +71,24 @@ void rope_apply(Tensor& x, const Tensor& pos, const Tensor& inv_freq, bool inver
   if (R > 0 && inv_freq.numel() > 0) DSV4_BACKEND_DISPATCH(x.device(), rope_apply, x, pos, inv_freq, inverse);
 }
 
+namespace {
+// g and u of the SwiGLU ops: F32 [T, I] on one device with a contiguous last dim and one row stride (contiguous, or
+// the two column halves of a fused [T, 2I] tensor).
+void check_swiglu_pair(const Tensor& g, const Tensor& u, const char* op, const char* gname, const char* uname) {
+  auto ok = [](const Tensor& t) {
+    return t.defined() && t.dtype() == DType::F32 && t.ndim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1) &&
+           t.stride(0) >= t.size(1);
+  };
+  DSV4_CHECK(ok(g), "{}: {} must be an F32 [T, I] tensor with a contiguous last dim, got {}", op, gname, describe(g));
+  DSV4_CHECK(ok(u) && u.shape() == g.shape() && u.stride(0) == g.stride(0) && u.device() == g.device(),
+             "{}: {} must be an F32 {} tensor on {} with {}'s row stride {}, got {}", op, uname, g.shape().str(),
+             g.device().str(), gname, g.stride(0), describe(u));
+}
+}  // namespace
+
 Tensor swiglu(const Tensor& g, const Tensor& u, const Tensor& w, double limit) {
   const char* op = "swiglu";
-  check_arg(g, op, "g", DType::F32, 2, g.defined() ? g.device() : Device::cpu());
-  check_arg(u, op, "u", DType::F32, 2, g.device());
-  check_shape(u, g.shape(), op, "u");
+  check_swiglu_pair(g, u, op, "g", "u");
   if (w.defined()) {
     check_arg(w, op, "w", DType::F32, 1, g.device());
     check_shape(w, Shape{g.size(0)}, op, "w");
@@ -94,14 +107,22 @@ Tensor hashed_dropout(const Tensor& x, uint64_t stream, double p, float keep_sca
   return out;
 }
 
-SwigluGrad swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& w, const Tensor& dh, double limit) {
+SwigluGrad swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& w, const Tensor& dh, double limit,
+                           bool fused_grads) {
   const char* op = "swiglu_backward";
-  check_arg(g, op, "g", DType::F32, 2, g.defined() ? g.device() : Device::cpu());
-  check_arg(u, op, "u", DType::F32, 2, g.device());
-  check_shape(u, g.shape(), op, "u");
+  check_swiglu_pair(g, u, op, "g", "u");
   check_arg(dh, op, "dh", DType::F32, 2, g.device());
   check_shape(dh, g.shape(), op, "dh");
-  SwigluGrad r{Tensor::empty(g.shape(), DType::F32, g.device()), Tensor::empty(g.shape(), DType::F32, g.device()), {}};
+  SwigluGrad r;
+  if (fused_grads) {
+    const int64_t I = g.size(1);
+    r.dgu = Tensor::empty({g.size(0), 2 * I}, DType::F32, g.device());
+    r.dg = r.dgu.slice(1, 0, I);
+    r.du = r.dgu.slice(1, I, 2 * I);
+  } else {
+    r.dg = Tensor::empty(g.shape(), DType::F32, g.device());
+    r.du = Tensor::empty(g.shape(), DType::F32, g.device());
+  }
   if (w.defined()) {
     check_arg(w, op, "w", DType::F32, 1, g.device());
     check_shape(w, Shape{g.size(0)}, op, "w");

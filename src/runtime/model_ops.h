@@ -46,12 +46,16 @@ RmsNormGrad rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
 void rope_apply(Tensor& x, const Tensor& pos, const Tensor& inv_freq, bool inverse);
 
 // ---- clamped SwiGLU: h = w[r] * silu(min(g, L)) * clamp(u, -L, L) over g, u [T, I]; w [T] or undefined ------------
+// g and u: contiguous, or the column halves [:, :I] and [:, I:] of one [T, 2I] tensor (the fused w1 | w3 GEMM's
+// output): a contiguous last dim and the same row stride. h, dh contiguous.
 Tensor swiglu(const Tensor& g, const Tensor& u, const Tensor& w, double limit);
 struct SwigluGrad {
-  Tensor dg, du;  // [T, I]
+  Tensor dg, du;  // [T, I]: contiguous, or with fused_grads the column halves of dgu
+  Tensor dgu;     // [T, 2I] (only with fused_grads)
   Tensor dw;      // [T] (only with w)
 };
-SwigluGrad swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& w, const Tensor& dh, double limit);
+SwigluGrad swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& w, const Tensor& dh, double limit,
+                           bool fused_grads = false);
 
 // ---- hashed dropout (model/lora.h's drop()): out [n, m] (contiguous) = x * keep_scale where
 // dropout_keep(stream, mask_offset + i * m + j, p) (runtime/model_math.h), else 0. x: F32 [n, m], unit stride in the
