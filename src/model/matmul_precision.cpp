@@ -112,7 +112,8 @@ std::vector<WeightOperand> bf16_weight_operands_into(const std::vector<Tensor>& 
   } else {
     for (size_t i = 0; i < ws.size(); ++i) {
       Tensor o = outs[i];
-      o.copy_from(ws[i].dtype() == DType::BF16 ? ws[i] : ws[i].to(DType::BF16));  // exact widening on the CPU
+      // BF16 outputs round in the copy; the CPU's F32 outputs take the BF16 values, widened exactly.
+      o.copy_from(o.dtype() == DType::BF16 || ws[i].dtype() == DType::BF16 ? ws[i] : ws[i].to(DType::BF16));
     }
   }
   std::vector<WeightOperand> out;

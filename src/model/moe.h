@@ -243,7 +243,7 @@ struct MoECtx {
   // x for the shared expert (precision_operand: BF16 in bf16 on a device; recv_x itself is this operand when the MoE
   // has no adapters), expert_w_ops 3 per local routed expert and shared_w_ops 3 (w1, w2, w3: weight_operand, BF16 or
   // FP8 blocks; undefined when frozen).
-  // expert_w13_ops / shared_w13_ops (bf16 with trainable w1 and w3 only, else empty): one [2I, D] operand per expert
+  // expert_w13_ops / shared_w13_ops (bf16 with F32 w1 and w3, none frozen; else empty): one [2I, D] operand per expert
   // whose row halves are its w1 and w3 operands, so that the forward's G | U and the Dgrad of dG | dU each take one
   // GEMM per expert; g and u are then the column halves of one [rows, 2I] tensor.
   Tensor recv_x_op, shared_x_op;

@@ -128,7 +128,7 @@ MatmulPrecision call_precision(const std::vector<const ExpertWeights*>& ews, con
 
 // The experts' F32 weights as GEMM operands (weight_operand: BF16, FP8 blocks or the F32 tensor), 3 per expert in w
 // (w1, w2, w3; undefined when frozen), made once in forward and kept in the context for the backward's Dgrad GEMMs.
-// In bf16 with every w1 and w3 trainable, w13 holds one [2I, D] operand per expert whose row halves are w[3i] and
+// In bf16 with every w1 and w3 an F32 weight (not frozen), w13 holds one [2I, D] operand per expert whose row halves are w[3i] and
 // w[3i + 2] (fused G | U GEMMs, experts_forward_ops); otherwise w13 is empty.
 struct ExpertOperands {
   std::vector<WeightOperand> w, w13;

@@ -214,8 +214,6 @@ Breakdown profile_step(Model& model, const Tensor& ids, const SeqLayout& layout,
   return b;
 }
 
-}  // namespace
-
 // One line of op names by calls, most first ("gemm 812, convert 640, ...").
 void print_op_counts(const char* what, const std::map<std::string, int64_t>& by_name) {
   std::vector<std::pair<int64_t, std::string>> sorted;
@@ -226,6 +224,8 @@ void print_op_counts(const char* what, const std::map<std::string, int64_t>& by_
     std::printf("%s %s %lld", i ? "," : "", sorted[i].second.c_str(), static_cast<long long>(sorted[i].first));
   std::printf("\n");
 }
+
+}  // namespace
 
 Tensor random_token_ids(int64_t tokens, int64_t vocab, uint32_t seed) {
   std::mt19937 rng(seed);
